@@ -1,0 +1,21 @@
+"""dlplora_triton: Triton kernels for dynamic, sentence-level fusion of many task LoRAs.
+
+Kernel level: :func:`fused_lora` (stateless) and :func:`build_plan` + :func:`fused_lora_planned` (the
+hot path: one plan per forward pass, shared by every adapted layer).
+"""
+
+from .ops import DTypeError, check_routing, fused_lora, fused_lora_planned
+from .plan import LoRAPlan, build_plan
+from .reference import fused_lora_reference
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "fused_lora",
+    "fused_lora_planned",
+    "build_plan",
+    "LoRAPlan",
+    "check_routing",
+    "fused_lora_reference",
+    "DTypeError",
+]

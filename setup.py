@@ -1,0 +1,26 @@
+"""Packaging. The Triton kernels live in the top-level ``kernels/`` folder and ship inside the wheel as
+``dlplora_triton.kernels`` (the package_dir mapping below)."""
+
+from setuptools import setup
+
+setup(
+    name="dlplora-triton",
+    version="0.1.0",
+    description="Triton kernels for dynamic, sentence-level fusion of many task LoRAs on one base model",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["dlplora_triton", "dlplora_triton.kernels"],
+    package_dir={"dlplora_triton": "dlplora_triton", "dlplora_triton.kernels": "kernels"},
+    # Ranges, not pins: lent GPU machines carry older builds (torch 2.11 / triton 3.6 seen); the set-up
+    # commands in the Makefile pin torch==2.13.0 for the CPU machines.
+    install_requires=[
+        "torch>=2.4",
+        "triton>=3.0",
+        "safetensors>=0.4",
+        "transformers>=4.40",
+    ],
+    extras_require={
+        "dev": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "peft>=0.13"],
+    },
+)
