@@ -1,0 +1,135 @@
+"""fused_lora (both backends) against the float64 reference, on random data with odd shapes."""
+
+import pytest
+import torch
+
+import dlplora_triton as dlp
+from dlplora_triton.kernels import expand_config, lora_expand_launch, lora_shrink_launch, shrink_config
+from lora_cases import Case, make_inputs, reference_delta, rel_error
+
+CASES = [
+    Case("decode_odd_K67_N45", [1, 1, 1, 1, 1], P=3, L=6, K=67, N=45, R=16, ranks=[1, 16, 7, 0, 12, 5]),
+    Case("prefill_empty_seqs_R64", [0, 17, 3, 0, 40], P=2, L=5, K=33, N=70, R=64, ranks=[64, 1, 33, 17, 48]),
+    Case("shared_adapter_L64", [1] * 12, P=1, L=64, K=40, N=24, R=8, empty_slot_frac=0.0, shared_adapter=3),
+    Case("p4_repeat_in_row", [3, 5, 2], P=4, L=7, K=50, N=36, R=16, repeat_in_row=True),
+    Case("many_adapters_L64", [2] * 20, P=2, L=64, K=24, N=20, R=16, empty_slot_frac=0.1),
+    Case("p1_no_ranks", [9, 1, 30], P=1, L=3, K=45, N=129, R=4, empty_slot_frac=0.0),
+    Case("long_K_split", [1, 1, 2], P=2, L=4, K=1100, N=40, R=16, ranks=[16, 3, 9, 11], empty_slot_frac=0.0),
+]
+
+# (dtype, max relative error): fp32 products are exact IEEE (no tf32) and summed in fp32; fp16
+# rounds the inputs of both dots (v is cast to fp16 before the expand dot, as in Punica/vLLM).
+DTYPES = [pytest.param(torch.float32, 1e-5, id="fp32"), pytest.param(torch.float16, 1e-2, id="fp16")]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype,tol", DTYPES)
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_matches_reference(case, dtype, tol, backend):
+    inputs = make_inputs(case, dtype)
+    ref = reference_delta(inputs)
+    y = dlp.fused_lora(**inputs, backend=backend)
+    assert y.dtype == dtype and y.shape == ref.shape
+    assert rel_error(y, ref) < tol
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("case", CASES[:3], ids=str)
+def test_out_is_added_into_in_place(case, backend):
+    inputs = make_inputs(case)
+    base = torch.randn(inputs["x"].shape[0], inputs["lora_b"].shape[1])
+    out = base.clone()
+    y = dlp.fused_lora(**inputs, out=out, backend=backend)
+    assert y is out
+    assert rel_error(out - base, reference_delta(inputs)) < 1e-5
+
+
+def test_float64_torch_backend_is_exact():
+    inputs = make_inputs(CASES[1], torch.float64)
+    assert rel_error(dlp.fused_lora(**inputs, backend="torch"), reference_delta(inputs)) < 1e-12
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_kernels_never_read_unwritten_workspace(case):
+    """Shrink + expand launched by hand with the workspace and the output poisoned with NaN."""
+    inputs = make_inputs(case)
+    x, a, b = inputs["x"], inputs["lora_a"], inputs["lora_b"]
+    L, R, K = a.shape
+    plan = dlp.build_plan(inputs["seq_offsets"], inputs["adapter_ids"], inputs["adapter_weights"], L)
+    ranks = None if inputs["ranks"] is None else inputs["ranks"].to(torch.int32)
+    s_cfg = shrink_config(plan.shrink_tile_start.numel(), K, R, x.dtype)
+    e_cfg = expand_config(plan.expand_tile_count.numel(), b.shape[1], R, x.dtype)
+    v = torch.full((s_cfg["SPLIT_K"], plan.num_tokens * plan.num_slots, R), float("nan"))
+    out = torch.zeros(plan.num_tokens, b.shape[1])
+    lora_shrink_launch(x, a, v, plan.sorted_rows, plan.shrink_tile_adapter, plan.shrink_tile_start,
+                       plan.shrink_tile_end, plan.token_weight.view(-1), ranks, inputs["scales"],
+                       plan.num_slots, plan.shrink_block_m, s_cfg)
+    lora_expand_launch(v, b, out, plan.token_adapter, plan.expand_tile_count, plan.expand_tile_adapters,
+                       ranks, plan.expand_block_m, e_cfg)
+    assert torch.isfinite(out).all()
+    assert rel_error(out, reference_delta(inputs)) < 1e-5
+
+
+def test_split_k_is_used_and_bitwise_reproducible():
+    case = CASES[-1]
+    inputs = make_inputs(case)
+    L, R, K = inputs["lora_a"].shape
+    assert shrink_config(4, K, R, torch.float32)["SPLIT_K"] > 1, "the long-K case must exercise split-K"
+    first = dlp.fused_lora(**inputs, backend="triton")
+    again = dlp.fused_lora(**inputs, backend="triton")
+    assert torch.equal(first, again)
+
+
+def test_rank_zero_and_empty_batches():
+    case = Case("r0", [2, 3], P=2, L=3, K=16, N=8, R=4, ranks=[0, 0, 0], empty_slot_frac=0.0)
+    for backend in ("torch", "triton"):
+        assert dlp.fused_lora(**make_inputs(case), backend=backend).abs().max() == 0
+    empty = make_inputs(Case("T0", [0, 0], P=2, L=3, K=16, N=8, R=4))
+    for backend in ("torch", "triton"):
+        assert dlp.fused_lora(**empty, backend=backend).shape == (0, 8)
+    no_slots = make_inputs(Case("P0", [2, 1], P=0, L=3, K=16, N=8, R=4))
+    assert dlp.fused_lora(**no_slots, backend="triton").abs().max() == 0
+
+
+def test_negative_weights_subtract_and_repeats_add_twice():
+    inputs = make_inputs(Case("signs", [4], P=2, L=2, K=16, N=8, R=4, empty_slot_frac=0.0))
+    inputs["adapter_ids"] = torch.tensor([[1, 1]])
+    inputs["adapter_weights"] = torch.tensor([[0.5, 0.5]])
+    once = dict(inputs, adapter_ids=torch.tensor([[1]]), adapter_weights=torch.tensor([[1.0]]))
+    negated = dict(once, adapter_weights=torch.tensor([[-1.0]]))
+    for backend in ("torch", "triton"):
+        y_twice = dlp.fused_lora(**inputs, backend=backend)
+        y_once = dlp.fused_lora(**once, backend=backend)
+        assert torch.allclose(y_twice, y_once, atol=1e-6)
+        assert torch.allclose(dlp.fused_lora(**negated, backend=backend), -y_once, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_planned_form_equals_simple_call(backend):
+    inputs = make_inputs(CASES[1])
+    L = inputs["lora_a"].shape[0]
+    plan = dlp.build_plan(inputs["seq_offsets"], inputs["adapter_ids"], inputs["adapter_weights"], L)
+    y = dlp.fused_lora_planned(inputs["x"], inputs["lora_a"], inputs["lora_b"], plan,
+                               ranks=inputs["ranks"], scales=inputs["scales"], backend=backend)
+    assert torch.equal(y, dlp.fused_lora(**inputs, backend=backend))
+    # The same plan serves another layer (other N, ranks and scales) of the same forward pass.
+    b2 = torch.randn(L, 11, inputs["lora_b"].shape[2])
+    y2 = dlp.fused_lora_planned(inputs["x"], inputs["lora_a"], b2, plan, backend=backend)
+    ref2 = reference_delta(dict(inputs, lora_b=b2, ranks=None, scales=None))
+    assert rel_error(y2, ref2) < 1e-5
+
+
+def test_reference_equals_naive_per_token_loop():
+    inputs = make_inputs(CASES[3], torch.float64)
+    x, a, b = inputs["x"], inputs["lora_a"], inputs["lora_b"]
+    offsets, ids, weights, scales = inputs["seq_offsets"], inputs["adapter_ids"], inputs["adapter_weights"], inputs["scales"]
+    expected = torch.zeros(x.shape[0], b.shape[1], dtype=torch.float64)
+    for t in range(x.shape[0]):
+        s = int(torch.searchsorted(offsets, t, right=True)) - 1
+        for p in range(ids.shape[1]):
+            i = int(ids[s, p])
+            if i >= 0:
+                for n in range(b.shape[1]):
+                    shrunk = [float(weights[s, p]) * float(scales[i]) * float((x[t] * a[i, j]).sum()) for j in range(a.shape[1])]
+                    expected[t, n] += sum(shrunk[j] * float(b[i, n, j]) for j in range(a.shape[1]))
+    assert torch.allclose(dlp.fused_lora_reference(x, a, b, offsets, ids, weights, None, scales), expected, rtol=1e-10, atol=1e-12)
