@@ -97,8 +97,9 @@ class LoRAPlan:
                 tokens = adapter_rows // self.num_slots
                 first, last = int(tokens[0]), int(tokens[-1])
                 # Rows are sorted by (adapter, token, slot), so tokens are non-decreasing: the group
-                # is a plain slice exactly when it has one row per token of [first, last].
-                contiguous = last - first + 1 == count
+                # is a plain slice exactly when it has one row per token of [first, last] (an id
+                # repeated in a row gives a token two rows, which the slice would add only once).
+                contiguous = last - first + 1 == count and bool((tokens.diff() > 0).all())
                 self._host_groups.append(
                     HostGroup(adapter, tokens, weights[adapter_rows].unsqueeze(1), first, last + 1, contiguous)
                 )

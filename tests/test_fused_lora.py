@@ -133,3 +133,12 @@ def test_reference_equals_naive_per_token_loop():
                     shrunk = [float(weights[s, p]) * float(scales[i]) * float((x[t] * a[i, j]).sum()) for j in range(a.shape[1])]
                     expected[t, n] += sum(shrunk[j] * float(b[i, n, j]) for j in range(a.shape[1]))
     assert torch.allclose(dlp.fused_lora_reference(x, a, b, offsets, ids, weights, None, scales), expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_repeated_id_with_gap_is_not_taken_for_a_contiguous_run(backend):
+    """Regression (found by hypothesis): adapter 0 has 6 rows spanning tokens 0..5, but tokens 0 and 1
+    hold two rows each and tokens 2, 3 none, so the rows are not the slice 0:6."""
+    inputs = make_inputs(Case("gap", [2, 2, 2], P=2, L=2, K=12, N=5, R=3))
+    inputs["adapter_ids"] = torch.tensor([[0, 0], [-1, -1], [0, -1]])
+    assert rel_error(dlp.fused_lora(**inputs, backend=backend), reference_delta(inputs)) < 1e-5
