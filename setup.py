@@ -11,6 +11,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=["dlplora_triton", "dlplora_triton.kernels"],
+    entry_points={"console_scripts": ["dlplora = dlplora_triton.cli:main"]},
     package_dir={"dlplora_triton": "dlplora_triton", "dlplora_triton.kernels": "kernels"},
     # Ranges, not pins: lent GPU machines carry older builds (torch 2.11 / triton 3.6 seen); the set-up
     # commands in the Makefile pin torch==2.13.0 for the CPU machines.
@@ -21,6 +22,7 @@ setup(
         "transformers>=4.40",
     ],
     extras_require={
-        "dev": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "peft>=0.13"],
+        # setuptools >= 70.1 builds wheels without the `wheel` package (the packaging test builds one).
+        "dev": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "peft>=0.13", "setuptools>=70.1"],
     },
 )

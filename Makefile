@@ -1,0 +1,31 @@
+# Set-up commands. Each creates .venv if missing and installs the package with its dev extras.
+# torch is pinned here (pip takes the CPU build from the local disk on our machines); the package
+# itself accepts a range (setup.py) so that GPU machines with older builds can install it too.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: test demo bench bench-gpu clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): setup.py pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+demo: $(STAMP)
+	$(BIN)/dlplora demo
+
+bench: $(STAMP)
+	$(BIN)/python -m pytest bench -q --benchmark-only
+	$(BIN)/python bench/bench_model_cpu.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .benchmarks .hypothesis
