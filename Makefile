@@ -24,7 +24,9 @@ demo: $(STAMP)
 	$(BIN)/dlplora demo
 
 bench: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e ".[dev,bench]"
 	$(BIN)/python -m pytest bench -q --benchmark-only
+	$(BIN)/python bench/bench_kernels.py --device cpu
 	$(BIN)/python bench/bench_model_cpu.py
 
 clean:

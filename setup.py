@@ -24,5 +24,6 @@ setup(
     extras_require={
         # setuptools >= 70.1 builds wheels without the `wheel` package (the packaging test builds one).
         "dev": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "peft>=0.13", "setuptools>=70.1"],
+        "bench": ["matplotlib>=3.5"],  # plots of the benchmark results
     },
 )

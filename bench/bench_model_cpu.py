@@ -1,0 +1,259 @@
+"""Whole-model CPU benchmark: a small Llama serving 8 LoRA adapters, one batch, three ways.
+
+    python bench/bench_model_cpu.py [--repeats 15] [--out bench/results/cpu/model_cpu.json]
+
+Model: 4-layer Llama, hidden 512, intermediate 1376, 8 heads, vocab 1000, fp32, random weights.
+Adapters: 8 PEFT LoRAs of rank 16 (alpha 32) on q, k, v, o, gate, up and down projections.
+Batch: 8 rows x 64 tokens, 2 CPU threads.
+
+Case "one adapter per row" (row s uses adapter s):
+  base   the model alone
+  peft   PEFT's mixed batch, ``peft_model(input_ids, adapter_names=[...])``
+  ours   dlplora_triton: ``lora.select(...)`` + forward (the plan is rebuilt each time, as for a new batch)
+  Reported: ours / base (target <= 1.15) and (ours - base) / (peft - base) (target <= 1/3).
+
+Case "mix of 3 per row" (row s: its own random mix of 3 of the 8 adapters, weights summing to 1):
+  ours vs base (target <= 1.3), and what PEFT needs for the same batch: merge the 8 mixes with
+  ``add_weighted_adapter(..., combination_type="cat")`` (timed), then a mixed-batch forward over
+  the 8 merged adapters.
+
+Timing: warm-up first, then rounds that run every provider once each (interleaved, so drift hits
+all alike); the median per provider over the rounds is reported. Results are written as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import dlplora_triton as dlp
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+RESULTS = Path(__file__).resolve().parent / "results" / "cpu"
+
+
+def build_base(seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8,
+        num_key_value_heads=8, vocab_size=1000, max_position_embeddings=256,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def save_adapters(base, directory: Path, count: int, rank: int) -> dict[str, str]:
+    """Random PEFT adapters (A and B both random: PEFT initialises B to zero) saved as directories."""
+    from peft import LoraConfig, get_peft_model
+
+    paths = {}
+    for i in range(count):
+        torch.manual_seed(100 + i)
+        model = get_peft_model(copy.deepcopy(base), LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_" in name:
+                    p.copy_(torch.randn_like(p) * 0.05)
+        path = directory / f"adapter{i}"
+        model.save_pretrained(path)
+        paths[f"adapter{i}"] = str(path)
+    return paths
+
+
+def timed_rounds(providers: dict, repeats: int, warmup: int = 2) -> dict[str, float]:
+    """Median seconds per provider; providers run interleaved, one call each per round."""
+    for fn in providers.values():
+        for _ in range(warmup):
+            fn()
+    samples = {name: [] for name in providers}
+    for _ in range(repeats):
+        for name, fn in providers.items():
+            start = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def environment() -> dict:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=RESULTS).stdout.strip()
+    except OSError:
+        commit = ""
+    import peft
+    import transformers
+
+    return {
+        "device": platform.processor() or platform.machine(),
+        "machine": platform.platform(),
+        "cpu_count": __import__("os").cpu_count(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "python": platform.python_version(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "commit": commit,
+    }
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--out", type=Path, default=RESULTS / "model_cpu.json")
+    args = parser.parse_args(argv)
+
+    from peft import PeftModel
+
+    torch.set_num_threads(2)
+    rows, seq, num_adapters, rank = 8, 64, 8, 16
+    base = build_base()
+    input_ids = torch.randint(0, 1000, (rows, seq), generator=torch.Generator().manual_seed(1))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = save_adapters(base, Path(tmp), num_adapters, rank)
+        names = list(paths)
+
+        peft_model = PeftModel.from_pretrained(copy.deepcopy(base), paths[names[0]], adapter_name=names[0])
+        for name in names[1:]:
+            peft_model.load_adapter(paths[name], adapter_name=name)
+        peft_model.eval()
+
+        ours_model = copy.deepcopy(base)
+        lora = dlp.attach(ours_model, paths)
+
+    one_per_row = [[(names[s], 1.0)] for s in range(rows)]
+    gen = torch.Generator().manual_seed(2)
+    mixes = []
+    for s in range(rows):
+        chosen = torch.randperm(num_adapters, generator=gen)[:3].tolist()
+        weights = torch.rand(3, generator=gen) + 0.1
+        weights = (weights / weights.sum()).tolist()
+        mixes.append([(names[i], w) for i, w in zip(chosen, weights)])
+
+    def run_base():
+        return base(input_ids)
+
+    def run_peft_one():
+        return peft_model(input_ids, adapter_names=names[:rows])
+
+    def run_ours(selection):
+        def fn():
+            lora.select(selection)  # a new selection: the plan is rebuilt in this forward
+            return ours_model(input_ids)
+        return fn
+
+    def run_ours_cached():
+        return ours_model(input_ids)  # same selection as the last call: the cached plan is reused
+
+    results = {"environment": environment()}
+    with torch.inference_mode():
+        # Correctness first: ours equals PEFT's mixed batch on the one-adapter case.
+        lora.select(one_per_row)
+        ours_logits = ours_model(input_ids).logits
+        peft_logits = run_peft_one().logits
+        rel_err = float((ours_logits - peft_logits).norm() / peft_logits.norm())
+
+        times = timed_rounds(
+            {"base": run_base, "peft": run_peft_one, "ours": run_ours(one_per_row), "ours_cached_plan": run_ours_cached},
+            args.repeats,
+        )
+        one = {
+            "base_s": times["base"],
+            "peft_s": times["peft"],
+            "ours_s": times["ours"],
+            "ours_cached_plan_s": times["ours_cached_plan"],
+            "ours_over_base": times["ours"] / times["base"],
+            "ours_overhead_over_peft_overhead": (times["ours"] - times["base"]) / (times["peft"] - times["base"]),
+            "peft_over_base": times["peft"] / times["base"],
+            "max_rel_err_vs_peft": rel_err,
+            "targets": {"ours_over_base": 1.15, "ours_overhead_over_peft_overhead": 1 / 3},
+        }
+
+        # Mixed case: PEFT must first merge each row's mix into a new adapter.
+        merge_times = []
+        for attempt in range(2):
+            start = time.perf_counter()
+            mix_names = []
+            for s, mix in enumerate(mixes):
+                mix_name = f"mix{attempt}_{s}"
+                peft_model.add_weighted_adapter(
+                    [n for n, _ in mix], [w for _, w in mix], adapter_name=mix_name, combination_type="cat"
+                )
+                mix_names.append(mix_name)
+            merge_times.append(time.perf_counter() - start)
+            if attempt == 0:
+                for name in mix_names:
+                    peft_model.delete_adapter(name)
+        peft_model.set_adapter(names[0])
+
+        lora.select(mixes)
+        ours_logits = ours_model(input_ids).logits
+        peft_logits = peft_model(input_ids, adapter_names=mix_names).logits
+        mix_err = float((ours_logits - peft_logits).norm() / peft_logits.norm())
+
+        times = timed_rounds(
+            {
+                "base": run_base,
+                "ours": run_ours(mixes),
+                "ours_cached_plan": run_ours_cached,
+                "peft_merged": lambda: peft_model(input_ids, adapter_names=mix_names),
+            },
+            args.repeats,
+        )
+        mix = {
+            "base_s": times["base"],
+            "ours_s": times["ours"],
+            "ours_cached_plan_s": times["ours_cached_plan"],
+            "ours_over_base": times["ours"] / times["base"],
+            "peft_merge_8_mixes_s": statistics.median(merge_times),
+            "peft_forward_merged_s": times["peft_merged"],
+            "peft_merge_plus_forward_over_base": (statistics.median(merge_times) + times["peft_merged"]) / times["base"],
+            "max_rel_err_vs_peft_merged": mix_err,
+            "targets": {"ours_over_base": 1.3},
+        }
+
+    results.update(
+        {
+            "shape": {"layers": 4, "hidden": 512, "intermediate": 1376, "heads": 8, "vocab": 1000, "dtype": "float32",
+                      "rows": rows, "tokens_per_row": seq, "adapters": num_adapters, "rank": rank, "targets": TARGETS},
+            "repeats": args.repeats,
+            "one_adapter_per_row": one,
+            "mix_of_3_per_row": mix,
+        }
+    )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+
+    ms = 1e3
+    print(f"one adapter per row ({rows} rows x {seq} tokens, {num_adapters} adapters, rank {rank}, 2 threads)")
+    print(f"  base {one['base_s'] * ms:8.2f} ms")
+    print(f"  peft {one['peft_s'] * ms:8.2f} ms   ({one['peft_over_base']:.3f}x base)")
+    print(f"  ours {one['ours_s'] * ms:8.2f} ms   ({one['ours_over_base']:.3f}x base; "
+          f"plan cached: {one['ours_cached_plan_s'] * ms:.2f} ms)")
+    print(f"  ours / base = {one['ours_over_base']:.3f} (target <= 1.15); "
+          f"(ours - base) / (peft - base) = {one['ours_overhead_over_peft_overhead']:.3f} (target <= 0.333)")
+    print(f"  rel. error vs PEFT {one['max_rel_err_vs_peft']:.1e}")
+    print("mix of 3 adapters per row")
+    print(f"  base {mix['base_s'] * ms:8.2f} ms")
+    print(f"  ours {mix['ours_s'] * ms:8.2f} ms   ({mix['ours_over_base']:.3f}x base, target <= 1.3; "
+          f"plan cached: {mix['ours_cached_plan_s'] * ms:.2f} ms)")
+    print(f"  peft: merge 8 mixes {mix['peft_merge_8_mixes_s'] * ms:.2f} ms + forward {mix['peft_forward_merged_s'] * ms:.2f} ms")
+    print(f"  rel. error vs PEFT merged {mix['max_rel_err_vs_peft_merged']:.1e}")
+    print(f"wrote {args.out}")
+    return results
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)
