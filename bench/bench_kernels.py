@@ -163,7 +163,7 @@ class LayerCase:
 
         def run():
             d = self._next()
-            fused_lora_torch(d["x"], d["a"], d["b"], self.plan, self.out, self.ranks_host, [2.0] * self.shape.L)
+            fused_lora_torch(d["x"], d["a"], d["b"], self.plan, self.out, self.ranks_host, [2.0] * self.shape.L, method="grouped")
         return run
 
     def dense(self):

@@ -159,11 +159,7 @@ def _run(x, lora_a, lora_b, plan: LoRAPlan, ranks, scales, out, backend: str) ->
     if plan.num_tokens == 0 or plan.num_slots == 0 or out.shape[1] == 0:
         return
     if backend == "torch":
-        fused_lora_torch(
-            x, lora_a, lora_b, plan, out,
-            None if ranks is None else ranks.tolist(),
-            None if scales is None else scales.tolist(),
-        )
+        fused_lora_torch(x, lora_a, lora_b, plan, out, ranks, scales)
         return
     # Imported here so TRITON_INTERPRET set after `import dlplora_triton` still takes effect.
     from dlplora_triton.kernels import expand_config, lora_expand_launch, lora_shrink_launch, shrink_config

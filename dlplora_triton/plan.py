@@ -76,11 +76,26 @@ class LoRAPlan:
     expand_block_m: int
     expand_tile_count: torch.Tensor  # [ceil(T / expand_block_m)] int32 distinct adapters per token block
     expand_tile_adapters: torch.Tensor  # [ceil(T / expand_block_m), W] int32, first count entries valid
+    seq_offsets: torch.Tensor  # [S+1] as given
+    seq_adapter: torch.Tensor  # [S, P] int64, -1 = empty slot
+    seq_weight: torch.Tensor  # [S, P] float32, 0 in empty slots
     _host_groups: list = field(default_factory=list, repr=False, compare=False)
+    _host_seq_len: list = field(default_factory=list, repr=False, compare=False)
 
     @property
     def device(self) -> torch.device:
         return self.token_adapter.device
+
+    def uniform_seq_len(self) -> int:
+        """Tokens per sequence when every sequence has the same length (a padded batch), else 0.
+
+        Read on the host once (one sync) and cached in the plan; the PyTorch path uses it.
+        """
+        if not self._host_seq_len:
+            lengths = self.seq_offsets.diff()
+            uniform = lengths.numel() > 0 and bool((lengths == lengths[0]).all())
+            self._host_seq_len.append(int(lengths[0]) if uniform else 0)
+        return self._host_seq_len[0]
 
     def host_groups(self) -> list[HostGroup]:
         """Rows per adapter on the host, for the PyTorch path (one host sync, cached in the plan)."""
@@ -188,4 +203,7 @@ def build_plan(
         expand_block_m=expand_bm,
         expand_tile_count=expand_count,
         expand_tile_adapters=expand_adapters.to(i32).contiguous(),
+        seq_offsets=seq_offsets,
+        seq_adapter=adapter_ids.long(),
+        seq_weight=torch.where(adapter_ids >= 0, adapter_weights.float(), torch.zeros((), device=device)),
     )

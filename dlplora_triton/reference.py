@@ -1,8 +1,9 @@
 """PyTorch implementations of the fused multi-LoRA delta.
 
-- :func:`fused_lora_torch`: the PyTorch backend (CPU default). It walks the plan's groups: one
-  shrink and one expand matmul per distinct adapter in the batch, slices instead of gathers where an
-  adapter's rows are consecutive tokens. No loop over sequences or tokens.
+- :func:`fused_lora_torch`: the PyTorch backend (CPU default), no loop over sequences or tokens.
+  Padded batches (every sequence the same length, as a model's ``[B, S, H]`` input) gather each
+  sequence's adapters and run two batched matmuls; otherwise it walks the plan's groups: one shrink
+  and one expand matmul per distinct adapter, on slices where an adapter's rows are consecutive.
 - :func:`fused_lora_reference`: the oracle the tests run in float64, written as plainly as the math.
 
 Semantics (both)::
@@ -27,19 +28,38 @@ from .plan import LoRAPlan
 __all__ = ["fused_lora_torch", "fused_lora_reference"]
 
 
+# A padded batch with at least this many tokens per sequence takes the sequence-batched path: its
+# per-sequence weight gather (S * P * R * (K + N) elements) is then small beside the matmuls, and two
+# bmm calls replace two matmuls per distinct adapter. Decode (one token per sequence) keeps the
+# grouped path, which touches each distinct adapter's weights once. Chosen by bench/bench_torch_path.py.
+SEQ_BMM_MIN_TOKENS = 8
+
+
 def fused_lora_torch(
     x: torch.Tensor,
     lora_a: torch.Tensor,
     lora_b: torch.Tensor,
     plan: LoRAPlan,
     out: torch.Tensor,
-    ranks: Sequence[int] | None = None,
-    scales: Sequence[float] | None = None,
+    ranks: torch.Tensor | Sequence[int] | None = None,
+    scales: torch.Tensor | Sequence[float] | None = None,
+    method: str = "auto",
 ) -> torch.Tensor:
-    """Add the fused LoRA delta of ``plan`` into ``out`` ``[T, N]`` in place (PyTorch backend).
+    """Add the fused LoRA delta of ``plan`` into ``out`` ``[T, N]`` in place (the PyTorch backend).
 
-    ``ranks`` and ``scales`` are host sequences of length ``L`` (or None: full rank, scale 1).
+    ``ranks`` / ``scales``: length-``L`` tensors or host sequences, or None (full rank, scale 1).
+    ``method``: ``"grouped"`` (two matmuls per distinct adapter), ``"seq_bmm"`` (two batched matmuls
+    over the sequences of a padded batch) or ``"auto"`` (seq_bmm for padded batches of at least
+    ``SEQ_BMM_MIN_TOKENS`` tokens per sequence, grouped otherwise).
     """
+    if method == "auto":
+        method = "seq_bmm" if plan.uniform_seq_len() >= SEQ_BMM_MIN_TOKENS else "grouped"
+    if method == "seq_bmm":
+        return _seq_bmm(x, lora_a, lora_b, plan, out, ranks, scales)
+    if method != "grouped":
+        raise ValueError(f"method must be 'auto', 'grouped' or 'seq_bmm', got {method!r}")
+    ranks = ranks.tolist() if isinstance(ranks, torch.Tensor) else ranks
+    scales = scales.tolist() if isinstance(scales, torch.Tensor) else scales
     for group in plan.host_groups():
         a = group.adapter
         r = lora_a.shape[1] if ranks is None else int(ranks[a])
@@ -56,6 +76,32 @@ def fused_lora_torch(
         else:
             v = torch.mm(x.index_select(0, group.tokens), shrink_w).mul_(weights)
             out.index_add_(0, group.tokens, torch.mm(v, expand_w))
+    return out
+
+
+def _seq_bmm(x, lora_a, lora_b, plan: LoRAPlan, out, ranks, scales) -> torch.Tensor:
+    """Padded batch: gather each sequence's P adapters as one rank-P*R LoRA, then two bmm calls."""
+    S, P = plan.seq_adapter.shape
+    seq_len = plan.uniform_seq_len()
+    if seq_len == 0:
+        raise ValueError("method='seq_bmm' needs sequences of one common, non-zero length")
+    _, R, K = lora_a.shape
+    N = lora_b.shape[1]
+    ids = plan.seq_adapter.clamp(min=0)
+    keep = (plan.seq_adapter >= 0)[:, :, None]  # [S, P, 1]
+    if ranks is not None:
+        ranks = torch.as_tensor(ranks, device=x.device)
+        keep = keep & (torch.arange(R, device=x.device) < ranks[ids][:, :, None])  # [S, P, R]
+    keep = keep.expand(S, P, R)
+    coef = plan.seq_weight.to(x.dtype)
+    if scales is not None:
+        coef = coef * torch.as_tensor(scales, device=x.device, dtype=x.dtype)[ids]
+    # Zero (not just skip) what lies beyond a rank or in an empty slot: it may hold anything, NaN included.
+    a_sel = lora_a[ids].masked_fill_(~keep[..., None], 0).reshape(S, P * R, K)
+    b_sel = lora_b[ids].masked_fill_(~keep[:, :, None, :], 0).transpose(2, 3).reshape(S, P * R, N)
+    v = torch.bmm(x.view(S, seq_len, K), a_sel.transpose(1, 2))  # [S, len, P*R]
+    v.mul_(coef.repeat_interleave(R, dim=1)[:, None, :])
+    out.view(S, seq_len, N).baddbmm_(v, b_sel)
     return out
 
 

@@ -14,6 +14,7 @@ CASES = [
     Case("p4_repeat_in_row", [3, 5, 2], P=4, L=7, K=50, N=36, R=16, repeat_in_row=True),
     Case("many_adapters_L64", [2] * 20, P=2, L=64, K=24, N=20, R=16, empty_slot_frac=0.1),
     Case("p1_no_ranks", [9, 1, 30], P=1, L=3, K=45, N=129, R=4, empty_slot_frac=0.0),
+    Case("padded_16x8_seq_bmm", [16] * 8, P=2, L=6, K=40, N=33, R=16, ranks=[16, 2, 0, 7, 16, 11]),
     Case("long_K_split", [1, 1, 2], P=2, L=4, K=1100, N=40, R=16, ranks=[16, 3, 9, 11], empty_slot_frac=0.0),
 ]
 
@@ -142,3 +143,45 @@ def test_repeated_id_with_gap_is_not_taken_for_a_contiguous_run(backend):
     inputs = make_inputs(Case("gap", [2, 2, 2], P=2, L=2, K=12, N=5, R=3))
     inputs["adapter_ids"] = torch.tensor([[0, 0], [-1, -1], [0, -1]])
     assert rel_error(dlp.fused_lora(**inputs, backend=backend), reference_delta(inputs)) < 1e-5
+
+
+def _poison_beyond_rank(inputs):
+    """NaN in every A row / B column beyond an adapter's rank: the contract says it is ignored."""
+    for i, r in enumerate(inputs["ranks"].tolist()):
+        inputs["lora_a"][i, r:] = float("nan")
+        inputs["lora_b"][i, :, r:] = float("nan")
+    return inputs
+
+
+PADDED = Case("padded_9x4_P3", [9, 9, 9, 9], P=3, L=5, K=37, N=29, R=16, ranks=[16, 1, 0, 9, 4])
+
+
+@pytest.mark.parametrize("method", ["grouped", "seq_bmm"])
+def test_torch_path_methods_match_reference(method):
+    from dlplora_triton.plan import build_plan
+    from dlplora_triton.reference import fused_lora_torch
+
+    inputs = make_inputs(PADDED)
+    ref = reference_delta(inputs)
+    inputs = _poison_beyond_rank(inputs)
+    plan = build_plan(inputs["seq_offsets"], inputs["adapter_ids"], inputs["adapter_weights"], PADDED.L)
+    out = torch.zeros_like(ref, dtype=torch.float32)
+    fused_lora_torch(inputs["x"], inputs["lora_a"], inputs["lora_b"], plan, out, inputs["ranks"], inputs["scales"], method=method)
+    assert rel_error(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_whatever_lies_beyond_a_rank_is_ignored(backend):
+    inputs = make_inputs(CASES[1])
+    ref = reference_delta(inputs)
+    assert rel_error(dlp.fused_lora(**_poison_beyond_rank(inputs), backend=backend), ref) < 1e-5
+
+
+def test_seq_bmm_refuses_ragged_batches():
+    from dlplora_triton.plan import build_plan
+    from dlplora_triton.reference import fused_lora_torch
+
+    inputs = make_inputs(CASES[1])
+    plan = build_plan(inputs["seq_offsets"], inputs["adapter_ids"], inputs["adapter_weights"], CASES[1].L)
+    with pytest.raises(ValueError, match="one common, non-zero length"):
+        fused_lora_torch(inputs["x"], inputs["lora_a"], inputs["lora_b"], plan, torch.zeros(63, 70), method="seq_bmm")

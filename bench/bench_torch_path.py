@@ -1,0 +1,48 @@
+"""Which PyTorch-path method to use on CPU: grouped (two matmuls per distinct adapter) or seq_bmm (gather
+each sequence's adapters, two batched matmuls). Prints a table; the crossover sets SEQ_BMM_MIN_TOKENS.
+
+    python bench/bench_torch_path.py
+"""
+
+import statistics
+import time
+
+import torch
+
+import dlplora_triton as dlp
+from dlplora_triton.reference import fused_lora_torch
+
+
+def median_ms(fn, repeats=30):
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def main():
+    torch.set_num_threads(2)
+    gen = torch.Generator().manual_seed(0)
+    K, L, R = 512, 8, 16
+    print(f"{'seqs':>4} {'tokens':>6} {'P':>2} {'N':>5} {'base':>8} {'grouped':>8} {'seq_bmm':>8}  faster")
+    for seqs, tokens, P in [(8, 1, 1), (8, 1, 3), (32, 1, 3), (8, 4, 3), (8, 8, 1), (8, 8, 3), (8, 16, 3), (8, 64, 1), (8, 64, 3)]:
+        for N in (512, 1376):
+            x = torch.randn(seqs * tokens, K, generator=gen)
+            w = torch.randn(N, K, generator=gen)
+            a, b = torch.randn(L, R, K, generator=gen), torch.randn(L, N, R, generator=gen)
+            ids = torch.stack([torch.randperm(L, generator=gen)[:P] for _ in range(seqs)])
+            weights = torch.rand(seqs, P, generator=gen)
+            plan = dlp.build_plan(torch.arange(seqs + 1) * tokens, ids, weights, L)
+            out = torch.zeros(seqs * tokens, N)
+            base = median_ms(lambda: x @ w.T)
+            grouped = median_ms(lambda: fused_lora_torch(x, a, b, plan, out, method="grouped"))
+            seq_bmm = median_ms(lambda: fused_lora_torch(x, a, b, plan, out, method="seq_bmm"))
+            print(f"{seqs:>4} {tokens:>6} {P:>2} {N:>5} {base:8.3f} {grouped:8.3f} {seq_bmm:8.3f}  "
+                  f"{'seq_bmm' if seq_bmm < grouped else 'grouped'}")
+
+
+if __name__ == "__main__":
+    main()
