@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo bench bench-gpu clean
+.PHONY: test demo bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,7 +26,7 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e ".[dev,bench]"
 	$(BIN)/python -m pytest bench -q --benchmark-only
-	$(BIN)/python bench/bench_kernels.py --device cpu
+	$(BIN)/dlplora bench --device cpu
 	$(BIN)/python bench/bench_model_cpu.py
 
 clean:

@@ -21,7 +21,7 @@ import torch
 from .plan import LoRAPlan, build_plan
 from .reference import fused_lora_torch
 
-__all__ = ["fused_lora", "fused_lora_planned", "check_routing", "DTypeError", "BACKENDS"]
+__all__ = ["fused_lora", "fused_lora_planned", "check_routing", "workspace_bytes", "DTypeError", "BACKENDS"]
 
 BACKENDS = ("auto", "triton", "torch")
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -179,6 +179,20 @@ def _run(x, lora_a, lora_b, plan: LoRAPlan, ranks, scales, out, backend: str) ->
         v, lora_b, out, plan.token_adapter, plan.expand_tile_count, plan.expand_tile_adapters,
         ranks32, plan.expand_block_m, e_cfg,
     )
+
+
+def workspace_bytes(plan: LoRAPlan, lora_a: torch.Tensor, backend: str = "triton") -> int:
+    """Bytes the Triton kernels allocate per call for this plan and layer (the fp32 shrink output).
+
+    The plan itself holds ``plan.nbytes``; the PyTorch path's temporaries are those of its matmuls.
+    """
+    if backend != "triton":
+        raise ValueError(f"workspace_bytes covers the Triton kernels only, got backend={backend!r}")
+    from dlplora_triton.kernels import shrink_config
+
+    _, R, K = lora_a.shape
+    split_k = shrink_config(plan.shrink_tile_start.shape[0], K, R, lora_a.dtype)["SPLIT_K"]
+    return split_k * plan.num_tokens * plan.num_slots * R * 4
 
 
 def fused_lora_planned(

@@ -86,6 +86,11 @@ class LoRAPlan:
     def device(self) -> torch.device:
         return self.token_adapter.device
 
+    @property
+    def nbytes(self) -> int:
+        """Device bytes held by the plan's tensors."""
+        return sum(v.numel() * v.element_size() for v in vars(self).values() if isinstance(v, torch.Tensor))
+
     def uniform_seq_len(self) -> int:
         """Tokens per sequence when every sequence has the same length (a padded batch), else 0.
 

@@ -68,3 +68,21 @@ def test_planned_call_is_captured_in_a_cuda_graph():
     torch.cuda.synchronize()
     ref = reference_delta({k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()})
     assert rel_error(out, ref) < 1e-2
+
+
+def test_repeated_calls_do_not_grow_allocated_memory():
+    inputs = make_inputs(GPU_CASES[0], torch.bfloat16, device="cuda")
+    L = inputs["lora_a"].shape[0]
+    plan = dlp.build_plan(inputs["seq_offsets"], inputs["adapter_ids"], inputs["adapter_weights"], L)
+    out = torch.zeros(inputs["x"].shape[0], GPU_CASES[0].N, device="cuda", dtype=torch.bfloat16)
+
+    def call():
+        dlp.fused_lora_planned(inputs["x"], inputs["lora_a"], inputs["lora_b"], plan, scales=inputs["scales"], out=out)
+
+    call()
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    for _ in range(50):
+        call()
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() == before

@@ -1,7 +1,7 @@
 """Kernel microbenchmarks: one adapted layer, ours against the baselines users would pick.
 
-    python bench/bench_kernels.py --device cuda            # the GPU suite (bench/run_gpu.sh)
-    python bench/bench_kernels.py --device cpu --quick     # the CPU suite (small shapes, fp32)
+    dlplora bench --device cuda            # the GPU suite (bench/run_gpu.sh runs it)
+    dlplora bench --device cpu --quick     # the CPU suite (small shapes, fp32)
 
 Providers, all measured in the same process on the same inputs:
   base        the base GEMM x @ W^T alone
@@ -31,10 +31,13 @@ from pathlib import Path
 
 import torch
 
-import dlplora_triton as dlp
-from dlplora_triton.reference import fused_lora_torch
+from .ops import fused_lora_planned, workspace_bytes
+from .plan import build_plan
+from .reference import fused_lora_torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+# Results land in the checkout's bench/results/ when run from one, else in ./bench-results/.
+_CHECKOUT_RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
+RESULTS = _CHECKOUT_RESULTS if _CHECKOUT_RESULTS.parent.is_dir() else Path.cwd() / "bench-results"
 POPULARITY = ("identical", "uniform", "zipf", "distinct")
 
 
@@ -106,8 +109,8 @@ class LayerCase:
         self.ranks_host = ranks.tolist()
         self.scales = torch.full((shape.L,), 2.0, device=dev)
         self.offsets, self.ids, self.weights = offsets.to(dev), ids.to(dev), weights.to(dev)
-        self.plan = dlp.build_plan(self.offsets, self.ids, self.weights, shape.L, num_tokens=T)
-        self.plan_p1 = dlp.build_plan(self.offsets, self.ids[:, :1].contiguous(), torch.ones_like(self.weights[:, :1]), shape.L, num_tokens=T)
+        self.plan = build_plan(self.offsets, self.ids, self.weights, shape.L, num_tokens=T)
+        self.plan_p1 = build_plan(self.offsets, self.ids[:, :1].contiguous(), torch.ones_like(self.weights[:, :1]), shape.L, num_tokens=T)
         self.out = torch.zeros(T, shape.N, device=dev, dtype=dtype)
         # X-LoRA-style coefficient of each adapter for each token (0 for the ones a token does not use).
         coeff = torch.zeros(S, shape.L, device=dev, dtype=torch.float32)
@@ -142,20 +145,20 @@ class LayerCase:
     def ours(self):
         def run():
             d = self._next()
-            dlp.fused_lora_planned(d["x"], d["a"], d["b"], self.plan, ranks=self.ranks, scales=self.scales, out=self.out)
+            fused_lora_planned(d["x"], d["a"], d["b"], self.plan, ranks=self.ranks, scales=self.scales, out=self.out)
         return run
 
     def ours_layer(self):
         def run():
             d = self._next()
             y = torch.matmul(d["x"], d["w"].t())
-            dlp.fused_lora_planned(d["x"], d["a"], d["b"], self.plan, ranks=self.ranks, scales=self.scales, out=y)
+            fused_lora_planned(d["x"], d["a"], d["b"], self.plan, ranks=self.ranks, scales=self.scales, out=y)
         return run
 
     def one_row(self):
         def run():
             d = self._next()
-            dlp.fused_lora_planned(d["x"], d["a"], d["b"], self.plan_p1, ranks=self.ranks, scales=self.scales, out=self.out)
+            fused_lora_planned(d["x"], d["a"], d["b"], self.plan_p1, ranks=self.ranks, scales=self.scales, out=self.out)
         return run
 
     def loop(self):
@@ -214,6 +217,17 @@ def measure_ceilings(device: str) -> dict:
     a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
     mm_ms = triton.testing.do_bench(lambda: a @ a, quantiles=[0.5])[0]
     return {"copy_GBps": 2 * src.numel() / copy_ms / 1e6, "bf16_matmul_TFLOPs": 2 * 8192**3 / mm_ms / 1e9}
+
+
+def _allocation_growth(fn, calls: int = 100) -> int:
+    """Bytes still allocated after ``calls`` more calls than after one: 0 when nothing leaks or grows."""
+    fn()
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    return torch.cuda.memory_allocated() - before
 
 
 def suite(device: str, quick: bool) -> list[Shape]:
@@ -276,7 +290,8 @@ def run(device: str, quick: bool, out_dir: Path | None = None, providers=PROVIDE
         case = LayerCase(shape, device, copies=copies)
         bytes_, flops = case.floor()
         row = asdict(shape) | {"T": shape.seqs * shape.tokens_per_seq, "distinct_adapters": len(torch.unique(case.ids)),
-                               "floor_bytes": bytes_, "floor_flops": flops}
+                               "floor_bytes": bytes_, "floor_flops": flops, "plan_bytes": case.plan.nbytes,
+                               "workspace_bytes": workspace_bytes(case.plan, case.sets[0]["a"])}
         for provider in providers:
             if provider == "dense" and shape.L * (128 if shape.ranks == "mixed" else int(shape.ranks)) * row["T"] > 2**28:
                 continue  # the dense baseline's intermediate would not fit
@@ -291,6 +306,8 @@ def run(device: str, quick: bool, out_dir: Path | None = None, providers=PROVIDE
         row["ours_over_one_row"] = row["ours_ms"] / row["one_row_ms"]
         row["loop_over_ours"] = row["loop_ms"] / row["ours_ms"]
         row["layer_over_base"] = row["ours_layer_ms"] / row["base_ms"]
+        if device.startswith("cuda"):
+            row["allocated_growth_bytes"] = _allocation_growth(case.ours())
         rows.append(row)
         print(_format_row(row), flush=True)
         del case
@@ -349,19 +366,3 @@ def _plot(rows: list[dict], path: Path, device: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quick", action="store_true", help="a few points per sweep")
-    parser.add_argument("--out", type=Path, default=None, help="results folder (default bench/results/<device>/)")
-    args = parser.parse_args(argv)
-    if args.device == "cpu":
-        torch.set_num_threads(min(2, torch.get_num_threads()))
-    run(args.device, args.quick, args.out)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
