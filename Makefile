@@ -28,6 +28,7 @@ bench: $(STAMP)
 	$(BIN)/python -m pytest bench -q --benchmark-only
 	$(BIN)/dlplora bench --device cpu
 	$(BIN)/python bench/bench_model_cpu.py
+	$(BIN)/python bench/bench_generation.py --device cpu
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .benchmarks .hypothesis

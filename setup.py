@@ -13,6 +13,7 @@ setup(
     packages=["dlplora_triton", "dlplora_triton.kernels"],
     entry_points={"console_scripts": ["dlplora = dlplora_triton.cli:main"]},
     package_dir={"dlplora_triton": "dlplora_triton", "dlplora_triton.kernels": "kernels"},
+    package_data={"dlplora_triton": ["data/*.jsonl"]},  # the router's text set, for the demo and tests
     # Ranges, not pins: lent GPU machines carry older builds (torch 2.11 / triton 3.6 seen); the set-up
     # commands in the Makefile pin torch==2.13.0 for the CPU machines.
     install_requires=[

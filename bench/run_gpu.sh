@@ -11,6 +11,7 @@ python -c "import torch, triton; print('torch', torch.__version__, 'triton', tri
 status=0
 python -m pytest tests/test_gpu.py tests/test_fused_lora.py -q -x 2>&1 | tail -15 || status=1
 python -m dlplora_triton.cli bench --device cuda ${BENCH_ARGS:-} 2>&1 | tail -80 || status=1
+python bench/bench_generation.py --device cuda ${BENCH_ARGS:-} 2>&1 | tail -10 || status=1
 if [ -n "${OUT:-}" ]; then
     mkdir -p "$OUT/results" && cp -r bench/results/. "$OUT/results/"
 fi

@@ -4,7 +4,9 @@ Kernel level: :func:`fused_lora` (stateless) and :func:`build_plan` + :func:`fus
 hot path: one plan per forward pass, shared by every adapted layer).
 """
 
+from .layers import MultiLoRALinear
 from .ops import DTypeError, check_routing, fused_lora, fused_lora_planned
+from .patch import MultiLoRA, attach
 from .plan import LoRAPlan, build_plan
 from .reference import fused_lora_reference
 
@@ -18,4 +20,7 @@ __all__ = [
     "check_routing",
     "fused_lora_reference",
     "DTypeError",
+    "attach",
+    "MultiLoRA",
+    "MultiLoRALinear",
 ]

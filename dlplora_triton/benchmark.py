@@ -261,7 +261,7 @@ def suite(device: str, quick: bool) -> list[Shape]:
     return shapes
 
 
-def _environment(device: str) -> dict:
+def environment(device: str) -> dict:
     import triton
 
     try:
@@ -282,7 +282,7 @@ def _environment(device: str) -> dict:
 
 def run(device: str, quick: bool, out_dir: Path | None = None, providers=PROVIDERS) -> dict:
     """Run the suite; write JSON, CSV and (with matplotlib) a PNG; return the result dict."""
-    env = _environment(device)
+    env = environment(device)
     ceilings = measure_ceilings(device)
     copies = 4 if device.startswith("cuda") else 1
     rows = []
@@ -312,7 +312,7 @@ def run(device: str, quick: bool, out_dir: Path | None = None, providers=PROVIDE
         print(_format_row(row), flush=True)
         del case
     result = {"environment": env, "ceilings": ceilings, "rows": rows}
-    out_dir = out_dir or RESULTS / _device_dir(env["device"])
+    out_dir = out_dir or RESULTS / device_dir(env["device"])
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "kernels.json").write_text(json.dumps(result, indent=1))
     with open(out_dir / "kernels.csv", "w", newline="") as f:
@@ -324,7 +324,7 @@ def run(device: str, quick: bool, out_dir: Path | None = None, providers=PROVIDE
     return result
 
 
-def _device_dir(name: str) -> str:
+def device_dir(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name).strip("-").lower() or "cpu"
 
 

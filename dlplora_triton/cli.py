@@ -12,6 +12,7 @@ def _build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run fused_lora and a patched tiny model on random weights, and print what they did")
     demo.add_argument("--device", default="cuda" if _cuda() else "cpu", help="torch device (default: cuda if present)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    demo.add_argument("--quick", action="store_true", help="a smaller router and model (seconds, not minutes)")
     bench = sub.add_parser("bench", help="time one adapted layer: ours against the baselines, with the roofline floor")
     bench.add_argument("--device", default="cuda" if _cuda() else "cpu", help="torch device (default: cuda if present)")
     bench.add_argument("--quick", action="store_true", help="a few points per sweep")
@@ -32,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             from .demo import run_demo
 
-            return run_demo(device=args.device, seed=args.seed)
+            return run_demo(device=args.device, seed=args.seed, quick=args.quick)
         if args.command == "bench":
             from pathlib import Path
 

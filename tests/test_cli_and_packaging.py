@@ -13,9 +13,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_demo_runs_and_checks_its_output(capsys):
-    assert main(["demo", "--device", "cpu"]) == 0
+    assert main(["demo", "--device", "cpu", "--quick"]) == 0
     printed = capsys.readouterr().out
     assert "relative error vs the float64 reference" in printed
+    assert "RANDOM weights" in printed and "PEFT mixed batch" in printed
     assert "all outputs match" in printed
 
 
@@ -26,7 +27,7 @@ def test_bad_device_exits_2_with_one_line(capsys):
 
 
 def test_help_of_every_subcommand():
-    for argv in (["--help"], ["demo", "--help"]):
+    for argv in (["--help"], ["demo", "--help"], ["bench", "--help"]):
         with pytest.raises(SystemExit) as exit_info:
             main(argv)
         assert exit_info.value.code == 0
@@ -42,6 +43,7 @@ def test_wheel_ships_the_kernels(tmp_path):
     for module in ("lora_shrink.py", "lora_expand.py", "configs.py", "_common.py", "__init__.py"):
         assert f"dlplora_triton/kernels/{module}" in names
     assert "dlplora_triton/ops.py" in names
+    assert "dlplora_triton/data/router_texts.jsonl" in names
 
 
 def test_bench_quick_cpu_writes_results(tmp_path, capsys):

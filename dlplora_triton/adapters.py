@@ -1,0 +1,337 @@
+"""Reading PEFT LoRA adapter directories and checking them against a model.
+
+A PEFT adapter directory holds ``adapter_config.json`` and ``adapter_model.safetensors``. The tensor
+names say which modules are adapted (``base_model.model.<module path>.lora_A.weight`` ``[r, K]`` and
+``...lora_B.weight`` ``[N, r]``); the config says how each is scaled and must agree with them:
+
+- ``target_modules`` (list: exact name or ``.<name>`` suffix; str: full-match regex), narrowed by
+  ``layers_to_transform`` / ``layers_pattern`` and ``exclude_modules``, matched as PEFT matches them;
+- rank ``r`` and ``lora_alpha``, per module overridden by ``rank_pattern`` / ``alpha_pattern``
+  (keys match a ``.``-separated suffix of the module path, like PEFT's ``get_pattern_key``);
+- scale ``alpha / r``, or ``alpha / sqrt(r)`` with ``use_rslora``;
+- ``fan_in_fan_out`` only says how the base weight is stored (GPT-2's ``Conv1D``: ``[K, N]``); PEFT
+  keeps ``lora_A`` / ``lora_B`` in ``nn.Linear`` layout either way, so it changes no tensor here.
+
+Everything is checked before anything is returned, so callers can validate all adapters first and
+only then change a model. Nothing here imports peft.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .layers import linear_features
+
+__all__ = [
+    "AdapterInfo",
+    "ModuleLoRA",
+    "LoadedAdapter",
+    "read_adapter_config",
+    "load_adapter",
+    "linear_features",
+]
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+_PEFT_PREFIX = "base_model.model."
+
+# Config fields that change the forward math beyond plain LoRA: (field, what to call it in errors).
+# A field counts as set when it is truthy (non-empty list/dict, True, a sub-config).
+_UNSUPPORTED_FIELDS = (
+    ("use_dora", "DoRA (use_dora=True)"),
+    ("modules_to_save", "modules_to_save (fully trained extra modules)"),
+    ("lora_bias", "LoRA bias (lora_bias=True)"),
+    ("target_parameters", "target_parameters (LoRA on raw nn.Parameters)"),
+    ("layer_replication", "layer_replication"),
+    ("trainable_token_indices", "trainable_token_indices (trainable token embeddings)"),
+    ("alora_invocation_tokens", "aLoRA (alora_invocation_tokens)"),
+    ("use_qalora", "QA-LoRA (use_qalora=True)"),
+    ("use_bdlora", "block-diagonal LoRA (use_bdlora)"),
+    ("arrow_config", "Arrow routing (arrow_config)"),
+    ("kasa_config", "KaSA (kasa_config)"),
+    ("velora_config", "VeLoRA (velora_config)"),
+    ("monteclora_config", "MonteCLoRA (monteclora_config)"),
+    ("megatron_config", "Megatron parallel layers (megatron_config)"),
+)
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """What was read from one adapter directory (no tensors)."""
+
+    name: str
+    path: str
+    rank: int  # the config's r (modules may differ through rank_pattern: see module_ranks)
+    alpha: float  # the config's lora_alpha (modules may differ through alpha_pattern)
+    use_rslora: bool
+    fan_in_fan_out: bool
+    target_modules: list[str] | str  # as written in the config
+    targets: tuple[str, ...]  # module paths in the model this adapter adapts, sorted
+    module_ranks: dict[str, int] = field(repr=False)  # module path -> rank
+    module_scales: dict[str, float] = field(repr=False)  # module path -> alpha / r (or / sqrt(r))
+
+    @property
+    def targets_summary(self) -> str:
+        """Short names of the adapted modules (last path component), e.g. ``'q_proj,v_proj'``."""
+        return ",".join(sorted({t.rsplit(".", 1)[-1] for t in self.targets}))
+
+
+@dataclass(frozen=True)
+class ModuleLoRA:
+    """One adapted module of one adapter: ``delta(x) = scale * (x A^T) B^T``."""
+
+    lora_a: torch.Tensor  # [r, K]
+    lora_b: torch.Tensor  # [N, r]
+    scale: float
+
+    @property
+    def rank(self) -> int:
+        return self.lora_a.shape[0]
+
+
+@dataclass(frozen=True)
+class LoadedAdapter:
+    """A validated adapter: its info and its weights per module path."""
+
+    info: AdapterInfo
+    modules: dict[str, ModuleLoRA] = field(repr=False)
+
+
+def read_adapter_config(path: str | os.PathLike, name: str | None = None) -> dict:
+    """Read ``adapter_config.json`` of a PEFT adapter directory and reject unsupported features.
+
+    Raises FileNotFoundError when the directory or its config is missing, ValueError (naming the
+    adapter and the feature) for what plain multi-LoRA fusion cannot serve: DoRA, modules_to_save,
+    a LoRA bias, a non-LoRA PEFT type, and the other fields listed in ``_UNSUPPORTED_FIELDS``.
+    """
+    label = f"adapter {name!r}" if name is not None else f"adapter at {os.fspath(path)!r}"
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{label}: no such directory: {path!r}")
+    if not os.path.isdir(path):
+        raise ValueError(f"{label}: {path!r} is not a directory (expected a PEFT adapter directory)")
+    config_path = os.path.join(path, CONFIG_NAME)
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"{label}: no {CONFIG_NAME} in {path!r}")
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            config = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{label}: {config_path!r} is not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{label}: {config_path!r} must hold a JSON object")
+
+    peft_type = config.get("peft_type", "LORA")
+    if str(peft_type).upper() != "LORA":
+        raise ValueError(f"{label}: unsupported PEFT type {peft_type!r} (only LORA adapters are supported)")
+    bias = config.get("bias", "none")
+    if bias != "none":
+        raise ValueError(f"{label}: unsupported feature: trained biases (bias={bias!r}; only 'none' is supported)")
+    for key, feature in _UNSUPPORTED_FIELDS:
+        if config.get(key):
+            raise ValueError(f"{label}: unsupported feature: {feature}")
+
+    r = config.get("r")
+    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+        raise ValueError(f"{label}: r must be a positive integer, got {r!r}")
+    alpha = config.get("lora_alpha", 8)
+    if not _is_real(alpha):
+        raise ValueError(f"{label}: lora_alpha must be a real number, got {alpha!r}")
+    targets = config.get("target_modules")
+    if isinstance(targets, str):
+        try:
+            re.compile(targets)
+        except re.error as e:
+            raise ValueError(f"{label}: target_modules {targets!r} is not a valid regex: {e}") from None
+    elif not (isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets)):
+        raise ValueError(f"{label}: target_modules must be a non-empty list of names or a regex string, got {targets!r}")
+    for key in ("rank_pattern", "alpha_pattern"):
+        pattern = config.get(key) or {}
+        if not isinstance(pattern, dict):
+            raise ValueError(f"{label}: {key} must be a mapping, got {pattern!r}")
+        for k, v in pattern.items():
+            ok = (isinstance(v, int) and not isinstance(v, bool) and v > 0) if key == "rank_pattern" else _is_real(v)
+            if not ok:
+                raise ValueError(f"{label}: {key}[{k!r}] = {v!r} is not a valid {'rank' if key == 'rank_pattern' else 'alpha'}")
+    return config
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _matches_target(config: dict, key: str) -> bool:
+    """Whether PEFT would put this adapter on module ``key`` (PEFT's ``check_target_module_exists``)."""
+    exclude = config.get("exclude_modules")
+    if exclude:
+        if isinstance(exclude, str):
+            if re.fullmatch(exclude, key):
+                return False
+        elif key in exclude or any(key.endswith(f".{e}") for e in exclude):
+            return False
+    targets = config["target_modules"]
+    if isinstance(targets, str):
+        return targets == "all-linear" or re.fullmatch(targets, key) is not None
+    if key in targets:
+        return True
+    if not any(key.endswith(f".{t}") for t in targets):
+        return False
+    layer_indexes = config.get("layers_to_transform")
+    if layer_indexes is None or (isinstance(layer_indexes, list) and not layer_indexes):
+        return True
+    layers_pattern = config.get("layers_pattern")
+    match = None
+    if not layers_pattern:
+        # The first numbered path segment is the layer index (PEFT's rule).
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
+    else:
+        for pattern in [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern:
+            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", key)
+            if match is not None:
+                break
+    if match is None:
+        return False
+    index = int(match.group("idx"))
+    return index == layer_indexes if isinstance(layer_indexes, int) else index in layer_indexes
+
+
+def _pattern_value(pattern: dict, key: str, default):
+    """PEFT's rank_pattern / alpha_pattern lookup: the first pattern matching a suffix of ``key``."""
+    for pattern_key, value in pattern.items():
+        if re.match(rf"(.*\.)?({pattern_key})$", key):
+            return value
+    return default
+
+
+def _split_key(label: str, key: str) -> tuple[str, str]:
+    """``base_model.model.<module>.lora_A.weight`` -> (module path, 'A' | 'B'); reject everything else."""
+    if not key.startswith(_PEFT_PREFIX):
+        raise ValueError(f"{label}: tensor {key!r} is not a PEFT LoRA weight (expected the prefix {_PEFT_PREFIX!r})")
+    rest = key[len(_PEFT_PREFIX):]
+    for suffix, part in ((".lora_A.weight", "A"), (".lora_B.weight", "B")):
+        if rest.endswith(suffix):
+            return rest[: -len(suffix)], part
+    if ".lora_magnitude_vector" in rest:
+        feature = "DoRA (lora_magnitude_vector tensors)"
+    elif ".lora_embedding_" in rest:
+        feature = "embedding targets (lora_embedding tensors; only nn.Linear and Conv1D are supported)"
+    elif rest.endswith(".lora_B.bias"):
+        feature = "LoRA bias (lora_B.bias tensors)"
+    elif ".modules_to_save." in rest or ".lora_" not in rest:
+        feature = "modules_to_save or trained base tensors"
+    else:
+        feature = "an unrecognised LoRA tensor"
+    raise ValueError(f"{label}: unsupported feature: {feature}: tensor {key!r}")
+
+
+def load_adapter(name: str, path: str | os.PathLike, modules: Mapping[str, nn.Module]) -> LoadedAdapter:
+    """Read and validate one PEFT adapter directory against a model's modules.
+
+    Args:
+        name: the adapter's name (used in every error message).
+        path: the PEFT adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``).
+        modules: module path -> module of the model (e.g. ``dict(model.named_modules())``); adapted
+            modules must be ``nn.Linear`` or GPT-2 ``Conv1D``.
+
+    Returns a :class:`LoadedAdapter` whose weights are on the CPU in the file's dtype. Raises
+    FileNotFoundError for a missing directory or file, ValueError naming the adapter and the problem
+    for unsupported features, tensors whose shapes do not fit the model, modules the model does not
+    have, and a config that does not agree with the tensors.
+    """
+    from safetensors.torch import load_file
+
+    label = f"adapter {name!r}"
+    config = read_adapter_config(path, name)
+    path = os.fspath(path)
+    weights_path = os.path.join(path, WEIGHTS_NAME)
+    if not os.path.isfile(weights_path):
+        if os.path.isfile(os.path.join(path, "adapter_model.bin")):
+            raise ValueError(
+                f"{label}: unsupported feature: pickled weights (adapter_model.bin only); save the adapter "
+                f"with safe_serialization=True to get {WEIGHTS_NAME}"
+            )
+        raise FileNotFoundError(f"{label}: no {WEIGHTS_NAME} in {path!r}")
+    state = load_file(weights_path, device="cpu")
+
+    factors: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state.items():
+        module_path, part = _split_key(label, key)
+        factors.setdefault(module_path, {})[part] = tensor
+    if not factors:
+        raise ValueError(f"{label}: {weights_path!r} holds no LoRA weights")
+
+    r, alpha, use_rslora = config["r"], config.get("lora_alpha", 8), bool(config.get("use_rslora", False))
+    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    loaded: dict[str, ModuleLoRA] = {}
+    for module_path in sorted(factors):
+        parts = factors[module_path]
+        for part in ("A", "B"):
+            if part not in parts:
+                raise ValueError(f"{label}: module {module_path!r} has no lora_{part}.weight tensor")
+        module = modules.get(module_path)
+        if module is None:
+            raise ValueError(f"{label}: has weights for module {module_path!r}, which the model does not have")
+        features = linear_features(module)
+        if features is None:
+            raise ValueError(
+                f"{label}: unsupported target {module_path!r} of type {type(module).__name__} "
+                "(only nn.Linear and transformers' Conv1D with a floating-point weight are supported)"
+            )
+        if not _matches_target(config, module_path):
+            raise ValueError(
+                f"{label}: has weights for module {module_path!r}, which its target_modules "
+                f"{config['target_modules']!r} (with layers_to_transform / exclude_modules) do not select"
+            )
+        in_features, out_features = features
+        lora_a, lora_b = parts["A"], parts["B"]
+        if not (lora_a.is_floating_point() and lora_b.is_floating_point()):
+            raise ValueError(f"{label}: module {module_path!r}: LoRA weights must be floating point, got {lora_a.dtype}, {lora_b.dtype}")
+        if lora_a.dim() != 2 or lora_b.dim() != 2:
+            raise ValueError(
+                f"{label}: module {module_path!r}: lora_A / lora_B must be 2-D, got shapes "
+                f"{list(lora_a.shape)} and {list(lora_b.shape)} (conv targets are not supported)"
+            )
+        rank = lora_a.shape[0]
+        if lora_a.shape[1] != in_features or lora_b.shape[0] != out_features or lora_b.shape[1] != rank:
+            raise ValueError(
+                f"{label}: module {module_path!r} does not fit the model: lora_A {list(lora_a.shape)} and "
+                f"lora_B {list(lora_b.shape)}, expected [r, {in_features}] and [{out_features}, r]"
+            )
+        expected_rank = _pattern_value(rank_pattern, module_path, r)
+        if rank != expected_rank:
+            raise ValueError(
+                f"{label}: module {module_path!r} has rank {rank} but the config says {expected_rank} (r / rank_pattern)"
+            )
+        module_alpha = _pattern_value(alpha_pattern, module_path, alpha)
+        scale = module_alpha / math.sqrt(rank) if use_rslora else module_alpha / rank
+        loaded[module_path] = ModuleLoRA(lora_a, lora_b, float(scale))
+
+    if config["target_modules"] != "all-linear":
+        missing = [p for p, m in modules.items() if p not in loaded and linear_features(m) is not None and _matches_target(config, p)]
+        if missing:
+            raise ValueError(
+                f"{label}: target_modules selects {len(missing)} module(s) of the model that the file has no "
+                f"weights for, e.g. {missing[0]!r} (was the adapter trained on another architecture?)"
+            )
+
+    info = AdapterInfo(
+        name=name,
+        path=path,
+        rank=r,
+        alpha=float(alpha),
+        use_rslora=use_rslora,
+        fan_in_fan_out=bool(config.get("fan_in_fan_out", False)),
+        target_modules=config["target_modules"],
+        targets=tuple(sorted(loaded)),
+        module_ranks={p: m.rank for p, m in loaded.items()},
+        module_scales={p: m.scale for p, m in loaded.items()},
+    )
+    return LoadedAdapter(info, loaded)

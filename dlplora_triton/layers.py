@@ -1,0 +1,237 @@
+"""``MultiLoRALinear``: a base ``nn.Linear`` / GPT-2 ``Conv1D`` plus the stacked LoRAs of many adapters.
+
+The layer keeps the base module as its child ``base`` (its weight is not copied) and holds, in the
+base weight's dtype and device, the adapters' factors stacked to the largest rank ``R`` of the layer:
+
+    lora_a  [L, R, K]   adapter i's A in lora_a[i, :ranks[i]]   (zeros beyond)
+    lora_b  [L, N, R]   adapter i's B in lora_b[i, :, :ranks[i]]   (stored [L, R, N]: a transposed view)
+    ranks   [L] int32   0 for an adapter that does not adapt this module
+    scales  [L] float32 PEFT's lora_alpha / r (or / sqrt(r) with rsLoRA)
+
+Forward: ``y = base(x)``, then the fused delta of every row's adapter mix is added into ``y`` in place
+by :func:`dlplora_triton.ops.fused_lora_planned`. The routing plan is not built here: all layers of a
+model share one :class:`PlanSource` that hands out the plan of the current batch (built once per
+batch shape and selection, see ``dlplora_triton.patch``). The layer knows nothing of adapter names,
+files or routers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .ops import fused_lora_planned
+from .plan import LoRAPlan
+
+__all__ = ["MultiLoRALinear", "PlanSource", "FixedPlan", "stack_factors", "linear_features"]
+
+
+def linear_features(module: nn.Module) -> tuple[int, int] | None:
+    """``(in_features, out_features)`` of a module a LoRA can wrap, or None.
+
+    Handles ``nn.Linear`` (weight ``[N, K]``) and transformers' GPT-2 ``Conv1D`` (weight ``[K, N]``),
+    recognised by type, with a floating-point 2-D weight (quantised layers are not handled).
+    """
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.is_floating_point():
+        return None
+    if isinstance(module, nn.Linear):
+        if tuple(weight.shape) != (module.out_features, module.in_features):
+            return None
+        return module.in_features, module.out_features
+    if _is_conv1d(module):
+        return weight.shape[0], weight.shape[1]
+    return None
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # transformers is a dependency, but the loader works on plain torch models too
+        return False
+    return isinstance(module, Conv1D)
+
+
+class PlanSource:
+    """Where the :class:`MultiLoRALinear` layers of one model get the plan of the current forward pass.
+
+    ``adapter_mask`` has bit ``i`` set when adapter ``i`` is used by some row of the batch (0: every
+    row gets the base model, layers skip all LoRA work; -1: treat every adapter as used).
+    ``plan_for(x)`` returns the plan for a layer input ``x`` (``[..., K]``); it is called only when
+    some adapter of the layer is used, and should return the same plan object to every layer.
+    """
+
+    adapter_mask: int = 0
+
+    def plan_for(self, x: torch.Tensor) -> LoRAPlan:
+        raise NotImplementedError(f"{type(self).__name__} must implement plan_for(x)")
+
+
+class FixedPlan(PlanSource):
+    """A plan built by the caller, used for every input (its ``num_tokens`` must match the input)."""
+
+    def __init__(self, plan: LoRAPlan):
+        self.plan = plan
+        self.adapter_mask = -1 if plan.num_tokens * plan.num_slots > 0 else 0
+
+    def plan_for(self, x: torch.Tensor) -> LoRAPlan:
+        return self.plan
+
+
+def stack_factors(
+    factors: Sequence[tuple[torch.Tensor, torch.Tensor, float] | None],
+    in_features: int,
+    out_features: int,
+    dtype: torch.dtype,
+    device: torch.device | str,
+) -> tuple[torch.Tensor, torch.Tensor, list[int], list[float]]:
+    """Stack per-adapter factors ``(A [r, K], B [N, r], scale)`` (None: adapter not here) into
+    ``lora_a [L, R, K]``, ``lora_b [L, N, R]`` (zero-padded), host ``ranks`` and ``scales``."""
+    ranks = [0 if f is None else int(f[0].shape[0]) for f in factors]
+    scales = [0.0 if f is None else float(f[2]) for f in factors]
+    L, R = len(factors), max(ranks, default=0)
+    lora_a = torch.zeros(L, R, in_features, dtype=dtype, device=device)
+    # lora_b is [L, N, R] stored as [L, R, N] (a transposed view): gathering the B of each row then
+    # gives [S, P, R, N] directly, so the PyTorch path multiplies by it without a transposing copy.
+    lora_b = torch.zeros(L, R, out_features, dtype=dtype, device=device).transpose(1, 2)
+    for i, f in enumerate(factors):
+        if f is None:
+            continue
+        a, b, _ = f
+        r = ranks[i]
+        if tuple(a.shape) != (r, in_features) or tuple(b.shape) != (out_features, r):
+            raise ValueError(
+                f"adapter {i}: A {list(a.shape)} and B {list(b.shape)} do not fit a layer with "
+                f"K = {in_features}, N = {out_features} (expected [r, K] and [N, r])"
+            )
+        lora_a[i, :r].copy_(a)
+        lora_b[i, :, :r].copy_(b)
+    return lora_a, lora_b, ranks, scales
+
+
+class MultiLoRALinear(nn.Module):
+    """A base ``nn.Linear`` or ``Conv1D`` (kept as child ``base``) plus ``L`` stacked LoRA adapters.
+
+    Args:
+        base: the wrapped module; its weight is used in place, never copied.
+        lora_a: ``[L, R, K]`` stacked A, the base weight's dtype and device.
+        lora_b: ``[L, N, R]`` stacked B.
+        ranks: ``L`` ints in ``0..R`` (0: the adapter does not adapt this module).
+        scales: ``L`` floats.
+        plan_source: the shared :class:`PlanSource`; None keeps the layer equal to ``base``.
+
+    Semantics of ``forward(x)`` (``x`` ``[..., K]``, tokens of row ``s`` in ``plan``'s sequence ``s``)::
+
+        y = base(x)
+        for every token t of sequence s, slot p with adapter i = plan.adapter_ids[s, p] >= 0:
+            y[t] += weight[s, p] * scales[i] * (x[t] @ lora_a[i, :ranks[i]].T) @ lora_b[i, :, :ranks[i]].T
+
+    Example::
+
+        layer = MultiLoRALinear.from_factors(nn.Linear(64, 32), [(a0, b0, 2.0), None], FixedPlan(plan))
+        y = layer(x)            # x [T, 64]; rows of plan's sequences get their adapter mix
+    """
+
+    def __init__(
+        self,
+        base: nn.Module,
+        lora_a: torch.Tensor,
+        lora_b: torch.Tensor,
+        ranks: Sequence[int],
+        scales: Sequence[float],
+        plan_source: PlanSource | None = None,
+    ):
+        super().__init__()
+        features = linear_features(base)
+        if features is None:
+            raise TypeError(
+                f"MultiLoRALinear wraps nn.Linear or transformers' Conv1D with a floating-point weight, "
+                f"got {type(base).__name__}"
+            )
+        self.in_features, self.out_features = features
+        self.base = base
+        self.plan_source = plan_source
+        self.register_buffer("lora_a", lora_a, persistent=False)
+        self.register_buffer("lora_b", lora_b, persistent=False)
+        self.register_buffer("ranks", torch.zeros(0, dtype=torch.int32), persistent=False)
+        self.register_buffer("scales", torch.zeros(0, dtype=torch.float32), persistent=False)
+        self.set_stacks(lora_a, lora_b, ranks, scales)
+
+    @classmethod
+    def from_factors(
+        cls,
+        base: nn.Module,
+        factors: Sequence[tuple[torch.Tensor, torch.Tensor, float] | None],
+        plan_source: PlanSource | None = None,
+    ) -> MultiLoRALinear:
+        """Wrap ``base`` with adapters given as ``(A [r, K], B [N, r], scale)`` or None each."""
+        features = linear_features(base)
+        if features is None:
+            raise TypeError(f"MultiLoRALinear wraps nn.Linear or Conv1D, got {type(base).__name__}")
+        weight = base.weight
+        stacks = stack_factors(factors, *features, dtype=weight.dtype, device=weight.device)
+        return cls(base, *stacks, plan_source=plan_source)
+
+    def set_stacks(self, lora_a: torch.Tensor, lora_b: torch.Tensor, ranks: Sequence[int], scales: Sequence[float]) -> None:
+        """Replace the stacked adapters (all four together; shapes are checked first)."""
+        K, N = self.in_features, self.out_features
+        if lora_a.dim() != 3 or lora_a.shape[2] != K:
+            raise ValueError(f"lora_a must be [L, R, K = {K}], got {list(lora_a.shape)}")
+        L, R = lora_a.shape[:2]
+        if tuple(lora_b.shape) != (L, N, R):
+            raise ValueError(f"lora_b must be [L, N, R] = [{L}, {N}, {R}], got {list(lora_b.shape)}")
+        ranks, scales = [int(r) for r in ranks], [float(s) for s in scales]
+        if len(ranks) != L or len(scales) != L:
+            raise ValueError(f"ranks and scales must have L = {L} entries, got {len(ranks)} and {len(scales)}")
+        if any(r < 0 or r > R for r in ranks):
+            raise ValueError(f"ranks must lie in 0..R = 0..{R}, got {ranks}")
+        self.lora_a, self.lora_b = lora_a, lora_b
+        self.ranks = torch.tensor(ranks, dtype=torch.int32, device=lora_a.device)
+        self.scales = torch.tensor(scales, dtype=torch.float32, device=lora_a.device)
+        # Host copies (for factors() and repr) and the bit set of the adapters this layer has.
+        self._rank_list = ranks
+        self._scale_list = scales
+        self._adapter_mask = sum(1 << i for i, r in enumerate(ranks) if r > 0)
+
+    def factors(self) -> list[tuple[torch.Tensor, torch.Tensor, float] | None]:
+        """The adapters as ``(A [r, K], B [N, r], scale)`` views of the stacks, None where rank is 0."""
+        return [
+            None if r == 0 else (self.lora_a[i, :r], self.lora_b[i, :, :r], s)
+            for i, (r, s) in enumerate(zip(self._rank_list, self._scale_list))
+        ]
+
+    @property
+    def num_adapters(self) -> int:
+        return self.lora_a.shape[0]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base module's weight (``[N, K]`` for nn.Linear, ``[K, N]`` for Conv1D)."""
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The base module's bias."""
+        return self.base.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        source = self.plan_source
+        if source is None or not (source.adapter_mask & self._adapter_mask):
+            return y
+        plan = source.plan_for(x)
+        if not y.is_contiguous():
+            y = y.contiguous()
+        # ranks / scales as the tensors held here: fused_lora_planned takes them as they are on every
+        # backend, where host lists would be converted to tensors on each call.
+        fused_lora_planned(
+            x.reshape(-1, self.in_features), self.lora_a, self.lora_b, plan,
+            ranks=self.ranks, scales=self.scales, out=y.view(-1, self.out_features),
+        )
+        return y
+
+    def extra_repr(self) -> str:
+        ranks = ",".join(map(str, self._rank_list))
+        return f"in_features={self.in_features}, out_features={self.out_features}, adapters={self.num_adapters}, ranks=[{ranks}]"

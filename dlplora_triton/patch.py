@@ -1,0 +1,489 @@
+"""attach / select / detach: serve many PEFT LoRA adapters, mixed per batch row, on a transformers model.
+
+``attach(model, {"math": dir1, "code": dir2})`` reads and checks every adapter first, then replaces
+each adapted ``nn.Linear`` / GPT-2 ``Conv1D`` instance in its parent by a
+:class:`~dlplora_triton.layers.MultiLoRALinear` that keeps the original module as its child. No
+per-model tables: what is adapted comes from the adapter files, matched to module types. ``detach()``
+puts the original module objects back.
+
+The returned :class:`MultiLoRA` handle holds the selection (per batch row, a list of
+``(adapter name, weight)``) in one :class:`~dlplora_triton.layers.PlanSource` shared by every wrapped
+layer. The routing plan is built once per forward pass, by the first adapted layer that needs it,
+and cached per tokens-per-row inside the current selection: during ``generate()`` with a KV cache
+the plan is built once at prefill and once for the first decode step, then reused; a new selection
+starts with an empty cache. A forward pre-hook on the model checks that the batch has one row per
+selection row before anything runs.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from .adapters import AdapterInfo, LoadedAdapter, load_adapter
+from .layers import MultiLoRALinear, PlanSource, stack_factors
+from .ops import check_routing
+from .plan import LoRAPlan, build_plan
+
+__all__ = ["attach", "MultiLoRA"]
+
+Selection = Sequence[Sequence[tuple[str, float]]] | tuple[torch.Tensor, torch.Tensor] | None
+
+_MAX_CACHED_PLANS = 16
+
+
+class _Selection:
+    """A validated selection: routing tensors (host or user device) and the plans built for it."""
+
+    __slots__ = ("names", "adapter_ids", "adapter_weights", "seq_offsets", "num_tokens", "adapter_mask", "plans")
+
+    def __init__(self, names, adapter_ids, adapter_weights, seq_offsets, num_tokens):
+        self.names: tuple[str, ...] = names  # adapter order the ids refer to
+        self.adapter_ids: torch.Tensor = adapter_ids  # [S, P] int64, -1 = empty slot
+        self.adapter_weights: torch.Tensor = adapter_weights  # [S, P] float32
+        self.seq_offsets: torch.Tensor | None = seq_offsets  # [S+1] int64 for packed input, else None
+        self.num_tokens: int | None = num_tokens  # packed: T = seq_offsets[-1]
+        used = adapter_ids[adapter_ids >= 0].unique().tolist()
+        self.adapter_mask: int = sum(1 << int(i) for i in used)
+        self.plans: dict = {}  # (input shape without K, device) or (T, device) -> LoRAPlan
+
+    @property
+    def rows(self) -> int:
+        return self.adapter_ids.shape[0]
+
+    def used_names(self) -> set[str]:
+        return {name for i, name in enumerate(self.names) if self.adapter_mask >> i & 1}
+
+    def rebased(self, names: tuple[str, ...]) -> _Selection:
+        """The same selection with ids renumbered for a new adapter order (every used name must remain)."""
+        index = {name: i for i, name in enumerate(names)}
+        lookup = torch.tensor([index.get(n, -1) for n in self.names] + [-1], dtype=torch.long)
+        ids = self.adapter_ids.long()
+        remapped = lookup.to(ids.device)[torch.where(ids >= 0, ids, torch.full_like(ids, len(self.names)))]
+        return _Selection(names, remapped, self.adapter_weights, self.seq_offsets, self.num_tokens)
+
+
+class _Routing(PlanSource):
+    """The plan source all wrapped layers of one model share; holds the current :class:`_Selection`."""
+
+    def __init__(self, num_adapters: int):
+        self.num_adapters = num_adapters
+        self.selection: _Selection | None = None
+        self.adapter_mask = 0
+
+    def set(self, selection: _Selection | None) -> None:
+        self.selection = selection
+        self.adapter_mask = 0 if selection is None else selection.adapter_mask
+
+    def plan_for(self, x: torch.Tensor) -> LoRAPlan:
+        selection = self.selection
+        key = (x.shape[:-1], x.device)
+        plan = selection.plans.get(key)
+        if plan is None:
+            plan = self._build(selection, x, key)
+        return plan
+
+    def _build(self, selection: _Selection, x: torch.Tensor, key) -> LoRAPlan:
+        lead = tuple(x.shape[:-1])
+        device = x.device
+        if selection.seq_offsets is not None:
+            T = selection.num_tokens
+            if lead not in ((T,), (1, T)):
+                raise ValueError(
+                    f"the selection is packed (seq_offsets cover T = {T} tokens), so adapted layers expect "
+                    f"inputs of shape [{T}, K] or [1, {T}, K], got {list(x.shape)}"
+                )
+            seq_offsets = selection.seq_offsets
+        else:
+            if not lead:
+                raise ValueError(f"adapted layers expect inputs of shape [batch, ..., K], got {list(x.shape)}")
+            if lead[0] != selection.rows:
+                raise ValueError(
+                    f"the selection has {selection.rows} rows but the batch has {lead[0]} "
+                    f"(input of shape {list(x.shape)}); select one list of (name, weight) per batch row"
+                )
+            per_row = math.prod(lead[1:])
+            T = lead[0] * per_row
+            seq_offsets = None
+        canonical = (T, device)
+        plan = selection.plans.get(canonical)
+        if plan is None:
+            if seq_offsets is None:
+                seq_offsets = torch.arange(selection.rows + 1, device=device) * per_row
+            plan = build_plan(
+                seq_offsets.to(device),
+                selection.adapter_ids.to(device),
+                selection.adapter_weights.to(device),
+                self.num_adapters,
+                num_tokens=T,
+            )
+            if len(selection.plans) >= _MAX_CACHED_PLANS:
+                selection.plans.clear()
+            selection.plans[canonical] = plan
+        selection.plans[key] = plan
+        return plan
+
+
+def _module_table(model: nn.Module) -> dict[str, nn.Module]:
+    """Module path -> module, with each MultiLoRALinear standing for its base (its insides skipped)."""
+    table: dict[str, nn.Module] = {}
+    inside: str | None = None
+    for path, module in model.named_modules():
+        if inside is not None and path.startswith(inside):
+            continue
+        if isinstance(module, MultiLoRALinear):
+            table[path] = module.base
+            inside = path + "."
+        else:
+            table[path] = module
+    return table
+
+
+def _set_child(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, child = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, child, module)
+
+
+def _check_name(name) -> str:
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"adapter names must be non-empty strings, got {name!r}")
+    return name
+
+
+def _factor(adapter: LoadedAdapter, path: str):
+    module = adapter.modules.get(path)
+    return None if module is None else (module.lora_a, module.lora_b, module.scale)
+
+
+class MultiLoRA:
+    """Handle on a model with attached adapters (returned by :func:`attach`).
+
+    - ``names``: adapter names, in id order (the ids of a tensor selection);
+    - ``adapters``: name -> :class:`~dlplora_triton.adapters.AdapterInfo` (rank, alpha, targets...);
+    - ``layers``: module path -> :class:`~dlplora_triton.layers.MultiLoRALinear`;
+    - ``select`` / ``selection`` (scoped) / ``add`` / ``remove`` / ``detach``.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self._names: list[str] = []
+        self._infos: dict[str, AdapterInfo] = {}
+        self._layers: dict[str, MultiLoRALinear] = {}
+        self._routing = _Routing(0)
+        self._saved: list[_Selection | None] = []  # selections an enclosing `with selection(...)` restores
+        self._hook = None
+        self._attached = False
+
+    # ------------------------------------------------------------------ public API
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Adapter names in id order."""
+        return tuple(self._names)
+
+    @property
+    def adapters(self) -> dict[str, AdapterInfo]:
+        """Adapter name -> what was read from its directory (rank, alpha, rsLoRA, targets)."""
+        return dict(self._infos)
+
+    @property
+    def layers(self) -> dict[str, MultiLoRALinear]:
+        """Module path -> the wrapped layer that replaced it."""
+        return dict(self._layers)
+
+    @property
+    def attached(self) -> bool:
+        return self._attached
+
+    def select(self, selection: Selection, seq_offsets: torch.Tensor | None = None) -> None:
+        """Set the adapter mix of each batch row for the following forward passes.
+
+        Args:
+            selection: one list per batch row of ``(adapter name, weight)`` pairs (``[]``: base model
+                for that row; weights any finite reals), or tensors ``(adapter_ids [B, P],
+                adapter_weights [B, P])`` with ids into :attr:`names` (``-1``: empty slot), or None
+                (every row of any batch gets the base model, as before the first ``select``).
+            seq_offsets: ``[B+1]`` int for packed variable-length input: row ``s`` owns tokens
+                ``seq_offsets[s]:seq_offsets[s+1]`` of an input ``[T, hidden]`` or ``[1, T, hidden]``.
+                Without it, row ``s`` is batch row ``s`` of a ``[B, seq, hidden]`` input.
+
+        Raises KeyError for an unknown name, ValueError for a name repeated in a row, a weight that
+        is not finite or bad routing tensors, TypeError for malformed entries. On error the previous
+        selection stays. A row count that does not match the batch raises ValueError at forward.
+        """
+        self._check_attached()
+        self._routing.set(self._normalize(selection, seq_offsets))
+
+    @contextmanager
+    def selection(self, selection: Selection, seq_offsets: torch.Tensor | None = None) -> Iterator[MultiLoRA]:
+        """``with lora.selection(sel): ...`` selects ``sel`` inside the block, then restores the previous one."""
+        self._check_attached()
+        new = self._normalize(selection, seq_offsets)
+        self._saved.append(self._routing.selection)
+        self._routing.set(new)
+        try:
+            yield self
+        finally:
+            previous = self._saved.pop()
+            if self._attached:
+                if previous is not None and previous.names != self.names:
+                    previous = previous.rebased(self.names)
+                self._routing.set(previous)
+
+    def add(self, name: str, path: str | os.PathLike) -> None:
+        """Load one more PEFT adapter directory (validated before anything changes)."""
+        self._check_attached()
+        _check_name(name)
+        if name in self._infos:
+            raise ValueError(f"an adapter named {name!r} is already attached")
+        adapter = load_adapter(name, path, _module_table(self.model))
+        self._install([adapter])
+
+    def remove(self, name: str) -> None:
+        """Drop one adapter; modules no remaining adapter adapts get their original module back."""
+        self._check_attached()
+        if name not in self._infos:
+            raise KeyError(f"unknown adapter {name!r}; attached adapters: {list(self._names)}")
+        for sel in [self._routing.selection, *self._saved]:
+            if sel is not None and name in sel.used_names():
+                raise ValueError(
+                    f"adapter {name!r} is used by the current selection (or one a `with selection(...)` "
+                    "block will restore); select without it first"
+                )
+        k = self._names.index(name)
+        new_names = tuple(n for n in self._names if n != name)
+        updates, unwrap = {}, []
+        for path, layer in self._layers.items():
+            factors = layer.factors()
+            del factors[k]
+            if all(f is None for f in factors):
+                unwrap.append(path)
+            else:
+                weight = layer.base.weight
+                updates[path] = stack_factors(factors, layer.in_features, layer.out_features, weight.dtype, weight.device)
+        # Everything computed: now change the model.
+        for path in unwrap:
+            layer = self._layers.pop(path)
+            _set_child(self.model, path, layer.base)
+            layer.plan_source = None
+        for path, stacks in updates.items():
+            self._layers[path].set_stacks(*stacks)
+        self._names.remove(name)
+        del self._infos[name]
+        self._routing.num_adapters = len(self._names)
+        self._rebase_selection(new_names)
+
+    def detach(self) -> None:
+        """Put the original modules back: the model is exactly as before :func:`attach`."""
+        self._check_attached()
+        for path, layer in self._layers.items():
+            _set_child(self.model, path, layer.base)
+            layer.plan_source = None
+        self._layers.clear()
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        self._routing.set(None)
+        self._attached = False
+
+    def __repr__(self) -> str:
+        if not self._attached:
+            return f"MultiLoRA(detached from {type(self.model).__name__})"
+        parts = []
+        for name in self._names:
+            info = self._infos[name]
+            rs = ", rslora" if info.use_rslora else ""
+            ranks = sorted(set(info.module_ranks.values()))
+            rank = f"r={info.rank}" if ranks == [info.rank] else f"r={ranks}"
+            parts.append(f"{name!r}: {rank}, alpha={info.alpha:g}{rs}, {len(info.targets)} modules ({info.targets_summary})")
+        sel = self._routing.selection
+        if sel is None:
+            current = "none (base model)"
+        else:
+            packed = f", packed T={sel.num_tokens}" if sel.seq_offsets is not None else ""
+            current = f"{sel.rows} rows using {sorted(sel.used_names()) or 'no adapter'}{packed}"
+        body = "".join(f"\n  {p}," for p in parts)
+        return (
+            f"MultiLoRA(model={type(self.model).__name__}, layers={len(self._layers)}, adapters={{{body}\n}}, "
+            f"selection={current})"
+        )
+
+    # ------------------------------------------------------------------ internals
+    def _check_attached(self) -> None:
+        if not self._attached:
+            raise RuntimeError("this MultiLoRA handle was detached; call dlplora_triton.attach again")
+
+    def _install(self, adapters: list[LoadedAdapter]) -> None:
+        """Add validated adapters: compute every new layer stack first, then change the model."""
+        old_L = len(self._names)
+        table = _module_table(self.model)
+        wanted = {p for a in adapters for p in a.modules}
+        new_paths = [p for p in table if p in wanted and p not in self._layers]  # model order
+        updates = {}
+        for path, layer in self._layers.items():
+            factors = layer.factors() + [_factor(a, path) for a in adapters]
+            weight = layer.base.weight
+            updates[path] = stack_factors(factors, layer.in_features, layer.out_features, weight.dtype, weight.device)
+        created = {
+            path: MultiLoRALinear.from_factors(table[path], [None] * old_L + [_factor(a, path) for a in adapters], self._routing)
+            for path in new_paths
+        }
+        # Everything computed: now change the model.
+        for path, stacks in updates.items():
+            self._layers[path].set_stacks(*stacks)
+        for path, layer in created.items():
+            _set_child(self.model, path, layer)
+            self._layers[path] = layer
+        for a in adapters:
+            self._names.append(a.info.name)
+            self._infos[a.info.name] = a.info
+        self._routing.num_adapters = len(self._names)
+        self._rebase_selection(tuple(self._names))
+
+    def _rebase_selection(self, names: tuple[str, ...]) -> None:
+        sel = self._routing.selection
+        self._routing.set(None if sel is None else sel.rebased(names))
+
+    def _check_batch(self, module, args, kwargs) -> None:
+        """Forward pre-hook on the model: the batch must have one row per selection row."""
+        sel = self._routing.selection
+        if sel is None or sel.seq_offsets is not None:
+            return None
+        x = kwargs.get("input_ids")
+        if x is None:
+            x = kwargs.get("inputs_embeds")
+        if x is None and args and isinstance(args[0], torch.Tensor):
+            x = args[0]
+        if isinstance(x, torch.Tensor) and x.dim() >= 2 and x.shape[0] != sel.rows:
+            raise ValueError(
+                f"the selection has {sel.rows} rows but the batch has {x.shape[0]}; "
+                "select one list of (name, weight) per batch row"
+            )
+        return None
+
+    def _normalize(self, selection: Selection, seq_offsets: torch.Tensor | None) -> _Selection | None:
+        """Validate a user selection into a :class:`_Selection` (raises; changes nothing)."""
+        names = self.names
+        if selection is None:
+            if seq_offsets is not None:
+                raise ValueError("seq_offsets was given without a selection")
+            return None
+        if (
+            isinstance(selection, tuple)
+            and len(selection) == 2
+            and all(isinstance(t, torch.Tensor) for t in selection)
+        ):
+            ids, weights = selection
+            rows = ids.shape[0] if ids.dim() >= 1 else 0
+        elif isinstance(selection, (list, tuple)):
+            ids, weights = self._rows_to_tensors(selection)
+            rows = len(selection)
+        else:
+            raise TypeError(
+                "a selection is a list with one list of (name, weight) per batch row, a tuple of tensors "
+                f"(adapter_ids, adapter_weights), or None; got {type(selection).__name__}"
+            )
+        if seq_offsets is None:
+            offsets = torch.arange(rows + 1, device=ids.device)
+            num_tokens = rows
+        else:
+            if not isinstance(seq_offsets, torch.Tensor):
+                raise TypeError(f"seq_offsets must be a torch.Tensor, got {type(seq_offsets).__name__}")
+            if seq_offsets.dim() != 1 or seq_offsets.numel() == 0:
+                raise ValueError(f"seq_offsets must be [rows + 1] = [{rows + 1}], got shape {list(seq_offsets.shape)}")
+            offsets = seq_offsets
+            num_tokens = int(seq_offsets[-1])
+        check_routing(offsets, ids, weights, len(names), num_tokens)
+        if ids.shape[1] > 1:
+            # A name (id) twice in one row is a mistake in a selection (fused_lora itself would add it twice).
+            ordered = torch.where(ids >= 0, ids, torch.full_like(ids, -1)).sort(dim=1).values
+            repeated = (ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)
+            if bool(repeated.any()):
+                row = int(repeated.any(dim=1).nonzero()[0])
+                raise ValueError(f"row {row} selects the same adapter more than once: {ids[row].tolist()}")
+        packed = None if seq_offsets is None else seq_offsets.detach().clone().long()
+        return _Selection(
+            names,
+            ids.detach().clone().long(),
+            weights.detach().to(torch.float32, copy=True),
+            packed,
+            num_tokens if packed is not None else None,
+        )
+
+    def _rows_to_tensors(self, rows: Sequence) -> tuple[torch.Tensor, torch.Tensor]:
+        index = {name: i for i, name in enumerate(self._names)}
+        ids_rows, weight_rows = [], []
+        for s, row in enumerate(rows):
+            if not isinstance(row, (list, tuple)):
+                raise TypeError(f"row {s} must be a list of (name, weight) pairs ([] = base model), got {type(row).__name__}")
+            row_ids, row_weights, seen = [], [], set()
+            for entry in row:
+                if not (isinstance(entry, (list, tuple)) and len(entry) == 2):
+                    raise TypeError(f"row {s}: each entry must be a (name, weight) pair, got {entry!r}")
+                name, weight = entry
+                if not isinstance(name, str):
+                    raise TypeError(f"row {s}: adapter names are strings, got {name!r}")
+                if name not in index:
+                    raise KeyError(f"row {s}: unknown adapter {name!r}; attached adapters: {list(self._names)}")
+                if name in seen:
+                    raise ValueError(f"row {s}: adapter {name!r} appears more than once")
+                seen.add(name)
+                try:
+                    if isinstance(weight, (bool, str, bytes)):
+                        raise TypeError
+                    w = float(weight)
+                except (TypeError, ValueError, RuntimeError):
+                    raise TypeError(f"row {s}: the weight of {name!r} must be a real number, got {weight!r}") from None
+                if not math.isfinite(w):
+                    raise ValueError(f"row {s}: the weight of {name!r} must be finite, got {w}")
+                row_ids.append(index[name])
+                row_weights.append(w)
+            ids_rows.append(row_ids)
+            weight_rows.append(row_weights)
+        P = max((len(r) for r in ids_rows), default=0)
+        ids = torch.full((len(rows), P), -1, dtype=torch.long)
+        weights = torch.zeros(len(rows), P, dtype=torch.float32)
+        for s, (row_ids, row_weights) in enumerate(zip(ids_rows, weight_rows)):
+            ids[s, : len(row_ids)] = torch.tensor(row_ids, dtype=torch.long)
+            weights[s, : len(row_weights)] = torch.tensor(row_weights, dtype=torch.float32)
+        return ids, weights
+
+
+def attach(model: nn.Module, adapters: Mapping[str, str | os.PathLike]) -> MultiLoRA:
+    """Attach PEFT LoRA adapters to ``model`` for per-row adapter mixing; returns the :class:`MultiLoRA` handle.
+
+    Args:
+        model: a transformers (or any torch) model; adapted modules must be ``nn.Linear`` or GPT-2
+            ``Conv1D``. Module instances are replaced in their parents (classes are not patched).
+        adapters: adapter name -> PEFT adapter directory (``adapter_config.json`` +
+            ``adapter_model.safetensors``). Adapters may target different modules and ranks.
+
+    Every adapter is read and checked against the model before the model is changed; on any error
+    (FileNotFoundError for a missing path, ValueError naming the adapter and what is wrong) the model
+    is left as it was. Until ``select`` is called, every row gets the base model.
+
+    Example::
+
+        lora = attach(model, {"math": "adapters/math", "code": "adapters/code"})
+        lora.select([[("math", 0.7), ("code", 0.3)], [("code", 1.0)], []])   # one list per batch row
+        logits = model(input_ids).logits
+        lora.detach()
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(adapters, Mapping):
+        raise TypeError(f"adapters must be a mapping of name -> adapter directory, got {type(adapters).__name__}")
+    if any(isinstance(m, MultiLoRALinear) for m in model.modules()):
+        raise ValueError("the model already has MultiLoRA layers; detach() the other handle first, or use its add()")
+    table = _module_table(model)
+    loaded = [load_adapter(_check_name(name), path, table) for name, path in adapters.items()]
+    handle = MultiLoRA(model)
+    handle._attached = True
+    handle._install(loaded)
+    handle._hook = model.register_forward_pre_hook(handle._check_batch, with_kwargs=True)
+    return handle

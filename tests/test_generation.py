@@ -1,0 +1,78 @@
+"""Route once at prefill, reuse through decode: generate_routed on a tiny random Llama."""
+
+import pytest
+import torch
+
+import dlplora_triton as dlp
+from dlplora_triton import patch as patch_module
+from dlplora_triton.generation import generate_routed
+from dlplora_triton.router import Router
+from dlplora_triton.toy import build_llama, build_tokenizer, load_router_texts, make_peft_adapters
+
+TASKS = ("de", "ja", "code")
+
+
+@pytest.fixture(scope="module")
+def system(tmp_path_factory):
+    texts, tasks = load_router_texts()
+    keep = [i for i, t in enumerate(tasks) if t in TASKS]
+    per_task = {t: [i for i in keep if tasks[i] == t] for t in TASKS}
+    train = [i for t in TASKS for i in per_task[t][:150]]
+    router = Router.train([texts[i] for i in train], [tasks[i] for i in train], num_buckets=2**12, hidden=(32,), epochs=8, seed=0)
+    prompts = [texts[per_task[t][-1]] for t in TASKS] + [texts[per_task["de"][-2]][:40]]
+    tokenizer = build_tokenizer([texts[i] for i in train], vocab_size=300)
+    model = build_llama(len(tokenizer), hidden=32, intermediate=64, layers=2, heads=2, seed=0)
+    specs = {t: {"r": r, "lora_alpha": 2 * r, "target_modules": ["q_proj", "v_proj", "down_proj"]} for t, r in zip(TASKS, (4, 8, 2))}
+    paths = make_peft_adapters(model, specs, tmp_path_factory.mktemp("adapters"))
+    lora = dlp.attach(model, paths)
+    yield model, lora, router, tokenizer, prompts, paths
+    lora.detach()
+
+
+def _alone(model, lora, tokenizer, prompt, mix, max_new_tokens):
+    batch = tokenizer([prompt], return_tensors="pt")
+    with lora.selection([mix]):
+        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    return out[0, batch["input_ids"].shape[1]:].tolist()
+
+
+def test_batch_equals_each_prompt_alone(system):
+    model, lora, router, tokenizer, prompts, paths = system
+    results = generate_routed(model, lora, router, tokenizer, prompts, p=0.9, max_new_tokens=6, do_sample=False)
+    assert [r.prompt for r in results] == prompts
+    assert any(r.adapters for r in results)
+    for result in results:
+        assert result.token_ids == _alone(model, lora, tokenizer, result.prompt, result.adapters, 6)
+        assert result.route_s > 0 and result.prefill_s > 0 and result.decode_s > 0
+
+
+def test_routes_once_and_builds_one_plan_per_phase(system, monkeypatch):
+    model, lora, router, tokenizer, prompts, paths = system
+    routed, built = [], []
+    real_route, real_build = router.route, patch_module.build_plan
+    monkeypatch.setattr(router, "route", lambda texts, **kw: routed.append(list(texts)) or real_route(texts, **kw))
+    monkeypatch.setattr(patch_module, "build_plan", lambda *a, **kw: built.append(kw.get("num_tokens")) or real_build(*a, **kw))
+    generate_routed(model, lora, router, tokenizer, prompts, max_new_tokens=5, do_sample=False)
+    assert routed == [prompts], "the whole batch is routed once, before the first token"
+    assert len(built) == 2, f"one plan at prefill, one reused by every decode step; built {built}"
+
+
+def test_sampling_and_eos_arguments_pass_through(system):
+    model, lora, router, tokenizer, prompts, paths = system
+    torch.manual_seed(0)
+    results = generate_routed(model, lora, router, tokenizer, prompts[:2], max_new_tokens=4, do_sample=True, top_k=5)
+    assert all(len(r.token_ids) == 4 for r in results)
+    first = generate_routed(model, lora, router, tokenizer, prompts[:1], max_new_tokens=4, do_sample=False)[0]
+    stopped = generate_routed(model, lora, router, tokenizer, prompts[:1], max_new_tokens=4, do_sample=False,
+                              eos_token_id=first.token_ids[0])[0]
+    assert stopped.token_ids == first.token_ids[:1], "generation stops at the eos token"
+
+
+def test_router_task_without_adapter_raises(system):
+    model, lora, router, tokenizer, prompts, paths = system
+    lora.remove("code")
+    try:
+        with pytest.raises(KeyError, match="code"):
+            generate_routed(model, lora, router, tokenizer, prompts, max_new_tokens=2)
+    finally:
+        lora.add("code", paths["code"])
