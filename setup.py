@@ -21,6 +21,8 @@ setup(
         "triton>=3.0",
         "safetensors>=0.4",
         "transformers>=4.40",
+        "tqdm>=4.60",  # the router's and fine-tuning's progress bars
+        "numpy>=1.22",  # the router's vectorized feature hashing
     ],
     extras_require={
         # setuptools >= 70.1 builds wheels without the `wheel` package (the packaging test builds one).

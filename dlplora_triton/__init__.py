@@ -9,6 +9,7 @@ from .ops import DTypeError, check_routing, fused_lora, fused_lora_planned
 from .patch import MultiLoRA, attach
 from .plan import LoRAPlan, build_plan
 from .reference import fused_lora_reference
+from .router import Router, top_p_select
 
 __version__ = "0.1.0"
 
@@ -23,4 +24,6 @@ __all__ = [
     "attach",
     "MultiLoRA",
     "MultiLoRALinear",
+    "top_p_select",
+    "Router",
 ]

@@ -17,7 +17,40 @@ def _build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", default="cuda" if _cuda() else "cpu", help="torch device (default: cuda if present)")
     bench.add_argument("--quick", action="store_true", help="a few points per sweep")
     bench.add_argument("--out", default=None, help="results folder (default bench/results/<device>/)")
+    train = sub.add_parser("train-router", help="train a sentence router on labelled prompts and save it")
+    train.add_argument("--data", required=True, help='JSONL file, one {"text": "...", "task": "..."} per line')
+    train.add_argument("--out", required=True, help="folder to save the router in (created if missing)")
+    train.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    train.add_argument("--epochs", type=int, default=30, help="at most this many epochs (default 30; early stopping)")
+    route = sub.add_parser("route", help="print the adapters a saved router picks for each prompt, and their weights")
+    route.add_argument("--router", required=True, help="a folder written by train-router")
+    route.add_argument("prompts", nargs="+", help="one or more prompts")
+    route.add_argument("--p", type=float, default=0.6, help="top-p cut (default 0.6)")
+    route.add_argument("--top-k", type=int, default=None, help="keep at most K adapters per prompt")
+    route.add_argument("--weighting", default="renorm", choices=["renorm", "softmax"], help="fusion weights (default renorm)")
+    route.add_argument("--min-confidence", type=float, default=None, help="below this top probability: the base model")
+    route.add_argument("--json", action="store_true", help="print one JSON document instead of text")
     return parser
+
+
+def _route(args) -> int:
+    import json
+
+    from .router import Router
+
+    router = Router.load(args.router)
+    selection = router.route(
+        args.prompts, p=args.p, top_k=args.top_k, weighting=args.weighting, min_confidence=args.min_confidence
+    )
+    if args.json:
+        rows = [{"prompt": t, "adapters": [{"name": n, "weight": w} for n, w in s]} for t, s in zip(args.prompts, selection)]
+        print(json.dumps(rows, ensure_ascii=False))
+        return 0
+    for text, chosen in zip(args.prompts, selection):
+        short = text if len(text) <= 60 else text[:57] + "..."
+        mix = ", ".join(f"{name} {weight:.3f}" for name, weight in chosen) or "(base model)"
+        print(f"{short!r}: {mix}")
+    return 0
 
 
 def _cuda() -> bool:
@@ -47,6 +80,15 @@ def main(argv: list[str] | None = None) -> int:
                 torch.set_num_threads(min(2, torch.get_num_threads()))
             run(device, args.quick, Path(args.out) if args.out else None)
             return 0
+        if args.command == "train-router":
+            from .router import Router, read_labelled_jsonl
+
+            texts, tasks = read_labelled_jsonl(args.data)
+            router = Router.train(texts, tasks, seed=args.seed, epochs=args.epochs, verbose=True)  # bar + report
+            print(f"saved to {router.save(args.out)}/")
+            return 0
+        if args.command == "route":
+            return _route(args)
     except (FileNotFoundError, ValueError, KeyError, TypeError) as err:
         print(f"dlplora {args.command}: error: {err}", file=sys.stderr)
         return 2

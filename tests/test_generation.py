@@ -6,7 +6,6 @@ import torch
 import dlplora_triton as dlp
 from dlplora_triton import patch as patch_module
 from dlplora_triton.generation import generate_routed
-from dlplora_triton.router import Router
 from dlplora_triton.toy import build_llama, build_tokenizer, load_router_texts, make_peft_adapters
 
 TASKS = ("de", "ja", "code")
@@ -18,7 +17,7 @@ def system(tmp_path_factory):
     keep = [i for i, t in enumerate(tasks) if t in TASKS]
     per_task = {t: [i for i in keep if tasks[i] == t] for t in TASKS}
     train = [i for t in TASKS for i in per_task[t][:150]]
-    router = Router.train([texts[i] for i in train], [tasks[i] for i in train], num_buckets=2**12, hidden=(32,), epochs=8, seed=0)
+    router = dlp.Router.train([texts[i] for i in train], [tasks[i] for i in train], num_buckets=2**12, hidden=(32,), epochs=8, seed=0)
     prompts = [texts[per_task[t][-1]] for t in TASKS] + [texts[per_task["de"][-2]][:40]]
     tokenizer = build_tokenizer([texts[i] for i in train], vocab_size=300)
     model = build_llama(len(tokenizer), hidden=32, intermediate=64, layers=2, heads=2, seed=0)
