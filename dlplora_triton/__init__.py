@@ -1,9 +1,13 @@
 """dlplora_triton: Triton kernels for dynamic, sentence-level fusion of many task LoRAs.
 
-Kernel level: :func:`fused_lora` (stateless) and :func:`build_plan` + :func:`fused_lora_planned` (the
-hot path: one plan per forward pass, shared by every adapted layer).
+- Kernel level: :func:`fused_lora` (stateless) and :func:`build_plan` + :func:`fused_lora_planned`
+  (the hot path: one plan per forward pass, shared by every adapted layer).
+- Model level: :func:`attach` PEFT adapters to a transformers model, then ``select`` per-row mixes.
+- Routing: :class:`Router` (DLP-LoRA's sentence router), :func:`top_p_select`, and
+  :func:`generate_routed` (route once at prefill, reuse through decode).
 """
 
+from .generation import RoutedGeneration, generate_routed
 from .layers import MultiLoRALinear
 from .ops import DTypeError, check_routing, fused_lora, fused_lora_planned
 from .patch import MultiLoRA, attach
@@ -26,4 +30,6 @@ __all__ = [
     "MultiLoRALinear",
     "top_p_select",
     "Router",
+    "generate_routed",
+    "RoutedGeneration",
 ]

@@ -5,7 +5,7 @@ import torch
 
 import dlplora_triton as dlp
 from dlplora_triton import patch as patch_module
-from dlplora_triton.generation import generate_routed
+
 from dlplora_triton.toy import build_llama, build_tokenizer, load_router_texts, make_peft_adapters
 
 TASKS = ("de", "ja", "code")
@@ -37,7 +37,7 @@ def _alone(model, lora, tokenizer, prompt, mix, max_new_tokens):
 
 def test_batch_equals_each_prompt_alone(system):
     model, lora, router, tokenizer, prompts, paths = system
-    results = generate_routed(model, lora, router, tokenizer, prompts, p=0.9, max_new_tokens=6, do_sample=False)
+    results = dlp.generate_routed(model, lora, router, tokenizer, prompts, p=0.9, max_new_tokens=6, do_sample=False)
     assert [r.prompt for r in results] == prompts
     assert any(r.adapters for r in results)
     for result in results:
@@ -51,7 +51,7 @@ def test_routes_once_and_builds_one_plan_per_phase(system, monkeypatch):
     real_route, real_build = router.route, patch_module.build_plan
     monkeypatch.setattr(router, "route", lambda texts, **kw: routed.append(list(texts)) or real_route(texts, **kw))
     monkeypatch.setattr(patch_module, "build_plan", lambda *a, **kw: built.append(kw.get("num_tokens")) or real_build(*a, **kw))
-    generate_routed(model, lora, router, tokenizer, prompts, max_new_tokens=5, do_sample=False)
+    dlp.generate_routed(model, lora, router, tokenizer, prompts, max_new_tokens=5, do_sample=False)
     assert routed == [prompts], "the whole batch is routed once, before the first token"
     assert len(built) == 2, f"one plan at prefill, one reused by every decode step; built {built}"
 
@@ -59,10 +59,10 @@ def test_routes_once_and_builds_one_plan_per_phase(system, monkeypatch):
 def test_sampling_and_eos_arguments_pass_through(system):
     model, lora, router, tokenizer, prompts, paths = system
     torch.manual_seed(0)
-    results = generate_routed(model, lora, router, tokenizer, prompts[:2], max_new_tokens=4, do_sample=True, top_k=5)
+    results = dlp.generate_routed(model, lora, router, tokenizer, prompts[:2], max_new_tokens=4, do_sample=True, top_k=5)
     assert all(len(r.token_ids) == 4 for r in results)
-    first = generate_routed(model, lora, router, tokenizer, prompts[:1], max_new_tokens=4, do_sample=False)[0]
-    stopped = generate_routed(model, lora, router, tokenizer, prompts[:1], max_new_tokens=4, do_sample=False,
+    first = dlp.generate_routed(model, lora, router, tokenizer, prompts[:1], max_new_tokens=4, do_sample=False)[0]
+    stopped = dlp.generate_routed(model, lora, router, tokenizer, prompts[:1], max_new_tokens=4, do_sample=False,
                               eos_token_id=first.token_ids[0])[0]
     assert stopped.token_ids == first.token_ids[:1], "generation stops at the eos token"
 
@@ -72,6 +72,6 @@ def test_router_task_without_adapter_raises(system):
     lora.remove("code")
     try:
         with pytest.raises(KeyError, match="code"):
-            generate_routed(model, lora, router, tokenizer, prompts, max_new_tokens=2)
+            dlp.generate_routed(model, lora, router, tokenizer, prompts, max_new_tokens=2)
     finally:
         lora.add("code", paths["code"])
