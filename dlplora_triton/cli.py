@@ -22,6 +22,8 @@ def _build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", required=True, help="folder to save the router in (created if missing)")
     train.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     train.add_argument("--epochs", type=int, default=30, help="at most this many epochs (default 30; early stopping)")
+    # finetune keeps its own parser (dlplora_triton.dynamic.finetune_main); listed here for --help.
+    sub.add_parser("finetune", add_help=False, help="dynamic-rank LoRA fine-tuning of a classifier from JSONL (dlplora finetune --help)")
     route = sub.add_parser("route", help="print the adapters a saved router picks for each prompt, and their weights")
     route.add_argument("--router", required=True, help="a folder written by train-router")
     route.add_argument("prompts", nargs="+", help="one or more prompts")
@@ -61,6 +63,15 @@ def _cuda() -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status (2 for bad input, with one line on stderr)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["finetune"]:
+        from .dynamic import finetune_main
+
+        try:
+            return finetune_main(argv[1:])
+        except (FileNotFoundError, ValueError, KeyError, TypeError) as err:
+            print(f"dlplora finetune: error: {err}", file=sys.stderr)
+            return 2
     args = _build_parser().parse_args(argv)
     try:
         if args.command == "demo":
