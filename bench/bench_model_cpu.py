@@ -1,10 +1,12 @@
 """Whole-model CPU benchmark: a small Llama serving 8 LoRA adapters, one batch, three ways.
 
-    python bench/bench_model_cpu.py [--repeats 15] [--out bench/results/cpu/model_cpu.json]
+    python bench/bench_model_cpu.py [--repeats 25] [--threads 2] [--out bench/results/cpu/model_cpu.json]
 
 Model: 4-layer Llama, hidden 512, intermediate 1376, 8 heads, vocab 1000, fp32, random weights.
 Adapters: 8 PEFT LoRAs of rank 16 (alpha 32) on q, k, v, o, gate, up and down projections.
-Batch: 8 rows x 64 tokens, 2 CPU threads.
+Batch: 8 rows x 64 tokens, 2 CPU threads (``--threads``). Run it on an otherwise idle machine: with
+other processes on the same cores, OpenMP threads wait on each other and small ops slow down far more
+than large ones, which inflates every ratio.
 
 Case "one adapter per row" (row s uses adapter s):
   base   the model alone
@@ -18,7 +20,8 @@ Case "mix of 3 per row" (row s: its own random mix of 3 of the 8 adapters, weigh
   the 8 merged adapters.
 
 Timing: warm-up first, then rounds that run every provider once each (interleaved, so drift hits
-all alike); the median per provider over the rounds is reported. Results are written as JSON.
+all alike). Times are medians over the rounds; ratios are medians over the rounds of the ratio
+within each round (robust to a machine whose speed drifts). Results are written as JSON.
 """
 
 from __future__ import annotations
@@ -27,10 +30,10 @@ import argparse
 import copy
 import datetime
 import json
+import os
 import platform
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -72,8 +75,9 @@ def save_adapters(base, directory: Path, count: int, rank: int) -> dict[str, str
     return paths
 
 
-def timed_rounds(providers: dict, repeats: int, warmup: int = 2) -> dict[str, float]:
-    """Median seconds per provider; providers run interleaved, one call each per round."""
+def timed_rounds(providers: dict, repeats: int, warmup: int = 2) -> dict[str, list[float]]:
+    """Seconds per call for each provider, ``repeats`` samples each; providers run interleaved
+    (one call each per round), so a slow phase of the machine hits every provider of that round."""
     for fn in providers.values():
         for _ in range(warmup):
             fn()
@@ -83,7 +87,13 @@ def timed_rounds(providers: dict, repeats: int, warmup: int = 2) -> dict[str, fl
             start = time.perf_counter()
             fn()
             samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(s) for name, s in samples.items()}
+    return samples
+
+
+def paired_median(samples: dict[str, list[float]], ratio) -> float:
+    """Median over rounds of ``ratio(round)``, each round's times passed as a dict (robust to drift)."""
+    rounds = [dict(zip(samples, values)) for values in zip(*samples.values())]
+    return statistics.median(ratio(r) for r in rounds)
 
 
 def environment() -> dict:
@@ -94,10 +104,17 @@ def environment() -> dict:
     import peft
     import transformers
 
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
     return {
-        "device": platform.processor() or platform.machine(),
+        "device": cpu,
         "machine": platform.platform(),
-        "cpu_count": __import__("os").cpu_count(),
+        "cpu_count": os.cpu_count(),
+        "load_average_1_5_15_min": [round(v, 2) for v in os.getloadavg()],  # at the start: other processes inflate every ratio
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
@@ -110,13 +127,14 @@ def environment() -> dict:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--repeats", type=int, default=25)
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (the targets are set for 2)")
     parser.add_argument("--out", type=Path, default=RESULTS / "model_cpu.json")
     args = parser.parse_args(argv)
 
     from peft import PeftModel
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     rows, seq, num_adapters, rank = 8, 64, 8, 16
     base = build_base()
     input_ids = torch.randint(0, 1000, (rows, seq), generator=torch.Generator().manual_seed(1))
@@ -165,20 +183,24 @@ def main(argv=None) -> dict:
         peft_logits = run_peft_one().logits
         rel_err = float((ours_logits - peft_logits).norm() / peft_logits.norm())
 
-        times = timed_rounds(
+        samples = timed_rounds(
             {"base": run_base, "peft": run_peft_one, "ours": run_ours(one_per_row), "ours_cached_plan": run_ours_cached},
             args.repeats,
         )
+        times = {name: statistics.median(values) for name, values in samples.items()}
         one = {
             "base_s": times["base"],
             "peft_s": times["peft"],
             "ours_s": times["ours"],
             "ours_cached_plan_s": times["ours_cached_plan"],
-            "ours_over_base": times["ours"] / times["base"],
-            "ours_overhead_over_peft_overhead": (times["ours"] - times["base"]) / (times["peft"] - times["base"]),
-            "peft_over_base": times["peft"] / times["base"],
+            "ours_over_base": paired_median(samples, lambda r: r["ours"] / r["base"]),
+            "ours_overhead_over_peft_overhead": paired_median(
+                samples, lambda r: (r["ours"] - r["base"]) / (r["peft"] - r["base"])
+            ),
+            "peft_over_base": paired_median(samples, lambda r: r["peft"] / r["base"]),
             "max_rel_err_vs_peft": rel_err,
             "targets": {"ours_over_base": 1.15, "ours_overhead_over_peft_overhead": 1 / 3},
+            "note": "times: medians; ratios: medians over rounds of the ratio within each round",
         }
 
         # Mixed case: PEFT must first merge each row's mix into a new adapter.
@@ -203,7 +225,7 @@ def main(argv=None) -> dict:
         peft_logits = peft_model(input_ids, adapter_names=mix_names).logits
         mix_err = float((ours_logits - peft_logits).norm() / peft_logits.norm())
 
-        times = timed_rounds(
+        samples = timed_rounds(
             {
                 "base": run_base,
                 "ours": run_ours(mixes),
@@ -212,18 +234,21 @@ def main(argv=None) -> dict:
             },
             args.repeats,
         )
+        times = {name: statistics.median(values) for name, values in samples.items()}
+        merge = statistics.median(merge_times)
         mix = {
             "base_s": times["base"],
             "ours_s": times["ours"],
             "ours_cached_plan_s": times["ours_cached_plan"],
-            "ours_over_base": times["ours"] / times["base"],
-            "peft_merge_8_mixes_s": statistics.median(merge_times),
+            "ours_over_base": paired_median(samples, lambda r: r["ours"] / r["base"]),
+            "peft_merge_8_mixes_s": merge,
             "peft_forward_merged_s": times["peft_merged"],
-            "peft_merge_plus_forward_over_base": (statistics.median(merge_times) + times["peft_merged"]) / times["base"],
+            "peft_merge_plus_forward_over_base": (merge + times["peft_merged"]) / times["base"],
             "max_rel_err_vs_peft_merged": mix_err,
             "targets": {"ours_over_base": 1.3},
         }
 
+    results["environment"]["load_average_after"] = [round(v, 2) for v in os.getloadavg()]
     results.update(
         {
             "shape": {"layers": 4, "hidden": 512, "intermediate": 1376, "heads": 8, "vocab": 1000, "dtype": "float32",
@@ -237,7 +262,7 @@ def main(argv=None) -> dict:
     args.out.write_text(json.dumps(results, indent=2) + "\n")
 
     ms = 1e3
-    print(f"one adapter per row ({rows} rows x {seq} tokens, {num_adapters} adapters, rank {rank}, 2 threads)")
+    print(f"one adapter per row ({rows} rows x {seq} tokens, {num_adapters} adapters, rank {rank}, {args.threads} threads)")
     print(f"  base {one['base_s'] * ms:8.2f} ms")
     print(f"  peft {one['peft_s'] * ms:8.2f} ms   ({one['peft_over_base']:.3f}x base)")
     print(f"  ours {one['ours_s'] * ms:8.2f} ms   ({one['ours_over_base']:.3f}x base; "
@@ -251,9 +276,12 @@ def main(argv=None) -> dict:
           f"plan cached: {mix['ours_cached_plan_s'] * ms:.2f} ms)")
     print(f"  peft: merge 8 mixes {mix['peft_merge_8_mixes_s'] * ms:.2f} ms + forward {mix['peft_forward_merged_s'] * ms:.2f} ms")
     print(f"  rel. error vs PEFT merged {mix['max_rel_err_vs_peft_merged']:.1e}")
+    env = results["environment"]
+    print(f"load average at start {env['load_average_1_5_15_min'][0]}, after {env['load_average_after'][0]} "
+          f"({env['cpu_count']} CPUs; above ~0.5 other processes were competing for the cores)")
     print(f"wrote {args.out}")
     return results
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main() else 1)
+    main()
