@@ -81,6 +81,7 @@ class LoRAPlan:
     seq_weight: torch.Tensor  # [S, P] float32, 0 in empty slots
     _host_groups: list = field(default_factory=list, repr=False, compare=False)
     _host_seq_len: list = field(default_factory=list, repr=False, compare=False)
+    _host_empty: list = field(default_factory=list, repr=False, compare=False)
 
     @property
     def device(self) -> torch.device:
@@ -101,6 +102,12 @@ class LoRAPlan:
             uniform = lengths.numel() > 0 and bool((lengths == lengths[0]).all())
             self._host_seq_len.append(int(lengths[0]) if uniform else 0)
         return self._host_seq_len[0]
+
+    def has_empty_slots(self) -> bool:
+        """Whether any sequence has a ``-1`` slot (one host sync, cached in the plan)."""
+        if not self._host_empty:
+            self._host_empty.append(bool((self.seq_adapter < 0).any()))
+        return self._host_empty[0]
 
     def host_groups(self) -> list[HostGroup]:
         """Rows per adapter on the host, for the PyTorch path (one host sync, cached in the plan)."""

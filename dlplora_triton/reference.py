@@ -87,21 +87,27 @@ def _seq_bmm(x, lora_a, lora_b, plan: LoRAPlan, out, ranks, scales) -> torch.Ten
         raise ValueError("method='seq_bmm' needs sequences of one common, non-zero length")
     _, R, K = lora_a.shape
     N = lora_b.shape[1]
-    ids = plan.seq_adapter.clamp(min=0)
-    keep = (plan.seq_adapter >= 0)[:, :, None]  # [S, P, 1]
+    flat_ids = plan.seq_adapter.clamp(min=0).reshape(-1)
+    # index_select on the [L, R, N] view: a contiguous gather when B is stored that way (the layers do).
+    a_sel = lora_a.index_select(0, flat_ids)  # [S*P, R, K]
+    b_sel = lora_b.transpose(1, 2).index_select(0, flat_ids)  # [S*P, R, N]
+    coef = plan.seq_weight.to(x.dtype).reshape(-1)
+    if scales is not None:
+        coef = coef * torch.as_tensor(scales, device=x.device, dtype=x.dtype).index_select(0, flat_ids)
+    keep = None
     if ranks is not None:
         ranks = torch.as_tensor(ranks, device=x.device)
-        keep = keep & (torch.arange(R, device=x.device) < ranks[ids][:, :, None])  # [S, P, R]
-    keep = keep.expand(S, P, R)
-    coef = plan.seq_weight.to(x.dtype)
-    if scales is not None:
-        coef = coef * torch.as_tensor(scales, device=x.device, dtype=x.dtype)[ids]
-    # Zero (not just skip) what lies beyond a rank or in an empty slot: it may hold anything, NaN included.
-    a_sel = lora_a[ids].masked_fill_(~keep[..., None], 0).reshape(S, P * R, K)
-    b_sel = lora_b[ids].masked_fill_(~keep[:, :, None, :], 0).transpose(2, 3).reshape(S, P * R, N)
-    v = torch.bmm(x.view(S, seq_len, K), a_sel.transpose(1, 2))  # [S, len, P*R]
-    v.mul_(coef.repeat_interleave(R, dim=1)[:, None, :])
-    out.view(S, seq_len, N).baddbmm_(v, b_sel)
+        keep = torch.arange(R, device=x.device) < ranks.index_select(0, flat_ids)[:, None]  # [S*P, R]
+    if plan.has_empty_slots():
+        in_use = (plan.seq_adapter >= 0).reshape(-1, 1)
+        keep = in_use.expand(S * P, R) if keep is None else keep & in_use
+    if keep is not None and not bool(keep.all()):
+        # Zero (not just skip) what lies beyond a rank or in an empty slot: it may hold anything, NaN included.
+        a_sel.masked_fill_(~keep[:, :, None], 0)
+        b_sel.masked_fill_(~keep[:, :, None], 0)
+    v = torch.bmm(x.view(S, seq_len, K), a_sel.view(S, P * R, K).transpose(1, 2))  # [S, len, P*R]
+    v.mul_(coef.repeat_interleave(R).view(S, 1, P * R))
+    out.view(S, seq_len, N).baddbmm_(v, b_sel.view(S, P * R, N))
     return out
 
 
