@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 import dlplora_triton as dlp
-from dlplora_triton.benchmark import device_dir, environment
+from dlplora_triton.benchmark import environment, results_dir_name
 from dlplora_triton.generation import _FirstTokenClock
 from dlplora_triton.toy import ALL_PROJECTIONS, build_llama, make_peft_adapters, peft_mixed_batch
 
@@ -118,7 +118,7 @@ def run(device: str, quick: bool) -> dict:
                   f"{row['ours_mix_over_base']:.2f}  ours_mix/ours_one {row['ours_mix_over_ours_one']:.2f}", flush=True)
     env = environment(device)
     result = {"environment": env, "model_parameters": sum(p.numel() for p in model.parameters()), "dtype": str(dtype), "rows": rows}
-    out = RESULTS / device_dir(env["device"])
+    out = RESULTS / results_dir_name(device, env["device"])
     out.mkdir(parents=True, exist_ok=True)
     (out / "generation.json").write_text(json.dumps(result, indent=1))
     return result

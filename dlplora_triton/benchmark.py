@@ -261,6 +261,16 @@ def suite(device: str, quick: bool) -> list[Shape]:
     return shapes
 
 
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment(device: str) -> dict:
     import triton
 
@@ -268,7 +278,7 @@ def environment(device: str) -> dict:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=RESULTS.parent).stdout.strip()
     except OSError:
         commit = ""
-    name = torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or platform.machine()
+    name = torch.cuda.get_device_name() if device.startswith("cuda") else _cpu_name()
     return {
         "device": name,
         "torch": torch.__version__,
@@ -312,7 +322,7 @@ def run(device: str, quick: bool, out_dir: Path | None = None, providers=PROVIDE
         print(_format_row(row), flush=True)
         del case
     result = {"environment": env, "ceilings": ceilings, "rows": rows}
-    out_dir = out_dir or RESULTS / device_dir(env["device"])
+    out_dir = out_dir or RESULTS / results_dir_name(device, env["device"])
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "kernels.json").write_text(json.dumps(result, indent=1))
     with open(out_dir / "kernels.csv", "w", newline="") as f:
@@ -324,8 +334,11 @@ def run(device: str, quick: bool, out_dir: Path | None = None, providers=PROVIDE
     return result
 
 
-def device_dir(name: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in name).strip("-").lower() or "cpu"
+def results_dir_name(device: str, name: str) -> str:
+    """bench/results/ subfolder: "cpu" for any CPU, else the GPU's name (e.g. nvidia-h100-80gb-hbm3)."""
+    if not device.startswith("cuda"):
+        return "cpu"
+    return "".join(c if c.isalnum() else "-" for c in name).strip("-").lower()
 
 
 def _format_row(row: dict) -> str:

@@ -32,7 +32,65 @@ def _build_parser() -> argparse.ArgumentParser:
     route.add_argument("--weighting", default="renorm", choices=["renorm", "softmax"], help="fusion weights (default renorm)")
     route.add_argument("--min-confidence", type=float, default=None, help="below this top probability: the base model")
     route.add_argument("--json", action="store_true", help="print one JSON document instead of text")
+    generate = sub.add_parser("generate", help="route each prompt to its adapter mix and generate the whole batch at once")
+    generate.add_argument("--model", required=True, help="a local transformers causal-LM folder (model + tokenizer)")
+    generate.add_argument("--adapter", required=True, action="append", metavar="NAME=DIR",
+                          help="a PEFT adapter folder for the router task NAME (repeat for each task)")
+    generate.add_argument("--router", required=True, help="a folder written by train-router")
+    generate.add_argument("prompts", nargs="+", help="one or more prompts")
+    generate.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate per prompt (default 32)")
+    generate.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    generate.add_argument("--p", type=float, default=0.6, help="top-p cut of the routing (default 0.6)")
+    generate.add_argument("--top-k", type=int, default=None, help="keep at most K adapters per prompt")
+    generate.add_argument("--min-confidence", type=float, default=None, help="below this top probability: the base model")
+    generate.add_argument("--device", default="cuda" if _cuda() else "cpu", help="torch device (default: cuda if present)")
+    generate.add_argument("--json", action="store_true", help="print one JSON document instead of text")
     return parser
+
+
+def _generate(args) -> int:
+    import json
+    from pathlib import Path
+
+    from .demo import _device
+    from .generation import generate_routed
+    from .patch import attach
+    from .router import Router
+
+    adapters = {}
+    for spec in args.adapter:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--adapter takes NAME=DIR, got {spec!r}")
+        adapters[name] = path
+    if not Path(args.model).is_dir():
+        raise FileNotFoundError(f"model folder {args.model!r} does not exist")
+    router = Router.load(args.router)
+    device = _device(args.device)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True).to(device).eval()
+    except OSError as err:  # transformers' "not a model folder" and friends
+        raise ValueError(f"cannot load a model and tokenizer from {args.model!r}: {str(err).splitlines()[0]}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    lora = attach(model, adapters)
+    results = generate_routed(
+        model, lora, router, tokenizer, args.prompts, p=args.p, top_k=args.top_k, min_confidence=args.min_confidence,
+        max_new_tokens=args.max_new_tokens, do_sample=args.sample,
+    )
+    if args.json:
+        print(json.dumps([{"prompt": r.prompt, "adapters": r.adapters, "text": r.text} for r in results], ensure_ascii=False, indent=1))
+        return 0
+    for r in results:
+        mix = ", ".join(f"{name} {weight:.2f}" for name, weight in r.adapters) or "base model"
+        print(f"[{mix}] {r.prompt}\n  -> {r.text}")
+    r = results[0]
+    print(f"route {r.route_s * 1e3:.1f} ms, prefill {r.prefill_s * 1e3:.1f} ms, decode {r.decode_s * 1e3:.1f} ms "
+          f"({len(results)} prompts in one batch)")
+    return 0
 
 
 def _route(args) -> int:
@@ -100,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "route":
             return _route(args)
+        if args.command == "generate":
+            return _generate(args)
     except (FileNotFoundError, ValueError, KeyError, TypeError) as err:
         print(f"dlplora {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -23,8 +23,11 @@ def system(tmp_path_factory):
     model = build_llama(len(tokenizer), hidden=32, intermediate=64, layers=2, heads=2, seed=0)
     specs = {t: {"r": r, "lora_alpha": 2 * r, "target_modules": ["q_proj", "v_proj", "down_proj"]} for t, r in zip(TASKS, (4, 8, 2))}
     paths = make_peft_adapters(model, specs, tmp_path_factory.mktemp("adapters"))
+    saved = tmp_path_factory.mktemp("model")  # for the command-line test, which loads it from disk
+    model.save_pretrained(saved)
+    tokenizer.save_pretrained(saved)
     lora = dlp.attach(model, paths)
-    yield model, lora, router, tokenizer, prompts, paths
+    yield model, lora, router, tokenizer, prompts, paths, saved
     lora.detach()
 
 
@@ -36,7 +39,7 @@ def _alone(model, lora, tokenizer, prompt, mix, max_new_tokens):
 
 
 def test_batch_equals_each_prompt_alone(system):
-    model, lora, router, tokenizer, prompts, paths = system
+    model, lora, router, tokenizer, prompts, paths, model_dir = system
     results = dlp.generate_routed(model, lora, router, tokenizer, prompts, p=0.9, max_new_tokens=6, do_sample=False)
     assert [r.prompt for r in results] == prompts
     assert any(r.adapters for r in results)
@@ -46,7 +49,7 @@ def test_batch_equals_each_prompt_alone(system):
 
 
 def test_routes_once_and_builds_one_plan_per_phase(system, monkeypatch):
-    model, lora, router, tokenizer, prompts, paths = system
+    model, lora, router, tokenizer, prompts, paths, model_dir = system
     routed, built = [], []
     real_route, real_build = router.route, patch_module.build_plan
     monkeypatch.setattr(router, "route", lambda texts, **kw: routed.append(list(texts)) or real_route(texts, **kw))
@@ -57,7 +60,7 @@ def test_routes_once_and_builds_one_plan_per_phase(system, monkeypatch):
 
 
 def test_sampling_and_eos_arguments_pass_through(system):
-    model, lora, router, tokenizer, prompts, paths = system
+    model, lora, router, tokenizer, prompts, paths, model_dir = system
     torch.manual_seed(0)
     results = dlp.generate_routed(model, lora, router, tokenizer, prompts[:2], max_new_tokens=4, do_sample=True, top_k=5)
     assert all(len(r.token_ids) == 4 for r in results)
@@ -68,10 +71,31 @@ def test_sampling_and_eos_arguments_pass_through(system):
 
 
 def test_router_task_without_adapter_raises(system):
-    model, lora, router, tokenizer, prompts, paths = system
+    model, lora, router, tokenizer, prompts, paths, model_dir = system
     lora.remove("code")
     try:
         with pytest.raises(KeyError, match="code"):
             dlp.generate_routed(model, lora, router, tokenizer, prompts, max_new_tokens=2)
     finally:
         lora.add("code", paths["code"])
+
+
+def test_generate_command(system, tmp_path, capsys):
+    import json
+
+    from dlplora_triton.cli import main
+
+    model, lora, router, tokenizer, prompts, paths, model_dir = system
+    router.save(tmp_path / "router")
+    argv = ["generate", "--model", str(model_dir), "--router", str(tmp_path / "router"),
+            *[f"--adapter={name}={path}" for name, path in paths.items()],
+            "--max-new-tokens", "3", "--device", "cpu"]
+    assert main([*argv, "--json", *prompts[:2]]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    expected = dlp.generate_routed(model, lora, router, tokenizer, prompts[:2], max_new_tokens=3, do_sample=False)
+    assert [row["text"] for row in printed] == [r.text for r in expected]
+    assert [[tuple(a) for a in row["adapters"]] for row in printed] == [r.adapters for r in expected]
+    assert main(["generate", "--model", str(tmp_path / "nope"), "--router", str(tmp_path / "router"),
+                 "--adapter", "de=x", "hello"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "does not exist" in err[0]
