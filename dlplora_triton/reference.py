@@ -28,11 +28,15 @@ from .plan import LoRAPlan
 __all__ = ["fused_lora_torch", "fused_lora_reference"]
 
 
-# A padded batch with at least this many tokens per sequence takes the sequence-batched path: its
-# per-sequence weight gather (S * P * R * (K + N) elements) is then small beside the matmuls, and two
-# bmm calls replace two matmuls per distinct adapter. Decode (one token per sequence) keeps the
-# grouped path, which touches each distinct adapter's weights once. Chosen by bench/bench_torch_path.py.
-SEQ_BMM_MIN_TOKENS = 8
+# Which method a padded batch (every sequence the same length) takes, from bench/bench_torch_path.py on
+# 2 CPU cores: seq_bmm gathers S * P copies of adapter weights, then runs two bmm calls; grouped reads
+# each distinct adapter once but pays two matmuls (plus a gather and a scatter) per adapter. The gather
+# is cheap next to the matmuls from 4 tokens per sequence, or when there are at most 32 (sequence,
+# slot) pairs to gather for and no slot needs masking; decode over many sequences (32 x 3 slots), or
+# with empty slots or ranks short of R (zeroing the gathered weights costs two more passes), is faster
+# grouped (bench/bench_generation.py).
+SEQ_BMM_MIN_TOKENS = 4
+SEQ_BMM_MAX_PAIRS = 32
 
 
 def fused_lora_torch(
@@ -50,12 +54,18 @@ def fused_lora_torch(
     ``ranks`` / ``scales``: length-``L`` tensors or host sequences, or None (full rank, scale 1).
     ``method``: ``"grouped"`` (two matmuls per distinct adapter), ``"seq_bmm"`` (two batched matmuls
     over the sequences of a padded batch) or ``"auto"`` (seq_bmm for padded batches of at least
-    ``SEQ_BMM_MIN_TOKENS`` tokens per sequence, grouped otherwise).
+    ``SEQ_BMM_MIN_TOKENS`` tokens per sequence or at most ``SEQ_BMM_MAX_PAIRS`` sequence-slot pairs,
+    grouped otherwise).
     """
+    keep = None
+    if method in ("auto", "seq_bmm") and plan.uniform_seq_len() > 0:
+        keep = _slot_rank_mask(plan, ranks, lora_a.shape[1])
     if method == "auto":
-        method = "seq_bmm" if plan.uniform_seq_len() >= SEQ_BMM_MIN_TOKENS else "grouped"
+        seq_len = plan.uniform_seq_len()
+        few_unmasked_pairs = plan.seq_adapter.numel() <= SEQ_BMM_MAX_PAIRS and keep is None
+        method = "seq_bmm" if seq_len >= SEQ_BMM_MIN_TOKENS or (seq_len > 0 and few_unmasked_pairs) else "grouped"
     if method == "seq_bmm":
-        return _seq_bmm(x, lora_a, lora_b, plan, out, ranks, scales)
+        return _seq_bmm(x, lora_a, lora_b, plan, out, scales, keep)
     if method != "grouped":
         raise ValueError(f"method must be 'auto', 'grouped' or 'seq_bmm', got {method!r}")
     ranks = ranks.tolist() if isinstance(ranks, torch.Tensor) else ranks
@@ -79,8 +89,24 @@ def fused_lora_torch(
     return out
 
 
-def _seq_bmm(x, lora_a, lora_b, plan: LoRAPlan, out, ranks, scales) -> torch.Tensor:
-    """Padded batch: gather each sequence's P adapters as one rank-P*R LoRA, then two bmm calls."""
+def _slot_rank_mask(plan: LoRAPlan, ranks, R: int) -> torch.Tensor | None:
+    """``[S*P, R]`` bool: rank units in use per (sequence, slot); None when every one is."""
+    S, P = plan.seq_adapter.shape
+    keep = None
+    if ranks is not None:
+        ranks = torch.as_tensor(ranks, device=plan.device)
+        keep = torch.arange(R, device=plan.device) < ranks.index_select(0, plan.seq_adapter.clamp(min=0).reshape(-1))[:, None]
+    if plan.has_empty_slots():
+        in_use = (plan.seq_adapter >= 0).reshape(-1, 1)
+        keep = in_use.expand(S * P, R) if keep is None else keep & in_use
+    return None if keep is None or bool(keep.all()) else keep
+
+
+def _seq_bmm(x, lora_a, lora_b, plan: LoRAPlan, out, scales, keep: torch.Tensor | None) -> torch.Tensor:
+    """Padded batch: gather each sequence's P adapters as one rank-P*R LoRA, then two bmm calls.
+
+    ``keep``: the :func:`_slot_rank_mask` of this call (None: nothing to mask).
+    """
     S, P = plan.seq_adapter.shape
     seq_len = plan.uniform_seq_len()
     if seq_len == 0:
@@ -94,14 +120,7 @@ def _seq_bmm(x, lora_a, lora_b, plan: LoRAPlan, out, ranks, scales) -> torch.Ten
     coef = plan.seq_weight.to(x.dtype).reshape(-1)
     if scales is not None:
         coef = coef * torch.as_tensor(scales, device=x.device, dtype=x.dtype).index_select(0, flat_ids)
-    keep = None
-    if ranks is not None:
-        ranks = torch.as_tensor(ranks, device=x.device)
-        keep = torch.arange(R, device=x.device) < ranks.index_select(0, flat_ids)[:, None]  # [S*P, R]
-    if plan.has_empty_slots():
-        in_use = (plan.seq_adapter >= 0).reshape(-1, 1)
-        keep = in_use.expand(S * P, R) if keep is None else keep & in_use
-    if keep is not None and not bool(keep.all()):
+    if keep is not None:
         # Zero (not just skip) what lies beyond a rank or in an empty slot: it may hold anything, NaN included.
         a_sel.masked_fill_(~keep[:, :, None], 0)
         b_sel.masked_fill_(~keep[:, :, None], 0)

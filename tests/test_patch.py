@@ -502,7 +502,9 @@ def test_add_and_remove(arch_setup, tmp_path):
 
     lora.add("b", paths["b"])  # wraps the modules only b adapts, grows the stacks of the others
     assert lora.names == ("a", "b")
-    assert torch.equal(run(model, ids), only_a)  # the current selection survives
+    # The current selection survives. Not bitwise: b widens the stacks (R 4 -> 8), which changes the
+    # bmm reduction length of the padded-batch path, and so its rounding.
+    assert rel_error(run(model, ids), only_a) < 1e-6
     lora.select([[("a", 0.3), ("b", 0.7)], [("b", 1.0)]])
     mixed = run(model, ids)
     fresh = copy.deepcopy(base)
