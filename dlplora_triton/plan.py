@@ -82,6 +82,7 @@ class LoRAPlan:
     _host_groups: list = field(default_factory=list, repr=False, compare=False)
     _host_seq_len: list = field(default_factory=list, repr=False, compare=False)
     _host_empty: list = field(default_factory=list, repr=False, compare=False)
+    _host_used: list = field(default_factory=list, repr=False, compare=False)
 
     @property
     def device(self) -> torch.device:
@@ -102,6 +103,12 @@ class LoRAPlan:
             uniform = lengths.numel() > 0 and bool((lengths == lengths[0]).all())
             self._host_seq_len.append(int(lengths[0]) if uniform else 0)
         return self._host_seq_len[0]
+
+    def used_adapters(self) -> list[int]:
+        """Adapters selected by at least one token (one host sync, cached in the plan)."""
+        if not self._host_used:
+            self._host_used.append([a for a, count in enumerate(self.row_counts.tolist()) if count > 0])
+        return self._host_used[0]
 
     def has_empty_slots(self) -> bool:
         """Whether any sequence has a ``-1`` slot (one host sync, cached in the plan)."""

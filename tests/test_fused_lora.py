@@ -156,7 +156,7 @@ def _poison_beyond_rank(inputs):
 PADDED = Case("padded_9x4_P3", [9, 9, 9, 9], P=3, L=5, K=37, N=29, R=16, ranks=[16, 1, 0, 9, 4])
 
 
-@pytest.mark.parametrize("method", ["grouped", "seq_bmm"])
+@pytest.mark.parametrize("method", ["grouped", "seq_bmm", "dense"])
 def test_torch_path_methods_match_reference(method):
     from dlplora_triton.plan import build_plan
     from dlplora_triton.reference import fused_lora_torch
@@ -185,3 +185,32 @@ def test_seq_bmm_refuses_ragged_batches():
     plan = build_plan(inputs["seq_offsets"], inputs["adapter_ids"], inputs["adapter_weights"], CASES[1].L)
     with pytest.raises(ValueError, match="one common, non-zero length"):
         fused_lora_torch(inputs["x"], inputs["lora_a"], inputs["lora_b"], plan, torch.zeros(63, 70), method="seq_bmm")
+
+
+@pytest.mark.parametrize("method", ["grouped", "dense", "seq_bmm"])
+@pytest.mark.parametrize("case", CASES + [PADDED], ids=str)
+def test_every_torch_method_on_every_case(case, method):
+    """auto picks one method per batch shape; each must be right on any batch it accepts."""
+    from dlplora_triton.plan import build_plan
+    from dlplora_triton.reference import fused_lora_torch
+
+    inputs = make_inputs(case)
+    plan = build_plan(inputs["seq_offsets"], inputs["adapter_ids"], inputs["adapter_weights"], case.L)
+    if method == "seq_bmm" and plan.uniform_seq_len() == 0:
+        pytest.skip("seq_bmm serves padded batches only")
+    ref = reference_delta(inputs)
+    out = torch.zeros(ref.shape)
+    fused_lora_torch(inputs["x"], inputs["lora_a"], inputs["lora_b"], plan, out, inputs["ranks"], inputs["scales"], method=method)
+    assert rel_error(out, ref) < 1e-5 if ref.abs().sum() else out.abs().sum() == 0
+
+
+def test_gap_regression_on_the_grouped_method():
+    from dlplora_triton.plan import build_plan
+    from dlplora_triton.reference import fused_lora_torch
+
+    inputs = make_inputs(Case("gap", [2, 2, 2], P=2, L=2, K=12, N=5, R=3))
+    inputs["adapter_ids"] = torch.tensor([[0, 0], [-1, -1], [0, -1]])
+    plan = build_plan(inputs["seq_offsets"], inputs["adapter_ids"], inputs["adapter_weights"], 2)
+    out = torch.zeros(6, 5)
+    fused_lora_torch(inputs["x"], inputs["lora_a"], inputs["lora_b"], plan, out, scales=inputs["scales"], method="grouped")
+    assert rel_error(out, reference_delta(inputs)) < 1e-5

@@ -1,0 +1,60 @@
+"""Print the README's benchmark tables (markdown) from the committed results under bench/results/.
+
+    python bench/readme_tables.py
+"""
+
+import json
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def kernel_table(path: Path) -> str:
+    result = json.loads(path.read_text())
+    env = result["environment"]
+    lines = [
+        f"One adapted layer on {env['device']} ({env['date'][:10]}, torch {env['torch']}, triton {env['triton']}, "
+        f"{env.get('threads', '?')} threads), median ms:",
+        "",
+        "| shape | popularity | T | P | base GEMM | ours (delta) | one per row | loop | dense | ours / one-per-row | loop / ours | layer / base |"
+        + (" floor % |" if "ceilings" in result and result["ceilings"] else ""),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if result.get("ceilings") else ""),
+    ]
+    for r in result["rows"]:
+        dense = f"{r['dense_ms']:.3f}" if "dense_ms" in r else "-"
+        row = (f"| {r['name']} {r['dtype']} K={r['K']} N={r['N']} r={r['ranks']} L={r['L']} | {r['popularity']} | {r['T']} | {r['P']} "
+               f"| {r['base_ms']:.3f} | {r['ours_ms']:.3f} | {r['one_row_ms']:.3f} | {r['loop_ms']:.3f} | {dense} "
+               f"| {r['ours_over_one_row']:.2f} | {r['loop_over_ours']:.2f} | {r['layer_over_base']:.2f} |")
+        if result.get("ceilings"):
+            row += f" {r['ours_pct_of_floor']:.0f} |"
+        lines.append(row)
+    return "\n".join(lines)
+
+
+def generation_table(path: Path) -> str:
+    result = json.loads(path.read_text())
+    env = result["environment"]
+    lines = [
+        f"End-to-end greedy generation on {env['device']} ({result['model_parameters'] / 1e6:.0f}M-parameter Llama, "
+        f"{result['dtype']}, 8 adapters of rank 16 on all projections), total ms (time to first token / decode tokens/s):",
+        "",
+        "| batch | base | PEFT, one adapter per row | ours, one adapter per row | PEFT, mixes (+ merge) | ours, routed mixes | ours mix / base |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        cell = lambda n: f"{r[n + '_total_ms']:.0f} ({r[n + '_ttft_ms']:.0f} / {r[n + '_decode_tok_s']:.0f})"  # noqa: E731
+        lines.append(f"| {r['batch']} | {cell('base')} | {cell('peft_one')} | {cell('ours_one')} | {cell('peft_mix')} "
+                     f"(+{r['peft_merge_ms']:.0f}) | {cell('ours_mix')} | {r['ours_mix_over_base']:.2f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    for folder in sorted(p for p in RESULTS.iterdir() if p.is_dir()):
+        if (folder / "kernels.json").exists():
+            print(kernel_table(folder / "kernels.json") + "\n")
+        if (folder / "generation.json").exists():
+            print(generation_table(folder / "generation.json") + "\n")
+
+
+if __name__ == "__main__":
+    main()
