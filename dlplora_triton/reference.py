@@ -61,14 +61,16 @@ def fused_lora_torch(
     ``ranks`` / ``scales``: length-``L`` tensors or host sequences, or None (full rank, scale 1).
     ``method``: ``"grouped"`` (two matmuls per distinct adapter), ``"seq_bmm"`` (two batched matmuls
     over the sequences of a padded batch), ``"dense"`` (every used rank unit on every token, masked by
-    coefficients) or ``"auto"``: dense while tokens x used ranks <= ``DENSE_MAX_TOKEN_RANKS``, then
+    coefficients) or ``"auto"``: dense while both tokens x R and tokens x the used adapters' summed
+    ranks are <= ``DENSE_MAX_TOKEN_RANKS``, then
     seq_bmm for padded batches of at least ``SEQ_BMM_MIN_TOKENS`` tokens per sequence or at most
     ``SEQ_BMM_MAX_PAIRS`` unmasked sequence-slot pairs, grouped otherwise.
     """
-    if method in ("auto", "dense"):
-        rows = _dense_rank_rows(plan, ranks, lora_a.shape[1])
-        if method == "dense" or plan.num_tokens * rows[0].numel() <= DENSE_MAX_TOKEN_RANKS:
-            return _dense(x, lora_a, lora_b, plan, out, scales, *rows)
+    if method == "dense" or (method == "auto" and plan.num_tokens * lora_a.shape[1] <= DENSE_MAX_TOKEN_RANKS):
+        # T * R first: it needs no host work, and keeps the per-layer cost of prefill batches at zero.
+        rank_list, used = _host_ranks(ranks, plan.num_adapters, lora_a.shape[1]), plan.used_adapters()
+        if method == "dense" or plan.num_tokens * sum(rank_list[a] for a in used) <= DENSE_MAX_TOKEN_RANKS:
+            return _dense(x, lora_a, lora_b, plan, out, scales, *_dense_rank_rows(plan, rank_list, lora_a.shape[1]))
     keep = None
     if method in ("auto", "seq_bmm") and plan.uniform_seq_len() > 0:
         keep = _slot_rank_mask(plan, ranks, lora_a.shape[1])
@@ -101,11 +103,14 @@ def fused_lora_torch(
     return out
 
 
-def _dense_rank_rows(plan: LoRAPlan, ranks, R: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _host_ranks(ranks, L: int, R: int) -> list[int]:
+    return [R] * L if ranks is None else torch.as_tensor(ranks).tolist()
+
+
+def _dense_rank_rows(plan: LoRAPlan, rank_list: list[int], R: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows of the flattened ``[L*R]`` stack in use (adapters of the batch, units below their rank),
     and the adapter of each row. Host work, once per call (the PyTorch path)."""
     used = plan.used_adapters()
-    rank_list = [R] * plan.num_adapters if ranks is None else torch.as_tensor(ranks).tolist()
     rows = [a * R + j for a in used for j in range(rank_list[a])]
     row_adapter = [a for a in used for _ in range(rank_list[a])]
     device = plan.device
