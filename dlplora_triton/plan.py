@@ -83,6 +83,9 @@ class LoRAPlan:
     _host_seq_len: list = field(default_factory=list, repr=False, compare=False)
     _host_empty: list = field(default_factory=list, repr=False, compare=False)
     _host_used: list = field(default_factory=list, repr=False, compare=False)
+    # Host-side data the PyTorch path derives from the plan (per rank pattern), built once per plan
+    # and shared by every layer of the forward pass; a new plan starts empty.
+    memo: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def device(self) -> torch.device:

@@ -107,33 +107,46 @@ def _host_ranks(ranks, L: int, R: int) -> list[int]:
     return [R] * L if ranks is None else torch.as_tensor(ranks).tolist()
 
 
-def _dense_rank_rows(plan: LoRAPlan, rank_list: list[int], R: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows of the flattened ``[L*R]`` stack in use (adapters of the batch, units below their rank),
-    and the adapter of each row. Host work, once per call (the PyTorch path)."""
-    used = plan.used_adapters()
-    rows = [a * R + j for a in used for j in range(rank_list[a])]
-    row_adapter = [a for a in used for _ in range(rank_list[a])]
-    device = plan.device
-    return torch.tensor(rows, dtype=torch.long, device=device), torch.tensor(row_adapter, dtype=torch.long, device=device)
+def _dense_rank_rows(plan: LoRAPlan, rank_list: list[int], R: int) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Rows of the flattened ``[L*R]`` stack in use (adapters of the batch, units below their rank;
+    None: all of them) and the adapter of each row. Host work, memoised in the plan per rank pattern,
+    so the layers of one forward pass that share ranks pay it once."""
+    key = ("dense_rows", R, tuple(rank_list))
+    if key not in plan.memo:
+        used = plan.used_adapters()
+        rows = [a * R + j for a in used for j in range(rank_list[a])]
+        row_adapter = torch.tensor([a for a in used for _ in range(rank_list[a])], dtype=torch.long, device=plan.device)
+        every_row = len(rows) == plan.num_adapters * R
+        plan.memo[key] = (None if every_row else torch.tensor(rows, dtype=torch.long, device=plan.device), row_adapter)
+    return plan.memo[key]
 
 
-def _dense(x, lora_a, lora_b, plan: LoRAPlan, out, scales, rows: torch.Tensor, row_adapter: torch.Tensor) -> torch.Tensor:
+def _token_coefficients(plan: LoRAPlan) -> torch.Tensor:
+    """``[T, L]`` float32: the summed fusion weight of each adapter for each token (memoised in the plan)."""
+    if "coef" not in plan.memo:
+        ids = plan.token_adapter.long()
+        L = plan.num_adapters
+        coef = torch.zeros(plan.num_tokens, L + 1, device=plan.device, dtype=torch.float32)
+        coef.scatter_add_(1, torch.where(ids >= 0, ids, L), plan.token_weight)  # empty slots land in column L
+        plan.memo["coef"] = coef[:, :L]
+    return plan.memo["coef"]
+
+
+def _dense(x, lora_a, lora_b, plan: LoRAPlan, out, scales, rows: torch.Tensor | None, row_adapter: torch.Tensor) -> torch.Tensor:
     """Small batches: ``out += ((x @ A_rows^T) * coef) @ B_rows`` over the used rank rows of all adapters."""
-    if rows.numel() == 0:
+    if row_adapter.numel() == 0:
         return out
     L, R, K = lora_a.shape
     N = lora_b.shape[1]
-    # Only rows below each rank are gathered, so whatever lies beyond a rank is never read.
-    a_rows = lora_a.reshape(L * R, K).index_select(0, rows)  # [n, K]
-    b_rows = lora_b.transpose(1, 2).reshape(L * R, N).index_select(0, rows)  # [n, N]
-    ids = plan.token_adapter.long()
-    coef = torch.zeros(plan.num_tokens, L + 1, device=x.device, dtype=torch.float32)
-    coef.scatter_add_(1, torch.where(ids >= 0, ids, L), plan.token_weight)  # empty slots land in column L
-    coef = coef[:, :L].to(x.dtype)
+    # Only rows below each rank are read, so whatever lies beyond a rank never enters the sums.
+    a_rows = lora_a.reshape(L * R, K)
+    b_rows = lora_b.transpose(1, 2).reshape(L * R, N)  # a view when B is stored [L, R, N], as the layers do
+    if rows is not None:
+        a_rows, b_rows = a_rows.index_select(0, rows), b_rows.index_select(0, rows)
+    coef = _token_coefficients(plan).index_select(1, row_adapter).to(x.dtype)  # [T, n]
     if scales is not None:
-        coef = coef * torch.as_tensor(scales, device=x.device, dtype=x.dtype)
-    v = torch.mm(x, a_rows.t()).mul_(coef.index_select(1, row_adapter))  # [T, n]
-    out.addmm_(v, b_rows)
+        coef = coef * torch.as_tensor(scales, device=x.device, dtype=x.dtype).index_select(0, row_adapter)
+    out.addmm_(torch.mm(x, a_rows.t()).mul_(coef), b_rows)
     return out
 
 
