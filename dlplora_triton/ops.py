@@ -64,7 +64,7 @@ def _as_tensor(value, name: str, length: int, kind: str, device: torch.device) -
     return t
 
 
-def _check_shapes(x, lora_a, lora_b, ranks, scales, out):
+def _check_shapes(x, lora_a, lora_b, out):
     """Shape, dtype and device checks that need no host sync; returns (T, K, L, R, N)."""
     for name, t in (("x", x), ("lora_a", lora_a), ("lora_b", lora_b)):
         if not isinstance(t, torch.Tensor):
@@ -86,8 +86,8 @@ def _check_shapes(x, lora_a, lora_b, ranks, scales, out):
         raise ValueError(f"lora_b is [L, N, R] = {list(lora_b.shape)} but lora_a has L = {L}, R = {R}")
     if lora_a.dtype != x.dtype or lora_b.dtype != x.dtype:
         raise DTypeError(f"x, lora_a and lora_b must share a dtype, got {x.dtype}, {lora_a.dtype}, {lora_b.dtype}")
-    for name, t in (("lora_a", lora_a), ("lora_b", lora_b), ("ranks", ranks), ("scales", scales), ("out", out)):
-        if t is not None and t.device != x.device:
+    for name, t in (("lora_a", lora_a), ("lora_b", lora_b), ("out", out)):
+        if isinstance(t, torch.Tensor) and t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
     if out is not None:
         if not isinstance(out, torch.Tensor):
@@ -211,7 +211,7 @@ def fused_lora_planned(
     forward pass with :func:`dlplora_triton.build_plan` and pass it to every layer). Only shapes are
     checked here, so nothing syncs with the device; ranks and scales are trusted to be in range.
     """
-    T, K, L, R, N = _check_shapes(x, lora_a, lora_b, None, None, out)
+    T, K, L, R, N = _check_shapes(x, lora_a, lora_b, out)
     if not isinstance(plan, LoRAPlan):
         raise TypeError(f"plan must be a LoRAPlan (from build_plan), got {type(plan).__name__}")
     if plan.num_tokens != T:
@@ -306,11 +306,10 @@ def fused_lora(
     Raises ValueError / TypeError naming the problem for bad shapes, dtypes, devices, ids out of
     range, weights that are not finite, offsets that are not monotone or do not end at ``T``.
     """
-    T, K, L, R, N = _check_shapes(x, lora_a, lora_b, None, None, out)
+    T, K, L, R, N = _check_shapes(x, lora_a, lora_b, out)
     backend = _resolve_backend(backend, x)
     ranks = _as_tensor(ranks, "ranks", L, "int", x.device)
     scales = _as_tensor(scales, "scales", L, "float", x.device)
-    _check_shapes(x, lora_a, lora_b, ranks, scales, out)
     for name, t in (("seq_offsets", seq_offsets), ("adapter_ids", adapter_ids), ("adapter_weights", adapter_weights)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")

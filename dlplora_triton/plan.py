@@ -79,12 +79,8 @@ class LoRAPlan:
     seq_offsets: torch.Tensor  # [S+1] as given
     seq_adapter: torch.Tensor  # [S, P] int64, -1 = empty slot
     seq_weight: torch.Tensor  # [S, P] float32, 0 in empty slots
-    _host_groups: list = field(default_factory=list, repr=False, compare=False)
-    _host_seq_len: list = field(default_factory=list, repr=False, compare=False)
-    _host_empty: list = field(default_factory=list, repr=False, compare=False)
-    _host_used: list = field(default_factory=list, repr=False, compare=False)
-    # Host-side data the PyTorch path derives from the plan (per rank pattern), built once per plan
-    # and shared by every layer of the forward pass; a new plan starts empty.
+    # Host-side data the PyTorch path derives from the plan (one sync each), built once per plan and
+    # shared by every layer of the forward pass; a new plan starts empty.
     memo: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -99,29 +95,32 @@ class LoRAPlan:
     def uniform_seq_len(self) -> int:
         """Tokens per sequence when every sequence has the same length (a padded batch), else 0.
 
-        Read on the host once (one sync) and cached in the plan; the PyTorch path uses it.
+        Read on the host once (one sync) and memoised in the plan; the PyTorch path uses it.
         """
-        if not self._host_seq_len:
+        if "seq_len" not in self.memo:
             lengths = self.seq_offsets.diff()
             uniform = lengths.numel() > 0 and bool((lengths == lengths[0]).all())
-            self._host_seq_len.append(int(lengths[0]) if uniform else 0)
-        return self._host_seq_len[0]
+            self.memo["seq_len"] = int(lengths[0]) if uniform else 0
+        return self.memo["seq_len"]
 
     def used_adapters(self) -> list[int]:
-        """Adapters selected by at least one token (one host sync, cached in the plan)."""
-        if not self._host_used:
-            self._host_used.append([a for a, count in enumerate(self.row_counts.tolist()) if count > 0])
-        return self._host_used[0]
+        """Adapters selected by at least one token (one host sync, memoised in the plan)."""
+        if "used" not in self.memo:
+            self.memo["used"] = [a for a, count in enumerate(self.row_counts.tolist()) if count > 0]
+        return self.memo["used"]
 
     def has_empty_slots(self) -> bool:
-        """Whether any sequence has a ``-1`` slot (one host sync, cached in the plan)."""
-        if not self._host_empty:
-            self._host_empty.append(bool((self.seq_adapter < 0).any()))
-        return self._host_empty[0]
+        """Whether any sequence has a ``-1`` slot (one host sync, memoised in the plan)."""
+        if "empty" not in self.memo:
+            self.memo["empty"] = bool((self.seq_adapter < 0).any())
+        return self.memo["empty"]
 
     def host_groups(self) -> list[HostGroup]:
-        """Rows per adapter on the host, for the PyTorch path (one host sync, cached in the plan)."""
-        if not self._host_groups and self.num_tokens * self.num_slots > 0:
+        """Rows per adapter on the host, for the PyTorch path (one host sync, memoised in the plan)."""
+        if "groups" in self.memo:
+            return self.memo["groups"]
+        groups = self.memo["groups"] = []
+        if self.num_tokens * self.num_slots > 0:
             counts = self.row_counts.tolist()
             rows = self.sorted_rows.long()
             weights = self.token_weight.reshape(-1)
@@ -137,10 +136,10 @@ class LoRAPlan:
                 # is a plain slice exactly when it has one row per token of [first, last] (an id
                 # repeated in a row gives a token two rows, which the slice would add only once).
                 contiguous = last - first + 1 == count and bool((tokens.diff() > 0).all())
-                self._host_groups.append(
+                groups.append(
                     HostGroup(adapter, tokens, weights[adapter_rows].unsqueeze(1), first, last + 1, contiguous)
                 )
-        return self._host_groups
+        return groups
 
 
 def build_plan(
