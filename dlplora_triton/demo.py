@@ -119,8 +119,12 @@ def demo_system(seed: int, max_new_tokens: int = 12, quick: bool = False) -> boo
     print(f"\nrouter: trained on {len(train_idx)} sentences of {len(router.names)} tasks in {train_s:.1f} s, "
           f"held-out accuracy {router.report['heldout_accuracy']:.1%}")
 
-    prompts = [texts[held[task][0]] for task in router.names][:7]
-    prompts.append(texts[held[router.names[0]][1]] + " " + texts[held[router.names[1]][1]])  # two tasks in one prompt
+    names = list(router.names)
+    prompts = [texts[held[task][0]] for task in names][:6]
+    # Prompts that join two tasks' sentences: the router splits its probability, top-p keeps a mix.
+    for first, second in ((0, 7), (1, 5), (3, 4)):
+        prompts.append(texts[held[names[first]][1]] + " " + texts[held[names[second % len(names)]][1]])
+    routing = {"p": 0.8, "top_k": 3}  # keep adapters until 80% of the probability is covered, at most 3
     tokenizer = build_tokenizer(texts, vocab_size=500 if quick else 2000)
     model = build_llama(len(tokenizer), seed=seed, **({"hidden": 64, "intermediate": 128, "layers": 2} if quick else {}))
     print(f"model: a {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M-parameter Llama built from a config "
@@ -128,7 +132,7 @@ def demo_system(seed: int, max_new_tokens: int = 12, quick: bool = False) -> boo
 
     with tempfile.TemporaryDirectory() as tmp:
         paths = make_peft_adapters(model, _adapter_specs(list(router.names)), tmp, seed=seed)
-        selection = router.route(prompts, p=0.6)
+        selection = router.route(prompts, **routing)
         batch = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
         gen = {"max_new_tokens": max_new_tokens, "do_sample": False, "pad_token_id": tokenizer.pad_token_id}
 
@@ -142,8 +146,8 @@ def demo_system(seed: int, max_new_tokens: int = 12, quick: bool = False) -> boo
             peft_logits = peft_model(**batch, adapter_names=row_names).logits
 
         lora = attach(model, paths)
-        generate_routed(model, lora, router, tokenizer, prompts, **gen)  # warm-up
-        runs = sorted((generate_routed(model, lora, router, tokenizer, prompts, **gen) for _ in range(3)),
+        generate_routed(model, lora, router, tokenizer, prompts, **routing, **gen)  # warm-up
+        runs = sorted((generate_routed(model, lora, router, tokenizer, prompts, **routing, **gen) for _ in range(3)),
                       key=lambda r: r[0].route_s + r[0].prefill_s + r[0].decode_s)
         results = runs[1]  # the median run, whose timings are printed
         ours_s = results[0].route_s + results[0].prefill_s + results[0].decode_s
