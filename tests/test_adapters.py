@@ -11,11 +11,13 @@ import pytest
 import torch
 from torch import nn
 
+from peft_helpers import save_adapter
+
 from dlplora_triton.adapters import _matches_target, linear_features, load_adapter, read_adapter_config
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
-from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
+from peft import LoraConfig, PeftModel  # noqa: E402
 from peft.tuners.tuners_utils import check_target_module_exists  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
@@ -46,19 +48,6 @@ class Mixed(nn.Module):
 
     def forward(self, x):
         return self.lin(self.conv(x).mean((2, 3)))
-
-
-def save_adapter(base: nn.Module, path, seed: int = 0, safe: bool = True, **config) -> str:
-    torch.manual_seed(seed)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = get_peft_model(copy.deepcopy(base), LoraConfig(**config))
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "lora_" in name:
-                    p.copy_(torch.randn_like(p))
-        model.save_pretrained(str(path), safe_serialization=safe)
-    return str(path)
 
 
 def modules_of(model: nn.Module) -> dict[str, nn.Module]:

@@ -18,13 +18,15 @@ import pytest
 import torch
 from torch import nn
 
+import peft_helpers
+
 import dlplora_triton as dlp
 from dlplora_triton import patch as patch_module
 from dlplora_triton.layers import MultiLoRALinear
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
-from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
+from peft import PeftModel  # noqa: E402
 
 VOCAB = 97
 REL_TOL = 1e-4  # fp32: the fused path sums the same products in another order than PEFT
@@ -72,18 +74,8 @@ def make_model(arch: str, seed: int = 0) -> nn.Module:
 
 
 def save_adapter(base: nn.Module, path, seed: int, **config) -> str:
-    """A PEFT adapter with random A and B (PEFT initialises B to zero), saved to ``path``."""
-    torch.manual_seed(seed)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = get_peft_model(copy.deepcopy(base), LoraConfig(**config))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn_like(p) * 0.2)
-    model.save_pretrained(str(path))
-    return str(path)
-
+    """A PEFT adapter with random A and B of standard deviation 0.2, saved to ``path``."""
+    return peft_helpers.save_adapter(base, path, seed, scale=0.2, **config)
 
 def run(model: nn.Module, ids: torch.Tensor, **kwargs) -> torch.Tensor:
     with torch.no_grad():
