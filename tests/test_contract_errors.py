@@ -6,6 +6,8 @@ import torch
 import dlplora_triton as dlp
 from lora_cases import Case, make_inputs
 
+pytestmark = pytest.mark.interpreter
+
 CASE = Case("small", [2, 3], P=2, L=3, K=16, N=8, R=4)
 
 

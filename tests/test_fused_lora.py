@@ -7,6 +7,8 @@ import dlplora_triton as dlp
 from dlplora_triton.kernels import expand_config, lora_expand_launch, lora_shrink_launch, shrink_config
 from lora_cases import Case, make_inputs, reference_delta, rel_error
 
+pytestmark = pytest.mark.interpreter
+
 CASES = [
     Case("decode_odd_K67_N45", [1, 1, 1, 1, 1], P=3, L=6, K=67, N=45, R=16, ranks=[1, 16, 7, 0, 12, 5]),
     Case("prefill_empty_seqs_R64", [0, 17, 3, 0, 40], P=2, L=5, K=33, N=70, R=64, ranks=[64, 1, 33, 17, 48]),

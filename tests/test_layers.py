@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -163,7 +162,7 @@ def test_errors_name_the_problem():
         layer(torch.randn(3, K))
 
 
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(), reason="needs CUDA or TRITON_INTERPRET=1")
+@pytest.mark.interpreter
 def test_layer_stacks_run_in_the_triton_kernels():
     """The stacks (lora_b stored transposed) go through the Triton kernels as they are."""
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,11 +1,14 @@
 """Hypothesis properties of the plan and of fused_lora on small random shapes."""
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import dlplora_triton as dlp
 from lora_cases import Case, make_inputs, reference_delta, rel_error
+
+pytestmark = pytest.mark.interpreter
 
 
 @st.composite
