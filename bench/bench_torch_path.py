@@ -1,5 +1,6 @@
-"""Which PyTorch-path method to use on CPU: grouped (two matmuls per distinct adapter) or seq_bmm (gather
-each sequence's adapters, two batched matmuls). Prints a table; the crossover sets SEQ_BMM_MIN_TOKENS.
+"""Which PyTorch-path method to use on CPU: grouped (two matmuls per distinct adapter), seq_bmm (gather
+each sequence's adapters, two batched matmuls) or dense (every used rank unit on every token). Prints
+a table; the crossovers set DENSE_MAX_TOKEN_RANKS, SEQ_BMM_MIN_TOKENS and SEQ_BMM_MAX_PAIRS.
 
     python bench/bench_torch_path.py
 """
@@ -27,7 +28,7 @@ def main():
     torch.set_num_threads(2)
     gen = torch.Generator().manual_seed(0)
     K, L, R = 512, 8, 16
-    print(f"{'seqs':>4} {'tokens':>6} {'P':>2} {'N':>5} {'base':>8} {'grouped':>8} {'seq_bmm':>8}  faster")
+    print(f"{'seqs':>4} {'tokens':>6} {'P':>2} {'N':>5} {'base':>8} {'grouped':>8} {'seq_bmm':>8} {'dense':>8}  fastest")
     for seqs, tokens, P in [(8, 1, 1), (8, 1, 3), (32, 1, 3), (8, 4, 3), (8, 8, 1), (8, 8, 3), (8, 16, 3), (8, 64, 1), (8, 64, 3)]:
         for N in (512, 1376):
             x = torch.randn(seqs * tokens, K, generator=gen)
@@ -40,8 +41,10 @@ def main():
             base = median_ms(lambda: x @ w.T)
             grouped = median_ms(lambda: fused_lora_torch(x, a, b, plan, out, method="grouped"))
             seq_bmm = median_ms(lambda: fused_lora_torch(x, a, b, plan, out, method="seq_bmm"))
-            print(f"{seqs:>4} {tokens:>6} {P:>2} {N:>5} {base:8.3f} {grouped:8.3f} {seq_bmm:8.3f}  "
-                  f"{'seq_bmm' if seq_bmm < grouped else 'grouped'}")
+            dense = median_ms(lambda: fused_lora_torch(x, a, b, plan, out, method="dense"))
+            times = {"grouped": grouped, "seq_bmm": seq_bmm, "dense": dense}
+            print(f"{seqs:>4} {tokens:>6} {P:>2} {N:>5} {base:8.3f} {grouped:8.3f} {seq_bmm:8.3f} {dense:8.3f}  "
+                  f"{min(times, key=times.get)}")
 
 
 if __name__ == "__main__":

@@ -187,6 +187,16 @@ def ids_for(rows: int, seq: int, seed: int = 0) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------- equality
 
 
+def assert_rows_match_peft(model, lora, oracle, selection, ids):
+    """Select ``selection``, run the batch once, and check every row against PEFT serving that row's
+    mix alone; returns our logits."""
+    lora.select(selection)
+    ours = run(model, ids)
+    for s, row in enumerate(selection):
+        assert rel_error(ours[s : s + 1], oracle.logits(row, ids[s : s + 1])) < REL_TOL, f"row {s} {row}"
+    return ours
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_rows_match_peft_weighted_cat(arch, arch_setup):
     base, paths, oracle = arch_setup(arch)
@@ -194,11 +204,7 @@ def test_rows_match_peft_weighted_cat(arch, arch_setup):
     lora = dlp.attach(model, paths)
     selection = [[("a", 0.7), ("b", 0.3)], [("b", -1.25)], [], [("a", 1.0)], [("b", 0.5), ("a", -0.8)]]
     ids = ids_for(len(selection), 7)
-    lora.select(selection)
-    ours = run(model, ids)
-    for s, row in enumerate(selection):
-        want = oracle.logits(row, ids[s : s + 1])
-        assert rel_error(ours[s : s + 1], want) < REL_TOL, f"row {s} {row}"
+    ours = assert_rows_match_peft(model, lora, oracle, selection, ids)
     # The rows that use adapters really differ from the base model.
     base_out = run(base, ids)
     assert rel_error(ours[0], base_out[0]) > 1e-2
@@ -241,10 +247,7 @@ def test_rank_and_alpha_patterns(tmp_path):
     oracle = PeftOracle(base, paths)
     selection = [[("pat", 0.6), ("plain", -0.4)], [("pat", 2.0)]]
     ids = ids_for(2, 5, seed=4)
-    lora.select(selection)
-    ours = run(model, ids)
-    for s, row in enumerate(selection):
-        assert rel_error(ours[s : s + 1], oracle.logits(row, ids[s : s + 1])) < REL_TOL
+    assert_rows_match_peft(model, lora, oracle, selection, ids)
 
 
 def test_layers_to_transform_and_regex_targets(tmp_path):
@@ -261,10 +264,7 @@ def test_layers_to_transform_and_regex_targets(tmp_path):
     oracle = PeftOracle(base, paths)
     selection = [[("upper", 0.9)], [("regex", -1.5)], []]
     ids = ids_for(3, 6, seed=5)
-    lora.select(selection)
-    ours = run(model, ids)
-    for s, row in enumerate(selection):
-        assert rel_error(ours[s : s + 1], oracle.logits(row, ids[s : s + 1])) < REL_TOL
+    assert_rows_match_peft(model, lora, oracle, selection, ids)
 
 
 def test_tensor_selection_equals_list_selection(arch_setup):
