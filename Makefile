@@ -1,12 +1,12 @@
 # Set-up commands. Each creates .venv if missing and installs the package with its dev extras.
 # torch is pinned here (pip takes the CPU build from the local disk on our machines); the package
-# itself accepts a range (setup.py) so that GPU machines with older builds can install it too.
+# itself accepts a range (pyproject.toml) so that GPU machines with older builds can install it too.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo bench bench-dynamic clean
+.PHONY: test lint demo bench bench-dynamic clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,11 @@ $(STAMP): setup.py pyproject.toml | $(BIN)/python
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# ruff: lint rules and the formatter's check (pyproject.toml [tool.ruff]); `ruff format .` fixes the latter.
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 demo: $(STAMP)
 	$(BIN)/dlplora demo

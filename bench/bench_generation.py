@@ -77,15 +77,32 @@ def run(device: str, quick: bool) -> dict:
         model = model.to(device, dtype)
         for batch in batches:
             gen = torch.Generator().manual_seed(batch)
-            input_ids = torch.randint(3, model.config.vocab_size, (batch, prompt_len), generator=gen).to(device)
-            kwargs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "max_new_tokens": new_tokens,
-                      "min_new_tokens": new_tokens, "do_sample": False, "pad_token_id": 0}
+            input_ids = torch.randint(3, model.config.vocab_size, (batch, prompt_len), generator=gen).to(
+                device
+            )
+            kwargs = {
+                "input_ids": input_ids,
+                "attention_mask": torch.ones_like(input_ids),
+                "max_new_tokens": new_tokens,
+                "min_new_tokens": new_tokens,
+                "do_sample": False,
+                "pad_token_id": 0,
+            }
             one = [[(names[i % L], 1.0)] for i in range(batch)]
             probs = torch.softmax(torch.randn(batch, L, generator=gen) * 2, dim=1)
             ids, weights = dlp.top_p_select(probs, p=0.8, top_k=3)
-            mix = [[(names[i], w) for i, w in zip(r_ids, r_w) if i >= 0] for r_ids, r_w in zip(ids.tolist(), weights.tolist())]
-            row = {"batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens, "adapters": L, "rank": rank,
-                   "mean_mix_size": sum(map(len, mix)) / batch}
+            mix = [
+                [(names[i], w) for i, w in zip(r_ids, r_w) if i >= 0]
+                for r_ids, r_w in zip(ids.tolist(), weights.tolist())
+            ]
+            row = {
+                "batch": batch,
+                "prompt_len": prompt_len,
+                "new_tokens": new_tokens,
+                "adapters": L,
+                "rank": rank,
+                "mean_mix_size": sum(map(len, mix)) / batch,
+            }
 
             def measure(name, generate):
                 ttft, decode = median_of(lambda: timed_generate(generate, device), repeats)
@@ -95,13 +112,19 @@ def run(device: str, quick: bool) -> dict:
 
             measure("base", lambda lp: model.generate(**kwargs, logits_processor=lp))
             peft_model, one_names = peft_mixed_batch(copy.deepcopy(model), paths, one)
-            measure("peft_one", lambda lp: peft_model.generate(**kwargs, adapter_names=one_names, logits_processor=lp))
-            del peft_model
+            measure(
+                "peft_one",
+                lambda lp: peft_model.generate(**kwargs, adapter_names=one_names, logits_processor=lp),
+            )
+            peft_model = None  # free it before the next model is built
             start = time.perf_counter()
             peft_model, mix_names = peft_mixed_batch(copy.deepcopy(model), paths, mix)
             row["peft_merge_ms"] = (time.perf_counter() - start) * 1e3  # includes loading the 8 adapters
-            measure("peft_mix", lambda lp: peft_model.generate(**kwargs, adapter_names=mix_names, logits_processor=lp))
-            del peft_model
+            measure(
+                "peft_mix",
+                lambda lp: peft_model.generate(**kwargs, adapter_names=mix_names, logits_processor=lp),
+            )
+            peft_model = None  # free it before the next model is built
             lora = dlp.attach(model, paths)
             with lora.selection(one):
                 measure("ours_one", lambda lp: model.generate(**kwargs, logits_processor=lp))
@@ -112,12 +135,20 @@ def run(device: str, quick: bool) -> dict:
                 row[f"{name}_over_base"] = row[f"{name}_total_ms"] / row["base_total_ms"]
             row["ours_mix_over_ours_one"] = row["ours_mix_total_ms"] / row["ours_one_total_ms"]
             rows.append(row)
-            print(f"batch {batch:>3}: total ms  base {row['base_total_ms']:.1f}  peft_one {row['peft_one_total_ms']:.1f}  "
-                  f"ours_one {row['ours_one_total_ms']:.1f}  peft_mix {row['peft_mix_total_ms']:.1f} "
-                  f"(+{row['peft_merge_ms']:.0f} merge)  ours_mix {row['ours_mix_total_ms']:.1f}  |  ours_mix/base "
-                  f"{row['ours_mix_over_base']:.2f}  ours_mix/ours_one {row['ours_mix_over_ours_one']:.2f}", flush=True)
+            print(
+                f"batch {batch:>3}: total ms  base {row['base_total_ms']:.1f}  peft_one {row['peft_one_total_ms']:.1f}  "
+                f"ours_one {row['ours_one_total_ms']:.1f}  peft_mix {row['peft_mix_total_ms']:.1f} "
+                f"(+{row['peft_merge_ms']:.0f} merge)  ours_mix {row['ours_mix_total_ms']:.1f}  |  ours_mix/base "
+                f"{row['ours_mix_over_base']:.2f}  ours_mix/ours_one {row['ours_mix_over_ours_one']:.2f}",
+                flush=True,
+            )
     env = environment(device)
-    result = {"environment": env, "model_parameters": sum(p.numel() for p in model.parameters()), "dtype": str(dtype), "rows": rows}
+    result = {
+        "environment": env,
+        "model_parameters": sum(p.numel() for p in model.parameters()),
+        "dtype": str(dtype),
+        "rows": rows,
+    }
     out = RESULTS / results_dir_name(device, env["device"])
     out.mkdir(parents=True, exist_ok=True)
     (out / "generation.json").write_text(json.dumps(result, indent=1))

@@ -51,8 +51,13 @@ def build_base(seed: int = 0):
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8,
-        num_key_value_heads=8, vocab_size=1000, max_position_embeddings=256,
+        hidden_size=512,
+        intermediate_size=1376,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        vocab_size=1000,
+        max_position_embeddings=256,
     )
     return LlamaForCausalLM(config).eval()
 
@@ -64,7 +69,9 @@ def save_adapters(base, directory: Path, count: int, rank: int) -> dict[str, str
     paths = {}
     for i in range(count):
         torch.manual_seed(100 + i)
-        model = get_peft_model(copy.deepcopy(base), LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS))
+        model = get_peft_model(
+            copy.deepcopy(base), LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS)
+        )
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if "lora_" in name:
@@ -98,7 +105,9 @@ def paired_median(samples: dict[str, list[float]], ratio) -> float:
 
 def environment() -> dict:
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=RESULTS).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=RESULTS
+        ).stdout.strip()
     except OSError:
         commit = ""
     import peft
@@ -114,7 +123,9 @@ def environment() -> dict:
         "device": cpu,
         "machine": platform.platform(),
         "cpu_count": os.cpu_count(),
-        "load_average_1_5_15_min": [round(v, 2) for v in os.getloadavg()],  # at the start: other processes inflate every ratio
+        "load_average_1_5_15_min": [
+            round(v, 2) for v in os.getloadavg()
+        ],  # at the start: other processes inflate every ratio
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
@@ -128,7 +139,9 @@ def environment() -> dict:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=25)
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (the targets are set for 2)")
+    parser.add_argument(
+        "--threads", type=int, default=2, help="torch CPU threads (the targets are set for 2)"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "model_cpu.json")
     args = parser.parse_args(argv)
 
@@ -154,7 +167,7 @@ def main(argv=None) -> dict:
     one_per_row = [[(names[s], 1.0)] for s in range(rows)]
     gen = torch.Generator().manual_seed(2)
     mixes = []
-    for s in range(rows):
+    for _ in range(rows):
         chosen = torch.randperm(num_adapters, generator=gen)[:3].tolist()
         weights = torch.rand(3, generator=gen) + 0.1
         weights = (weights / weights.sum()).tolist()
@@ -170,6 +183,7 @@ def main(argv=None) -> dict:
         def fn():
             lora.select(selection)  # a new selection: the plan is rebuilt in this forward
             return ours_model(input_ids)
+
         return fn
 
     def run_ours_cached():
@@ -184,7 +198,12 @@ def main(argv=None) -> dict:
         rel_err = float((ours_logits - peft_logits).norm() / peft_logits.norm())
 
         samples = timed_rounds(
-            {"base": run_base, "peft": run_peft_one, "ours": run_ours(one_per_row), "ours_cached_plan": run_ours_cached},
+            {
+                "base": run_base,
+                "peft": run_peft_one,
+                "ours": run_ours(one_per_row),
+                "ours_cached_plan": run_ours_cached,
+            },
             args.repeats,
         )
         times = {name: statistics.median(values) for name, values in samples.items()}
@@ -251,8 +270,19 @@ def main(argv=None) -> dict:
     results["environment"]["load_average_after"] = [round(v, 2) for v in os.getloadavg()]
     results.update(
         {
-            "shape": {"layers": 4, "hidden": 512, "intermediate": 1376, "heads": 8, "vocab": 1000, "dtype": "float32",
-                      "rows": rows, "tokens_per_row": seq, "adapters": num_adapters, "rank": rank, "targets": TARGETS},
+            "shape": {
+                "layers": 4,
+                "hidden": 512,
+                "intermediate": 1376,
+                "heads": 8,
+                "vocab": 1000,
+                "dtype": "float32",
+                "rows": rows,
+                "tokens_per_row": seq,
+                "adapters": num_adapters,
+                "rank": rank,
+                "targets": TARGETS,
+            },
             "repeats": args.repeats,
             "one_adapter_per_row": one,
             "mix_of_3_per_row": mix,
@@ -262,23 +292,35 @@ def main(argv=None) -> dict:
     args.out.write_text(json.dumps(results, indent=2) + "\n")
 
     ms = 1e3
-    print(f"one adapter per row ({rows} rows x {seq} tokens, {num_adapters} adapters, rank {rank}, {args.threads} threads)")
+    print(
+        f"one adapter per row ({rows} rows x {seq} tokens, {num_adapters} adapters, rank {rank}, {args.threads} threads)"
+    )
     print(f"  base {one['base_s'] * ms:8.2f} ms")
     print(f"  peft {one['peft_s'] * ms:8.2f} ms   ({one['peft_over_base']:.3f}x base)")
-    print(f"  ours {one['ours_s'] * ms:8.2f} ms   ({one['ours_over_base']:.3f}x base; "
-          f"plan cached: {one['ours_cached_plan_s'] * ms:.2f} ms)")
-    print(f"  ours / base = {one['ours_over_base']:.3f} (target <= 1.15); "
-          f"(ours - base) / (peft - base) = {one['ours_overhead_over_peft_overhead']:.3f} (target <= 0.333)")
+    print(
+        f"  ours {one['ours_s'] * ms:8.2f} ms   ({one['ours_over_base']:.3f}x base; "
+        f"plan cached: {one['ours_cached_plan_s'] * ms:.2f} ms)"
+    )
+    print(
+        f"  ours / base = {one['ours_over_base']:.3f} (target <= 1.15); "
+        f"(ours - base) / (peft - base) = {one['ours_overhead_over_peft_overhead']:.3f} (target <= 0.333)"
+    )
     print(f"  rel. error vs PEFT {one['max_rel_err_vs_peft']:.1e}")
     print("mix of 3 adapters per row")
     print(f"  base {mix['base_s'] * ms:8.2f} ms")
-    print(f"  ours {mix['ours_s'] * ms:8.2f} ms   ({mix['ours_over_base']:.3f}x base, target <= 1.3; "
-          f"plan cached: {mix['ours_cached_plan_s'] * ms:.2f} ms)")
-    print(f"  peft: merge 8 mixes {mix['peft_merge_8_mixes_s'] * ms:.2f} ms + forward {mix['peft_forward_merged_s'] * ms:.2f} ms")
+    print(
+        f"  ours {mix['ours_s'] * ms:8.2f} ms   ({mix['ours_over_base']:.3f}x base, target <= 1.3; "
+        f"plan cached: {mix['ours_cached_plan_s'] * ms:.2f} ms)"
+    )
+    print(
+        f"  peft: merge 8 mixes {mix['peft_merge_8_mixes_s'] * ms:.2f} ms + forward {mix['peft_forward_merged_s'] * ms:.2f} ms"
+    )
     print(f"  rel. error vs PEFT merged {mix['max_rel_err_vs_peft_merged']:.1e}")
     env = results["environment"]
-    print(f"load average at start {env['load_average_1_5_15_min'][0]}, after {env['load_average_after'][0]} "
-          f"({env['cpu_count']} CPUs; above ~0.5 other processes were competing for the cores)")
+    print(
+        f"load average at start {env['load_average_1_5_15_min'][0]}, after {env['load_average_after'][0]} "
+        f"({env['cpu_count']} CPUs; above ~0.5 other processes were competing for the cores)"
+    )
     print(f"wrote {args.out}")
     return results
 

@@ -37,7 +37,9 @@ RESULTS = HERE / "results" / "cpu"
 
 def environment() -> dict:
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=HERE
+        ).stdout.strip()
     except OSError:
         commit = ""
     return {
@@ -88,12 +90,20 @@ def main(argv: list[str] | None = None) -> dict:
     results = {
         "environment": environment(),
         "data": {
-            "file": str(args.data.relative_to(HERE.parent) if args.data.is_relative_to(HERE.parent) else args.data),
+            "file": str(
+                args.data.relative_to(HERE.parent) if args.data.is_relative_to(HERE.parent) else args.data
+            ),
             "sha256": hashlib.sha256(args.data.read_bytes()).hexdigest(),
-            "lines": len(texts), "train_lines": len(train_x), "unseen_lines": len(unseen_x),
+            "lines": len(texts),
+            "train_lines": len(train_x),
+            "unseen_lines": len(unseen_x),
             "tasks": {name: train_y.count(name) for name in router.names},
         },
-        "router": {"features": router.features, "mlp": router.mlp_config, "parameters": router.num_parameters},
+        "router": {
+            "features": router.features,
+            "mlp": router.mlp_config,
+            "parameters": router.num_parameters,
+        },
         "heldout_accuracy": report["heldout_accuracy"],
         "per_task_accuracy": {name: row["accuracy"] for name, row in report["per_task"].items()},
         "confused_pairs": report["confused_pairs"],

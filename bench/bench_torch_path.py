@@ -28,8 +28,20 @@ def main():
     torch.set_num_threads(2)
     gen = torch.Generator().manual_seed(0)
     K, L, R = 512, 8, 16
-    print(f"{'seqs':>4} {'tokens':>6} {'P':>2} {'N':>5} {'base':>8} {'grouped':>8} {'seq_bmm':>8} {'dense':>8}  fastest")
-    for seqs, tokens, P in [(8, 1, 1), (8, 1, 3), (32, 1, 3), (8, 4, 3), (8, 8, 1), (8, 8, 3), (8, 16, 3), (8, 64, 1), (8, 64, 3)]:
+    print(
+        f"{'seqs':>4} {'tokens':>6} {'P':>2} {'N':>5} {'base':>8} {'grouped':>8} {'seq_bmm':>8} {'dense':>8}  fastest"
+    )
+    for seqs, tokens, P in [
+        (8, 1, 1),
+        (8, 1, 3),
+        (32, 1, 3),
+        (8, 4, 3),
+        (8, 8, 1),
+        (8, 8, 3),
+        (8, 16, 3),
+        (8, 64, 1),
+        (8, 64, 3),
+    ]:
         for N in (512, 1376):
             x = torch.randn(seqs * tokens, K, generator=gen)
             w = torch.randn(N, K, generator=gen)
@@ -43,8 +55,10 @@ def main():
             seq_bmm = median_ms(lambda: fused_lora_torch(x, a, b, plan, out, method="seq_bmm"))
             dense = median_ms(lambda: fused_lora_torch(x, a, b, plan, out, method="dense"))
             times = {"grouped": grouped, "seq_bmm": seq_bmm, "dense": dense}
-            print(f"{seqs:>4} {tokens:>6} {P:>2} {N:>5} {base:8.3f} {grouped:8.3f} {seq_bmm:8.3f} {dense:8.3f}  "
-                  f"{min(times, key=times.get)}")
+            print(
+                f"{seqs:>4} {tokens:>6} {P:>2} {N:>5} {base:8.3f} {grouped:8.3f} {seq_bmm:8.3f} {dense:8.3f}  "
+                f"{min(times, key=times.get)}"
+            )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Print the README's benchmark tables (markdown) from the committed results under bench/results/.
 
-    python bench/readme_tables.py
+python bench/readme_tables.py
 """
 
 import json
@@ -22,9 +22,11 @@ def kernel_table(path: Path) -> str:
     ]
     for r in result["rows"]:
         dense = f"{r['dense_ms']:.3f}" if "dense_ms" in r else "-"
-        row = (f"| {r['name']} {r['dtype']} K={r['K']} N={r['N']} r={r['ranks']} L={r['L']} | {r['popularity']} | {r['T']} | {r['P']} "
-               f"| {r['base_ms']:.3f} | {r['ours_ms']:.3f} | {r['one_row_ms']:.3f} | {r['loop_ms']:.3f} | {dense} "
-               f"| {r['ours_over_one_row']:.2f} | {r['loop_over_ours']:.2f} | {r['layer_over_base']:.2f} |")
+        row = (
+            f"| {r['name']} {r['dtype']} K={r['K']} N={r['N']} r={r['ranks']} L={r['L']} | {r['popularity']} | {r['T']} | {r['P']} "
+            f"| {r['base_ms']:.3f} | {r['ours_ms']:.3f} | {r['one_row_ms']:.3f} | {r['loop_ms']:.3f} | {dense} "
+            f"| {r['ours_over_one_row']:.2f} | {r['loop_over_ours']:.2f} | {r['layer_over_base']:.2f} |"
+        )
         if result.get("ceilings"):
             row += f" {r['ours_pct_of_floor']:.0f} |"
         lines.append(row)
@@ -43,8 +45,10 @@ def generation_table(path: Path) -> str:
     ]
     for r in result["rows"]:
         cell = lambda n: f"{r[n + '_total_ms']:.0f} ({r[n + '_ttft_ms']:.0f} / {r[n + '_decode_tok_s']:.0f})"  # noqa: E731
-        lines.append(f"| {r['batch']} | {cell('base')} | {cell('peft_one')} | {cell('ours_one')} | {cell('peft_mix')} "
-                     f"(+{r['peft_merge_ms']:.0f}) | {cell('ours_mix')} | {r['ours_mix_over_base']:.2f} |")
+        lines.append(
+            f"| {r['batch']} | {cell('base')} | {cell('peft_one')} | {cell('ours_one')} | {cell('peft_mix')} "
+            f"(+{r['peft_merge_ms']:.0f}) | {cell('ours_mix')} | {r['ours_mix_over_base']:.2f} |"
+        )
     return "\n".join(lines)
 
 

@@ -7,6 +7,7 @@
   :func:`generate_routed` (route once at prefill, reuse through decode).
 """
 
+from ._version import __version__  # noqa: F401  (re-exported)
 from .generation import RoutedGeneration, generate_routed
 from .layers import MultiLoRALinear
 from .ops import DTypeError, check_routing, fused_lora, fused_lora_planned
@@ -14,8 +15,6 @@ from .patch import MultiLoRA, attach
 from .plan import LoRAPlan, build_plan
 from .reference import fused_lora_reference
 from .router import Router, top_p_select
-
-__version__ = "0.1.0"
 
 __all__ = [
     "fused_lora",

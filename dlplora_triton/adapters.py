@@ -134,7 +134,9 @@ def read_adapter_config(path: str | os.PathLike, name: str | None = None) -> dic
         raise ValueError(f"{label}: unsupported PEFT type {peft_type!r} (only LORA adapters are supported)")
     bias = config.get("bias", "none")
     if bias != "none":
-        raise ValueError(f"{label}: unsupported feature: trained biases (bias={bias!r}; only 'none' is supported)")
+        raise ValueError(
+            f"{label}: unsupported feature: trained biases (bias={bias!r}; only 'none' is supported)"
+        )
     for key, feature in _UNSUPPORTED_FIELDS:
         if config.get(key):
             raise ValueError(f"{label}: unsupported feature: {feature}")
@@ -152,15 +154,23 @@ def read_adapter_config(path: str | os.PathLike, name: str | None = None) -> dic
         except re.error as e:
             raise ValueError(f"{label}: target_modules {targets!r} is not a valid regex: {e}") from None
     elif not (isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets)):
-        raise ValueError(f"{label}: target_modules must be a non-empty list of names or a regex string, got {targets!r}")
+        raise ValueError(
+            f"{label}: target_modules must be a non-empty list of names or a regex string, got {targets!r}"
+        )
     for key in ("rank_pattern", "alpha_pattern"):
         pattern = config.get(key) or {}
         if not isinstance(pattern, dict):
             raise ValueError(f"{label}: {key} must be a mapping, got {pattern!r}")
         for k, v in pattern.items():
-            ok = (isinstance(v, int) and not isinstance(v, bool) and v > 0) if key == "rank_pattern" else _is_real(v)
+            ok = (
+                (isinstance(v, int) and not isinstance(v, bool) and v > 0)
+                if key == "rank_pattern"
+                else _is_real(v)
+            )
             if not ok:
-                raise ValueError(f"{label}: {key}[{k!r}] = {v!r} is not a valid {'rank' if key == 'rank_pattern' else 'alpha'}")
+                raise ValueError(
+                    f"{label}: {key}[{k!r}] = {v!r} is not a valid {'rank' if key == 'rank_pattern' else 'alpha'}"
+                )
     return config
 
 
@@ -214,8 +224,10 @@ def _pattern_value(pattern: dict, key: str, default):
 def _split_key(label: str, key: str) -> tuple[str, str]:
     """``base_model.model.<module>.lora_A.weight`` -> (module path, 'A' | 'B'); reject everything else."""
     if not key.startswith(_PEFT_PREFIX):
-        raise ValueError(f"{label}: tensor {key!r} is not a PEFT LoRA weight (expected the prefix {_PEFT_PREFIX!r})")
-    rest = key[len(_PEFT_PREFIX):]
+        raise ValueError(
+            f"{label}: tensor {key!r} is not a PEFT LoRA weight (expected the prefix {_PEFT_PREFIX!r})"
+        )
+    rest = key[len(_PEFT_PREFIX) :]
     for suffix, part in ((".lora_A.weight", "A"), (".lora_B.weight", "B")):
         if rest.endswith(suffix):
             return rest[: -len(suffix)], part
@@ -278,7 +290,9 @@ def load_adapter(name: str, path: str | os.PathLike, modules: Mapping[str, nn.Mo
                 raise ValueError(f"{label}: module {module_path!r} has no lora_{part}.weight tensor")
         module = modules.get(module_path)
         if module is None:
-            raise ValueError(f"{label}: has weights for module {module_path!r}, which the model does not have")
+            raise ValueError(
+                f"{label}: has weights for module {module_path!r}, which the model does not have"
+            )
         features = linear_features(module)
         if features is None:
             raise ValueError(
@@ -293,7 +307,9 @@ def load_adapter(name: str, path: str | os.PathLike, modules: Mapping[str, nn.Mo
         in_features, out_features = features
         lora_a, lora_b = parts["A"], parts["B"]
         if not (lora_a.is_floating_point() and lora_b.is_floating_point()):
-            raise ValueError(f"{label}: module {module_path!r}: LoRA weights must be floating point, got {lora_a.dtype}, {lora_b.dtype}")
+            raise ValueError(
+                f"{label}: module {module_path!r}: LoRA weights must be floating point, got {lora_a.dtype}, {lora_b.dtype}"
+            )
         if lora_a.dim() != 2 or lora_b.dim() != 2:
             raise ValueError(
                 f"{label}: module {module_path!r}: lora_A / lora_B must be 2-D, got shapes "
@@ -315,7 +331,11 @@ def load_adapter(name: str, path: str | os.PathLike, modules: Mapping[str, nn.Mo
         loaded[module_path] = ModuleLoRA(lora_a, lora_b, float(scale))
 
     if config["target_modules"] != "all-linear":
-        missing = [p for p, m in modules.items() if p not in loaded and linear_features(m) is not None and _matches_target(config, p)]
+        missing = [
+            p
+            for p, m in modules.items()
+            if p not in loaded and linear_features(m) is not None and _matches_target(config, p)
+        ]
         if missing:
             raise ValueError(
                 f"{label}: target_modules selects {len(missing)} module(s) of the model that the file has no "

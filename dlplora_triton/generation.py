@@ -99,7 +99,9 @@ def generate_routed(
 
     with lora.selection(selection):
         start = time.perf_counter()
-        output = model.generate(**batch, logits_processor=LogitsProcessorList([clock, *processors]), **generate_kwargs)
+        output = model.generate(
+            **batch, logits_processor=LogitsProcessorList([clock, *processors]), **generate_kwargs
+        )
         if output.is_cuda:
             torch.cuda.synchronize(output.device)
         end = time.perf_counter()

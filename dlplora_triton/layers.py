@@ -174,7 +174,9 @@ class MultiLoRALinear(nn.Module):
         stacks = stack_factors(factors, *features, dtype=weight.dtype, device=weight.device)
         return cls(base, *stacks, plan_source=plan_source)
 
-    def set_stacks(self, lora_a: torch.Tensor, lora_b: torch.Tensor, ranks: Sequence[int], scales: Sequence[float]) -> None:
+    def set_stacks(
+        self, lora_a: torch.Tensor, lora_b: torch.Tensor, ranks: Sequence[int], scales: Sequence[float]
+    ) -> None:
         """Replace the stacked adapters (all four together; shapes are checked first)."""
         K, N = self.in_features, self.out_features
         if lora_a.dim() != 3 or lora_a.shape[2] != K:
@@ -184,7 +186,9 @@ class MultiLoRALinear(nn.Module):
             raise ValueError(f"lora_b must be [L, N, R] = [{L}, {N}, {R}], got {list(lora_b.shape)}")
         ranks, scales = [int(r) for r in ranks], [float(s) for s in scales]
         if len(ranks) != L or len(scales) != L:
-            raise ValueError(f"ranks and scales must have L = {L} entries, got {len(ranks)} and {len(scales)}")
+            raise ValueError(
+                f"ranks and scales must have L = {L} entries, got {len(ranks)} and {len(scales)}"
+            )
         if any(r < 0 or r > R for r in ranks):
             raise ValueError(f"ranks must lie in 0..R = 0..{R}, got {ranks}")
         self.lora_a, self.lora_b = lora_a, lora_b
@@ -227,8 +231,13 @@ class MultiLoRALinear(nn.Module):
         # ranks / scales as the tensors held here: fused_lora_planned takes them as they are on every
         # backend, where host lists would be converted to tensors on each call.
         fused_lora_planned(
-            x.reshape(-1, self.in_features), self.lora_a, self.lora_b, plan,
-            ranks=self.ranks, scales=self.scales, out=y.view(-1, self.out_features),
+            x.reshape(-1, self.in_features),
+            self.lora_a,
+            self.lora_b,
+            plan,
+            ranks=self.ranks,
+            scales=self.scales,
+            out=y.view(-1, self.out_features),
         )
         return y
 

@@ -12,7 +12,6 @@ Two forms:
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Sequence
 
@@ -85,7 +84,9 @@ def _check_shapes(x, lora_a, lora_b, out):
     if (L_b, R_b) != (L, R):
         raise ValueError(f"lora_b is [L, N, R] = {list(lora_b.shape)} but lora_a has L = {L}, R = {R}")
     if lora_a.dtype != x.dtype or lora_b.dtype != x.dtype:
-        raise DTypeError(f"x, lora_a and lora_b must share a dtype, got {x.dtype}, {lora_a.dtype}, {lora_b.dtype}")
+        raise DTypeError(
+            f"x, lora_a and lora_b must share a dtype, got {x.dtype}, {lora_a.dtype}, {lora_b.dtype}"
+        )
     for name, t in (("lora_a", lora_a), ("lora_b", lora_b), ("out", out)):
         if isinstance(t, torch.Tensor) and t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
@@ -110,7 +111,11 @@ def check_routing(
 
     Reads values back to the host: call it where inputs come from users, not on the hot path.
     """
-    for name, t in (("seq_offsets", seq_offsets), ("adapter_ids", adapter_ids), ("adapter_weights", adapter_weights)):
+    for name, t in (
+        ("seq_offsets", seq_offsets),
+        ("adapter_ids", adapter_ids),
+        ("adapter_weights", adapter_weights),
+    ):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if seq_offsets.dtype not in (torch.int32, torch.int64):
@@ -123,9 +128,13 @@ def check_routing(
         raise ValueError(f"adapter_ids must be [S, P], got shape {list(adapter_ids.shape)}")
     S, P = adapter_ids.shape
     if adapter_weights.shape != adapter_ids.shape:
-        raise ValueError(f"adapter_weights must match adapter_ids [S, P] = [{S}, {P}], got {list(adapter_weights.shape)}")
+        raise ValueError(
+            f"adapter_weights must match adapter_ids [S, P] = [{S}, {P}], got {list(adapter_weights.shape)}"
+        )
     if seq_offsets.shape != (S + 1,):
-        raise ValueError(f"seq_offsets must be [S+1] = [{S + 1}] for {S} sequences, got {list(seq_offsets.shape)}")
+        raise ValueError(
+            f"seq_offsets must be [S+1] = [{S + 1}] for {S} sequences, got {list(seq_offsets.shape)}"
+        )
     for name, t in (("adapter_ids", adapter_ids), ("adapter_weights", adapter_weights)):
         if t.device != seq_offsets.device:
             raise ValueError(f"{name} is on {t.device} but seq_offsets is on {seq_offsets.device}")
@@ -133,14 +142,18 @@ def check_routing(
     if offsets[0] != 0:
         raise ValueError(f"seq_offsets[0] must be 0, got {offsets[0]}")
     if offsets[-1] != num_tokens:
-        raise ValueError(f"seq_offsets[-1] must equal the number of tokens T = {num_tokens}, got {offsets[-1]}")
+        raise ValueError(
+            f"seq_offsets[-1] must equal the number of tokens T = {num_tokens}, got {offsets[-1]}"
+        )
     if any(b < a for a, b in zip(offsets, offsets[1:])):
         raise ValueError(f"seq_offsets must be non-decreasing, got {offsets}")
     if adapter_ids.numel():
         lo, hi = int(adapter_ids.min()), int(adapter_ids.max())
         if lo < -1 or hi >= num_adapters:
             bad = lo if lo < -1 else hi
-            raise ValueError(f"adapter_ids must lie in -1..{num_adapters - 1} (L = {num_adapters}), got {bad}")
+            raise ValueError(
+                f"adapter_ids must lie in -1..{num_adapters - 1} (L = {num_adapters}), got {bad}"
+            )
     if not bool(torch.isfinite(adapter_weights).all()):
         raise ValueError("adapter_weights must be finite (found NaN or inf)")
 
@@ -170,14 +183,34 @@ def _run(x, lora_a, lora_b, plan: LoRAPlan, ranks, scales, out, backend: str) ->
     scales32 = None if scales is None else scales.to(torch.float32)
     s_cfg = shrink_config(plan.shrink_tile_start.shape[0], K, R, x.dtype)
     e_cfg = expand_config(plan.expand_tile_count.shape[0], N, R, x.dtype)
-    v = torch.empty(s_cfg["SPLIT_K"], plan.num_tokens * plan.num_slots, R, device=x.device, dtype=torch.float32)
+    v = torch.empty(
+        s_cfg["SPLIT_K"], plan.num_tokens * plan.num_slots, R, device=x.device, dtype=torch.float32
+    )
     lora_shrink_launch(
-        x, lora_a, v, plan.sorted_rows, plan.shrink_tile_adapter, plan.shrink_tile_start, plan.shrink_tile_end,
-        plan.token_weight.view(-1), ranks32, scales32, plan.num_slots, plan.shrink_block_m, s_cfg,
+        x,
+        lora_a,
+        v,
+        plan.sorted_rows,
+        plan.shrink_tile_adapter,
+        plan.shrink_tile_start,
+        plan.shrink_tile_end,
+        plan.token_weight.view(-1),
+        ranks32,
+        scales32,
+        plan.num_slots,
+        plan.shrink_block_m,
+        s_cfg,
     )
     lora_expand_launch(
-        v, lora_b, out, plan.token_adapter, plan.expand_tile_count, plan.expand_tile_adapters,
-        ranks32, plan.expand_block_m, e_cfg,
+        v,
+        lora_b,
+        out,
+        plan.token_adapter,
+        plan.expand_tile_count,
+        plan.expand_tile_adapters,
+        ranks32,
+        plan.expand_block_m,
+        e_cfg,
     )
 
 
@@ -310,7 +343,11 @@ def fused_lora(
     backend = _resolve_backend(backend, x)
     ranks = _as_tensor(ranks, "ranks", L, "int", x.device)
     scales = _as_tensor(scales, "scales", L, "float", x.device)
-    for name, t in (("seq_offsets", seq_offsets), ("adapter_ids", adapter_ids), ("adapter_weights", adapter_weights)):
+    for name, t in (
+        ("seq_offsets", seq_offsets),
+        ("adapter_ids", adapter_ids),
+        ("adapter_weights", adapter_weights),
+    ):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.device != x.device:
@@ -319,5 +356,7 @@ def fused_lora(
         out = torch.zeros(T, N, dtype=x.dtype, device=x.device)
     if scales is not None and not scales.is_floating_point():
         scales = scales.to(torch.float32)
-    torch.ops.dlplora_triton.fused_lora_(out, x, lora_a, lora_b, seq_offsets, adapter_ids, adapter_weights, ranks, scales, backend)
+    torch.ops.dlplora_triton.fused_lora_(
+        out, x, lora_a, lora_b, seq_offsets, adapter_ids, adapter_weights, ranks, scales, backend
+    )
     return out

@@ -40,7 +40,15 @@ _MAX_CACHED_PLANS = 16
 class _Selection:
     """A validated selection: routing tensors (host or user device) and the plans built for it."""
 
-    __slots__ = ("names", "adapter_ids", "adapter_weights", "seq_offsets", "num_tokens", "adapter_mask", "plans")
+    __slots__ = (
+        "names",
+        "adapter_ids",
+        "adapter_weights",
+        "seq_offsets",
+        "num_tokens",
+        "adapter_mask",
+        "plans",
+    )
 
     def __init__(self, names, adapter_ids, adapter_weights, seq_offsets, num_tokens):
         self.names: tuple[str, ...] = names  # adapter order the ids refer to
@@ -101,7 +109,9 @@ class _Routing(PlanSource):
             seq_offsets = selection.seq_offsets
         else:
             if not lead:
-                raise ValueError(f"adapted layers expect inputs of shape [batch, ..., K], got {list(x.shape)}")
+                raise ValueError(
+                    f"adapted layers expect inputs of shape [batch, ..., K], got {list(x.shape)}"
+                )
             if lead[0] != selection.rows:
                 raise ValueError(
                     f"the selection has {selection.rows} rows but the batch has {lead[0]} "
@@ -265,7 +275,9 @@ class MultiLoRA:
                 unwrap.append(path)
             else:
                 weight = layer.base.weight
-                updates[path] = stack_factors(factors, layer.in_features, layer.out_features, weight.dtype, weight.device)
+                updates[path] = stack_factors(
+                    factors, layer.in_features, layer.out_features, weight.dtype, weight.device
+                )
         # Everything computed: now change the model.
         for path in unwrap:
             layer = self._layers.pop(path)
@@ -300,7 +312,9 @@ class MultiLoRA:
             rs = ", rslora" if info.use_rslora else ""
             ranks = sorted(set(info.module_ranks.values()))
             rank = f"r={info.rank}" if ranks == [info.rank] else f"r={ranks}"
-            parts.append(f"{name!r}: {rank}, alpha={info.alpha:g}{rs}, {len(info.targets)} modules ({info.targets_summary})")
+            parts.append(
+                f"{name!r}: {rank}, alpha={info.alpha:g}{rs}, {len(info.targets)} modules ({info.targets_summary})"
+            )
         sel = self._routing.selection
         if sel is None:
             current = "none (base model)"
@@ -328,9 +342,13 @@ class MultiLoRA:
         for path, layer in self._layers.items():
             factors = layer.factors() + [_factor(a, path) for a in adapters]
             weight = layer.base.weight
-            updates[path] = stack_factors(factors, layer.in_features, layer.out_features, weight.dtype, weight.device)
+            updates[path] = stack_factors(
+                factors, layer.in_features, layer.out_features, weight.dtype, weight.device
+            )
         created = {
-            path: MultiLoRALinear.from_factors(table[path], [None] * old_L + [_factor(a, path) for a in adapters], self._routing)
+            path: MultiLoRALinear.from_factors(
+                table[path], [None] * old_L + [_factor(a, path) for a in adapters], self._routing
+            )
             for path in new_paths
         }
         # Everything computed: now change the model.
@@ -395,7 +413,9 @@ class MultiLoRA:
             if not isinstance(seq_offsets, torch.Tensor):
                 raise TypeError(f"seq_offsets must be a torch.Tensor, got {type(seq_offsets).__name__}")
             if seq_offsets.dim() != 1 or seq_offsets.numel() == 0:
-                raise ValueError(f"seq_offsets must be [rows + 1] = [{rows + 1}], got shape {list(seq_offsets.shape)}")
+                raise ValueError(
+                    f"seq_offsets must be [rows + 1] = [{rows + 1}], got shape {list(seq_offsets.shape)}"
+                )
             offsets = seq_offsets
             num_tokens = int(seq_offsets[-1])
         check_routing(offsets, ids, weights, len(names), num_tokens)
@@ -420,7 +440,9 @@ class MultiLoRA:
         ids_rows, weight_rows = [], []
         for s, row in enumerate(rows):
             if not isinstance(row, (list, tuple)):
-                raise TypeError(f"row {s} must be a list of (name, weight) pairs ([] = base model), got {type(row).__name__}")
+                raise TypeError(
+                    f"row {s} must be a list of (name, weight) pairs ([] = base model), got {type(row).__name__}"
+                )
             row_ids, row_weights, seen = [], [], set()
             for entry in row:
                 if not (isinstance(entry, (list, tuple)) and len(entry) == 2):
@@ -429,7 +451,9 @@ class MultiLoRA:
                 if not isinstance(name, str):
                     raise TypeError(f"row {s}: adapter names are strings, got {name!r}")
                 if name not in index:
-                    raise KeyError(f"row {s}: unknown adapter {name!r}; attached adapters: {list(self._names)}")
+                    raise KeyError(
+                        f"row {s}: unknown adapter {name!r}; attached adapters: {list(self._names)}"
+                    )
                 if name in seen:
                     raise ValueError(f"row {s}: adapter {name!r} appears more than once")
                 seen.add(name)
@@ -438,7 +462,9 @@ class MultiLoRA:
                         raise TypeError
                     w = float(weight)
                 except (TypeError, ValueError, RuntimeError):
-                    raise TypeError(f"row {s}: the weight of {name!r} must be a real number, got {weight!r}") from None
+                    raise TypeError(
+                        f"row {s}: the weight of {name!r} must be a real number, got {weight!r}"
+                    ) from None
                 if not math.isfinite(w):
                     raise ValueError(f"row {s}: the weight of {name!r} must be finite, got {w}")
                 row_ids.append(index[name])
@@ -477,9 +503,13 @@ def attach(model: nn.Module, adapters: Mapping[str, str | os.PathLike]) -> Multi
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(adapters, Mapping):
-        raise TypeError(f"adapters must be a mapping of name -> adapter directory, got {type(adapters).__name__}")
+        raise TypeError(
+            f"adapters must be a mapping of name -> adapter directory, got {type(adapters).__name__}"
+        )
     if any(isinstance(m, MultiLoRALinear) for m in model.modules()):
-        raise ValueError("the model already has MultiLoRA layers; detach() the other handle first, or use its add()")
+        raise ValueError(
+            "the model already has MultiLoRA layers; detach() the other handle first, or use its add()"
+        )
     table = _module_table(model)
     loaded = [load_adapter(_check_name(name), path, table) for name, path in adapters.items()]
     handle = MultiLoRA(model)

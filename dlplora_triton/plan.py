@@ -137,7 +137,9 @@ class LoRAPlan:
                 # repeated in a row gives a token two rows, which the slice would add only once).
                 contiguous = last - first + 1 == count and bool((tokens.diff() > 0).all())
                 groups.append(
-                    HostGroup(adapter, tokens, weights[adapter_rows].unsqueeze(1), first, last + 1, contiguous)
+                    HostGroup(
+                        adapter, tokens, weights[adapter_rows].unsqueeze(1), first, last + 1, contiguous
+                    )
                 )
         return groups
 
@@ -170,7 +172,9 @@ def build_plan(
 
     # Token -> sequence: the sequence whose [start, end) holds the token.
     tokens = torch.arange(T, device=device, dtype=seq_offsets.dtype)
-    seq_of_token = torch.searchsorted(seq_offsets[1:].contiguous(), tokens, right=True).clamp_(max=max(S - 1, 0))
+    seq_of_token = torch.searchsorted(seq_offsets[1:].contiguous(), tokens, right=True).clamp_(
+        max=max(S - 1, 0)
+    )
     token_adapter = adapter_ids.long()[seq_of_token] if S > 0 else torch.full((T, P), -1, device=device)
     token_weight = adapter_weights.float()[seq_of_token] if S > 0 else torch.zeros(T, P, device=device)
     token_weight = torch.where(token_adapter >= 0, token_weight, torch.zeros_like(token_weight))
@@ -179,7 +183,9 @@ def build_plan(
     key = torch.where(token_adapter >= 0, token_adapter, torch.full_like(token_adapter, L)).reshape(-1)
     _, sorted_rows = torch.sort(key, stable=True)
     # scatter_add, not bincount: bincount reads the maximum back to the host.
-    counts = torch.zeros(L + 1, device=device, dtype=torch.long).scatter_add_(0, key, torch.ones_like(key))[:L]
+    counts = torch.zeros(L + 1, device=device, dtype=torch.long).scatter_add_(0, key, torch.ones_like(key))[
+        :L
+    ]
     row_end = torch.cumsum(counts, 0)
     row_start = row_end - counts
     tiles = (counts + shrink_bm - 1) // shrink_bm

@@ -70,14 +70,18 @@ def fused_lora_torch(
         # T * R first: it needs no host work, and keeps the per-layer cost of prefill batches at zero.
         rank_list, used = _host_ranks(ranks, plan.num_adapters, lora_a.shape[1]), plan.used_adapters()
         if method == "dense" or plan.num_tokens * sum(rank_list[a] for a in used) <= DENSE_MAX_TOKEN_RANKS:
-            return _dense(x, lora_a, lora_b, plan, out, scales, *_dense_rank_rows(plan, rank_list, lora_a.shape[1]))
+            return _dense(
+                x, lora_a, lora_b, plan, out, scales, *_dense_rank_rows(plan, rank_list, lora_a.shape[1])
+            )
     keep = None
     if method in ("auto", "seq_bmm") and plan.uniform_seq_len() > 0:
         keep = _slot_rank_mask(plan, ranks, lora_a.shape[1])
     if method == "auto":
         seq_len = plan.uniform_seq_len()
         few_unmasked_pairs = plan.seq_adapter.numel() <= SEQ_BMM_MAX_PAIRS and keep is None
-        method = "seq_bmm" if seq_len >= SEQ_BMM_MIN_TOKENS or (seq_len > 0 and few_unmasked_pairs) else "grouped"
+        method = (
+            "seq_bmm" if seq_len >= SEQ_BMM_MIN_TOKENS or (seq_len > 0 and few_unmasked_pairs) else "grouped"
+        )
     if method == "seq_bmm":
         return _seq_bmm(x, lora_a, lora_b, plan, out, scales, keep)
     if method != "grouped":
@@ -107,7 +111,9 @@ def _host_ranks(ranks, L: int, R: int) -> list[int]:
     return [R] * L if ranks is None else torch.as_tensor(ranks).tolist()
 
 
-def _dense_rank_rows(plan: LoRAPlan, rank_list: list[int], R: int) -> tuple[torch.Tensor | None, torch.Tensor]:
+def _dense_rank_rows(
+    plan: LoRAPlan, rank_list: list[int], R: int
+) -> tuple[torch.Tensor | None, torch.Tensor]:
     """Rows of the flattened ``[L*R]`` stack in use (adapters of the batch, units below their rank;
     None: all of them) and the adapter of each row. Host work, memoised in the plan per rank pattern,
     so the layers of one forward pass that share ranks pay it once."""
@@ -115,9 +121,14 @@ def _dense_rank_rows(plan: LoRAPlan, rank_list: list[int], R: int) -> tuple[torc
     if key not in plan.memo:
         used = plan.used_adapters()
         rows = [a * R + j for a in used for j in range(rank_list[a])]
-        row_adapter = torch.tensor([a for a in used for _ in range(rank_list[a])], dtype=torch.long, device=plan.device)
+        row_adapter = torch.tensor(
+            [a for a in used for _ in range(rank_list[a])], dtype=torch.long, device=plan.device
+        )
         every_row = len(rows) == plan.num_adapters * R
-        plan.memo[key] = (None if every_row else torch.tensor(rows, dtype=torch.long, device=plan.device), row_adapter)
+        plan.memo[key] = (
+            None if every_row else torch.tensor(rows, dtype=torch.long, device=plan.device),
+            row_adapter,
+        )
     return plan.memo[key]
 
 
@@ -132,7 +143,9 @@ def _token_coefficients(plan: LoRAPlan) -> torch.Tensor:
     return plan.memo["coef"]
 
 
-def _dense(x, lora_a, lora_b, plan: LoRAPlan, out, scales, rows: torch.Tensor | None, row_adapter: torch.Tensor) -> torch.Tensor:
+def _dense(
+    x, lora_a, lora_b, plan: LoRAPlan, out, scales, rows: torch.Tensor | None, row_adapter: torch.Tensor
+) -> torch.Tensor:
     """Small batches: ``out += ((x @ A_rows^T) * coef) @ B_rows`` over the used rank rows of all adapters."""
     if row_adapter.numel() == 0:
         return out
@@ -156,7 +169,10 @@ def _slot_rank_mask(plan: LoRAPlan, ranks, R: int) -> torch.Tensor | None:
     keep = None
     if ranks is not None:
         ranks = torch.as_tensor(ranks, device=plan.device)
-        keep = torch.arange(R, device=plan.device) < ranks.index_select(0, plan.seq_adapter.clamp(min=0).reshape(-1))[:, None]
+        keep = (
+            torch.arange(R, device=plan.device)
+            < ranks.index_select(0, plan.seq_adapter.clamp(min=0).reshape(-1))[:, None]
+        )
     if plan.has_empty_slots():
         in_use = (plan.seq_adapter >= 0).reshape(-1, 1)
         keep = in_use.expand(S * P, R) if keep is None else keep & in_use

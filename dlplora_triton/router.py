@@ -36,8 +36,14 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
-    "top_p_select", "Router", "featurize", "pooled_hidden_states", "read_labelled_jsonl", "format_report",
-    "FORMAT_VERSION", "WEIGHTINGS",
+    "top_p_select",
+    "Router",
+    "featurize",
+    "pooled_hidden_states",
+    "read_labelled_jsonl",
+    "format_report",
+    "FORMAT_VERSION",
+    "WEIGHTINGS",
 ]
 
 WEIGHTINGS = ("renorm", "softmax")
@@ -262,9 +268,13 @@ def pooled_hidden_states(
     try:
         for start in range(0, len(texts), batch_size):
             chunk = texts[start : start + batch_size]
-            batch = tokenizer(chunk, return_tensors="pt", padding=True, truncation=True, max_length=max_length)
+            batch = tokenizer(
+                chunk, return_tensors="pt", padding=True, truncation=True, max_length=max_length
+            )
             ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-            hidden = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1].float()
+            hidden = (
+                model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1].float()
+            )
             weights = mask.unsqueeze(-1).to(hidden.dtype)
             out.append(((hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)).cpu())
     finally:
@@ -286,8 +296,15 @@ class _RouterNet(nn.Module):
     ``num_buckets x embed_dim``), or, with ``input_dim``, a vector given as input (pooled hidden states).
     """
 
-    def __init__(self, num_tasks: int, hidden: list[int], dropout: float, num_buckets: int | None = None,
-                 embed_dim: int | None = None, input_dim: int | None = None):
+    def __init__(
+        self,
+        num_tasks: int,
+        hidden: list[int],
+        dropout: float,
+        num_buckets: int | None = None,
+        embed_dim: int | None = None,
+        input_dim: int | None = None,
+    ):
         super().__init__()
         if num_buckets is not None:
             self.embedding = nn.EmbeddingBag(num_buckets, embed_dim, mode="mean")
@@ -343,7 +360,9 @@ def _check_texts(texts, what: str = "texts") -> list[str]:
     return texts
 
 
-def _stratified_split(labels: torch.Tensor, fraction: float, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def _stratified_split(
+    labels: torch.Tensor, fraction: float, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices (train, held-out): about ``fraction`` of every task held out, at least one of a task
     with two or more texts, never its last one."""
     train, held = [], []
@@ -356,7 +375,9 @@ def _stratified_split(labels: torch.Tensor, fraction: float, gen: torch.Generato
     return torch.sort(torch.cat(train)).values, torch.sort(torch.cat(held)).values
 
 
-def _gather(indices: torch.Tensor, offsets: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _gather(
+    indices: torch.Tensor, offsets: torch.Tensor, rows: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The EmbeddingBag inputs ``(indices, offsets)`` of the texts ``rows`` (a vectorized slice gather)."""
     lens = torch.diff(offsets, append=torch.tensor([indices.numel()]))[rows]
     starts = offsets[rows]
@@ -365,13 +386,28 @@ def _gather(indices: torch.Tensor, offsets: torch.Tensor, rows: torch.Tensor) ->
     return indices[flat], new_offsets
 
 
-def _check_number(name: str, value, low: float, high: float, integer: bool = False, low_open: bool = False,
-                  high_open: bool = False) -> None:
+def _check_number(
+    name: str,
+    value,
+    low: float,
+    high: float,
+    integer: bool = False,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> None:
     """ValueError naming ``name`` unless ``value`` is a (integer) number in the given interval."""
-    ok = not isinstance(value, bool) and isinstance(value, int if integer else (int, float)) and math.isfinite(value)
+    ok = (
+        not isinstance(value, bool)
+        and isinstance(value, int if integer else (int, float))
+        and math.isfinite(value)
+    )
     ok = ok and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
     if not ok:
-        kind, lo, hi = "an integer" if integer else "a number", "(" if low_open else "[", ")" if high_open else "]"
+        kind, lo, hi = (
+            "an integer" if integer else "a number",
+            "(" if low_open else "[",
+            ")" if high_open else "]",
+        )
         raise ValueError(f"{name} must be {kind} in {lo}{low}, {high}{hi}, got {value!r}")
 
 
@@ -391,7 +427,9 @@ class Router:
         self._encoder = encoder  # (model, tokenizer) for features="model"
         common = (len(self.names), list(mlp["hidden"]), mlp["dropout"])
         if self.source == "hash":
-            self.net = _RouterNet(*common, num_buckets=features["num_buckets"], embed_dim=features["embed_dim"])
+            self.net = _RouterNet(
+                *common, num_buckets=features["num_buckets"], embed_dim=features["embed_dim"]
+            )
         else:
             self.net = _RouterNet(*common, input_dim=features["hidden_size"])
         self.net.eval()
@@ -493,7 +531,7 @@ class Router:
         balance: str = "weight",
         seed: int = 0,
         verbose: bool = False,
-    ) -> "Router":
+    ) -> Router:
         """Train a router on labelled texts; returns it with ``report`` filled in.
 
         Args:
@@ -524,7 +562,9 @@ class Router:
             raise TypeError(f"tasks must be a list of str, got {type(tasks).__name__}")
         tasks = list(tasks)
         if len(texts) != len(tasks):
-            raise ValueError(f"texts and tasks must have the same length, got {len(texts)} texts and {len(tasks)} tasks")
+            raise ValueError(
+                f"texts and tasks must have the same length, got {len(texts)} texts and {len(tasks)} tasks"
+            )
         for i, t in enumerate(tasks):
             if not isinstance(t, str) or not t:
                 raise ValueError(f"tasks[{i}] must be a non-empty str, got {t!r}")
@@ -535,14 +575,29 @@ class Router:
             raise ValueError(f"features must be 'hash' or 'model', got {features!r}")
         if features == "model" and (model is None or tokenizer is None):
             raise ValueError("features='model' needs model= (a transformers model) and tokenizer=")
-        if not (isinstance(char_ngrams, Sequence) and len(char_ngrams) == 2 and 1 <= char_ngrams[0] <= char_ngrams[1]):
+        if not (
+            isinstance(char_ngrams, Sequence)
+            and len(char_ngrams) == 2
+            and 1 <= char_ngrams[0] <= char_ngrams[1]
+        ):
             raise ValueError(f"char_ngrams must be (min, max) with 1 <= min <= max, got {char_ngrams!r}")
-        for name, value, low in (("num_buckets", num_buckets, 1), ("embed_dim", embed_dim, 1), ("word_ngrams", word_ngrams, 0),
-                                 ("max_chars", max_chars, 1), ("max_length", max_length, 1), ("epochs", epochs, 1),
-                                 ("patience", patience, 1), ("batch_size", batch_size, 1)):
+        for name, value, low in (
+            ("num_buckets", num_buckets, 1),
+            ("embed_dim", embed_dim, 1),
+            ("word_ngrams", word_ngrams, 0),
+            ("max_chars", max_chars, 1),
+            ("max_length", max_length, 1),
+            ("epochs", epochs, 1),
+            ("patience", patience, 1),
+            ("batch_size", batch_size, 1),
+        ):
             _check_number(name, value, low, 2**62, integer=True)
-        if isinstance(hidden, (str, int)) or any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in hidden):
-            raise ValueError(f"hidden must list positive integer widths (empty: a linear layer), got {hidden!r}")
+        if isinstance(hidden, (str, int)) or any(
+            isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in hidden
+        ):
+            raise ValueError(
+                f"hidden must list positive integer widths (empty: a linear layer), got {hidden!r}"
+            )
         _check_number("dropout", dropout, 0, 1, high_open=True)
         _check_number("heldout", heldout, 0, 1, low_open=True, high_open=True)
         _check_number("label_smoothing", label_smoothing, 0, 1, high_open=True)
@@ -556,15 +611,25 @@ class Router:
         labels = torch.tensor([index_of[t] for t in tasks], dtype=torch.int64)
         mlp = {"hidden": list(hidden), "dropout": dropout}
         if features == "hash":
-            config = {"source": "hash", "num_buckets": num_buckets, "embed_dim": embed_dim,
-                      "char_ngrams": list(char_ngrams), "word_ngrams": word_ngrams, "max_chars": max_chars}
+            config = {
+                "source": "hash",
+                "num_buckets": num_buckets,
+                "embed_dim": embed_dim,
+                "char_ngrams": list(char_ngrams),
+                "word_ngrams": word_ngrams,
+                "max_chars": max_chars,
+            }
             indices, offsets = featurize(texts, config)
             take = lambda rows: _gather(indices, offsets, rows)  # noqa: E731
             encoder = None
         else:
             vectors = pooled_hidden_states(texts, model, tokenizer, max_length)  # frozen: computed once
-            config = {"source": "model", "hidden_size": vectors.shape[1], "max_length": max_length,
-                      "model_name": str(getattr(getattr(model, "config", None), "_name_or_path", "") or "")}
+            config = {
+                "source": "model",
+                "hidden_size": vectors.shape[1],
+                "max_length": max_length,
+                "model_name": str(getattr(getattr(model, "config", None), "_name_or_path", "") or ""),
+            }
             take = lambda rows: (vectors[rows],)  # noqa: E731
             encoder = (model, tokenizer)
 
@@ -576,16 +641,36 @@ class Router:
             router = cls(names, config, mlp, encoder=encoder)
             train_rows, held_rows = _stratified_split(labels, heldout, gen)
             history, best_epoch = _fit(
-                router.net, take, labels, train_rows, held_rows, len(names), gen, epochs=epochs, patience=patience,
-                batch_size=batch_size, lr=lr, weight_decay=weight_decay, label_smoothing=label_smoothing,
-                balance=balance, verbose=verbose,
+                router.net,
+                take,
+                labels,
+                train_rows,
+                held_rows,
+                len(names),
+                gen,
+                epochs=epochs,
+                patience=patience,
+                batch_size=batch_size,
+                lr=lr,
+                weight_decay=weight_decay,
+                label_smoothing=label_smoothing,
+                balance=balance,
+                verbose=verbose,
             )
             held_loss, held_acc, predicted = _evaluate(router.net, take(held_rows), labels[held_rows])
 
         router.report = _report(
-            names, labels[held_rows], predicted, held_loss, held_acc,
-            train_seconds=round(time.perf_counter() - start_time, 3), epochs_run=len(history), best_epoch=best_epoch,
-            num_train=len(train_rows), num_heldout=len(held_rows), num_parameters=router.num_parameters,
+            names,
+            labels[held_rows],
+            predicted,
+            held_loss,
+            held_acc,
+            train_seconds=round(time.perf_counter() - start_time, 3),
+            epochs_run=len(history),
+            best_epoch=best_epoch,
+            num_train=len(train_rows),
+            num_heldout=len(held_rows),
+            num_parameters=router.num_parameters,
             history=history,
         )
         if verbose:
@@ -602,15 +687,25 @@ class Router:
 
         directory = Path(directory)
         if directory.exists() and not directory.is_dir():
-            raise ValueError(f"cannot save the router to {str(directory)!r}: it exists and is not a directory")
+            raise ValueError(
+                f"cannot save the router to {str(directory)!r}: it exists and is not a directory"
+            )
         directory.mkdir(parents=True, exist_ok=True)
         config = {
-            "format": _FORMAT_NAME, "format_version": FORMAT_VERSION, "names": self.names,
-            "features": self.features, "mlp": self.mlp_config, "report": self.report,
+            "format": _FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "names": self.names,
+            "features": self.features,
+            "mlp": self.mlp_config,
+            "report": self.report,
         }
         # Write next to the target, then rename: a crash never leaves a half-written file behind.
         tmp = directory / (WEIGHTS_FILE + ".tmp")
-        save_file({k: v.contiguous() for k, v in self.net.state_dict().items()}, str(tmp), metadata={"format": _FORMAT_NAME})
+        save_file(
+            {k: v.contiguous() for k, v in self.net.state_dict().items()},
+            str(tmp),
+            metadata={"format": _FORMAT_NAME},
+        )
         os.replace(tmp, directory / WEIGHTS_FILE)
         tmp = directory / (CONFIG_FILE + ".tmp")
         tmp.write_text(json.dumps(config, indent=1, ensure_ascii=False), encoding="utf-8")
@@ -618,7 +713,7 @@ class Router:
         return directory
 
     @classmethod
-    def load(cls, directory: str | os.PathLike, model=None, tokenizer=None) -> "Router":
+    def load(cls, directory: str | os.PathLike, model=None, tokenizer=None) -> Router:
         """Load a router written by :meth:`save` (``model`` and ``tokenizer``: only for a router trained
         on ``features="model"``). A missing directory or file raises ``FileNotFoundError``; a corrupt
         file, another format version or a missing model raises ``ValueError``."""
@@ -645,13 +740,19 @@ class Router:
             )
         try:
             names, features = list(config["names"]), dict(config["features"])
-            mlp = {"hidden": [int(h) for h in config["mlp"]["hidden"]], "dropout": float(config["mlp"]["dropout"])}
+            mlp = {
+                "hidden": [int(h) for h in config["mlp"]["hidden"]],
+                "dropout": float(config["mlp"]["dropout"]),
+            }
             if features.get("source", "hash") == "hash":
                 features["char_ngrams"] = [int(v) for v in features["char_ngrams"]]
                 for key in ("num_buckets", "embed_dim", "word_ngrams", "max_chars"):
                     features[key] = int(features[key])
             elif features["source"] == "model":
-                features["hidden_size"], features["max_length"] = int(features["hidden_size"]), int(features["max_length"])
+                features["hidden_size"], features["max_length"] = (
+                    int(features["hidden_size"]),
+                    int(features["max_length"]),
+                )
             else:
                 raise ValueError(f"unknown feature source {features['source']!r}")
         except (KeyError, TypeError, ValueError) as err:
@@ -670,7 +771,9 @@ class Router:
             state = load_file(str(weights_path))
         except (SafetensorError, OSError, ValueError) as err:
             raise ValueError(f"{weights_path} is not a readable safetensors file: {err}") from None
-        with torch.random.fork_rng(devices=[]):  # building the net draws initial weights: not the caller's RNG
+        with torch.random.fork_rng(
+            devices=[]
+        ):  # building the net draws initial weights: not the caller's RNG
             router = cls(names, features, mlp, report=config.get("report") or {}, encoder=encoder)
         expected = router.net.state_dict()
         if set(state) != set(expected) or any(state[k].shape != expected[k].shape for k in expected):
@@ -681,7 +784,11 @@ class Router:
 
     def __repr__(self) -> str:
         f = self.features
-        inputs = f"buckets={f['num_buckets']}x{f['embed_dim']}" if self.source == "hash" else f"hidden_size={f['hidden_size']}"
+        inputs = (
+            f"buckets={f['num_buckets']}x{f['embed_dim']}"
+            if self.source == "hash"
+            else f"hidden_size={f['hidden_size']}"
+        )
         return f"Router(names={self.names}, {inputs}, hidden={self.mlp_config['hidden']}, parameters={self.num_parameters:,})"
 
 
@@ -696,8 +803,24 @@ def _evaluate(net, inputs, labels) -> tuple[float | None, float | None, torch.Te
     return F.cross_entropy(logits, labels).item(), (predicted == labels).double().mean().item(), predicted
 
 
-def _fit(net, take, labels, train_rows, held_rows, num_tasks, gen, *, epochs, patience, batch_size, lr,
-         weight_decay, label_smoothing, balance, verbose) -> tuple[list[dict], int]:
+def _fit(
+    net,
+    take,
+    labels,
+    train_rows,
+    held_rows,
+    num_tasks,
+    gen,
+    *,
+    epochs,
+    patience,
+    batch_size,
+    lr,
+    weight_decay,
+    label_smoothing,
+    balance,
+    verbose,
+) -> tuple[list[dict], int]:
     """AdamW epochs with early stopping on the held-out rows; leaves the best epoch's weights in ``net``.
 
     ``take(rows)`` gives the net's inputs for a set of texts. Returns (per-epoch history, best epoch).
@@ -719,22 +842,35 @@ def _fit(net, take, labels, train_rows, held_rows, num_tasks, gen, *, epochs, pa
         for epoch in range(1, epochs + 1):
             net.train()
             if balance == "sample":
-                order = train_rows[torch.multinomial(inverse[labels[train_rows]], len(train_rows), True, generator=gen)]
+                order = train_rows[
+                    torch.multinomial(inverse[labels[train_rows]], len(train_rows), True, generator=gen)
+                ]
             else:
                 order = train_rows[torch.randperm(len(train_rows), generator=gen)]
             total = 0.0
             for rows in torch.split(order, batch_size):
                 logits = net(*take(rows))
-                loss = F.cross_entropy(logits, labels[rows], weight=loss_weight, label_smoothing=label_smoothing)
+                loss = F.cross_entropy(
+                    logits, labels[rows], weight=loss_weight, label_smoothing=label_smoothing
+                )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 total += loss.item() * len(rows)
             held_loss, held_acc, _ = _evaluate(net, held_x, held_y)
             train_loss = total / len(train_rows)
-            history.append({"epoch": epoch, "train_loss": train_loss, "heldout_loss": held_loss, "heldout_accuracy": held_acc})
+            history.append(
+                {
+                    "epoch": epoch,
+                    "train_loss": train_loss,
+                    "heldout_loss": held_loss,
+                    "heldout_accuracy": held_acc,
+                }
+            )
             if bar is not None:
-                bar.set_postfix(loss=f"{train_loss:.4f}", heldout_acc="n/a" if held_acc is None else f"{held_acc:.4f}")
+                bar.set_postfix(
+                    loss=f"{train_loss:.4f}", heldout_acc="n/a" if held_acc is None else f"{held_acc:.4f}"
+                )
                 bar.update(1)
             if held_acc is None:
                 continue
@@ -773,7 +909,13 @@ def _report(names, truth, predicted, loss, accuracy, **extra) -> dict:
         if off[t, q] > 0:
             rate = int(off[t, q]) / int(confusion[t].sum())
             pairs.append({"true": names[t], "predicted": names[q], "count": int(off[t, q]), "rate": rate})
-    return {"heldout_accuracy": accuracy, "heldout_loss": loss, "per_task": per_task, "confused_pairs": pairs, **extra}
+    return {
+        "heldout_accuracy": accuracy,
+        "heldout_loss": loss,
+        "per_task": per_task,
+        "confused_pairs": pairs,
+        **extra,
+    }
 
 
 def format_report(report: dict) -> str:
@@ -818,7 +960,11 @@ def read_labelled_jsonl(path: str | os.PathLike) -> tuple[list[str], list[str]]:
             row = json.loads(line)
         except json.JSONDecodeError as err:
             raise ValueError(f"{path}:{number}: not valid JSON ({err.msg})") from None
-        if not isinstance(row, dict) or not isinstance(row.get("text"), str) or not isinstance(row.get("task"), str):
+        if (
+            not isinstance(row, dict)
+            or not isinstance(row.get("text"), str)
+            or not isinstance(row.get("task"), str)
+        ):
             raise ValueError(f'{path}:{number}: expected {{"text": "...", "task": "..."}} with string values')
         texts.append(row["text"])
         tasks.append(row["task"])

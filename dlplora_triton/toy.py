@@ -27,22 +27,41 @@ def build_tokenizer(texts: Sequence[str], vocab_size: int = 2000):
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     core.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>"
+    )
 
 
-def build_llama(vocab_size: int, hidden: int = 256, intermediate: int = 688, layers: int = 4, heads: int = 4, seed: int = 0):
+def build_llama(
+    vocab_size: int,
+    hidden: int = 256,
+    intermediate: int = 688,
+    layers: int = 4,
+    heads: int = 4,
+    seed: int = 0,
+):
     """A Llama-architecture causal LM with random weights (fp32, eval mode)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), max_position_embeddings=512,
-        pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=max(1, heads // 2),
+        max_position_embeddings=512,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
     )
     return LlamaForCausalLM(config).eval()
 
@@ -80,7 +99,9 @@ def peft_mixed_batch(model, adapter_paths: dict[str, Path], selection: Sequence[
     from peft.tuners.lora import LoraLayer
 
     names = list(adapter_paths)
-    peft_model = PeftModel.from_pretrained(copy.deepcopy(model), str(adapter_paths[names[0]]), adapter_name=names[0])
+    peft_model = PeftModel.from_pretrained(
+        copy.deepcopy(model), str(adapter_paths[names[0]]), adapter_name=names[0]
+    )
     for name in names[1:]:
         peft_model.load_adapter(str(adapter_paths[name]), adapter_name=name)
     mixes: dict[tuple, str] = {}

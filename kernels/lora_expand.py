@@ -98,10 +98,23 @@ def lora_expand_launch(
         return
     grid = (n_blocks, triton.cdiv(N, config["BLOCK_N"]))
     _lora_expand_kernel[grid](
-        v, lora_b, out, token_adapter, tile_count, tile_adapters,
+        v,
+        lora_b,
+        out,
+        token_adapter,
+        tile_count,
+        tile_adapters,
         ranks if ranks is not None else tile_count,  # any pointer: never read without HAS_RANKS
-        T, N, R, token_adapter.shape[1], tile_adapters.shape[1],
-        lora_b.stride(0), lora_b.stride(1), lora_b.stride(2), out.stride(0), out.stride(1),
+        T,
+        N,
+        R,
+        token_adapter.shape[1],
+        tile_adapters.shape[1],
+        lora_b.stride(0),
+        lora_b.stride(1),
+        lora_b.stride(2),
+        out.stride(0),
+        out.stride(1),
         HAS_RANKS=ranks is not None,
         IEEE=lora_b.dtype == torch.float32 or lora_b.dtype == torch.float64,
         BLOCK_M=block_m,

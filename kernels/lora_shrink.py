@@ -111,11 +111,25 @@ def lora_shrink_launch(
         return
     grid = (n_tiles, triton.cdiv(R, config["BLOCK_R"]), config["SPLIT_K"])
     _lora_shrink_kernel[grid](
-        x, lora_a, v, sorted_rows, tile_adapter, tile_start, tile_end, row_weight,
+        x,
+        lora_a,
+        v,
+        sorted_rows,
+        tile_adapter,
+        tile_start,
+        tile_end,
+        row_weight,
         ranks if ranks is not None else tile_start,  # any pointer: never read without HAS_RANKS
         scales if scales is not None else row_weight,
-        K, R, num_slots, v.shape[1],
-        x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1), lora_a.stride(2),
+        K,
+        R,
+        num_slots,
+        v.shape[1],
+        x.stride(0),
+        x.stride(1),
+        lora_a.stride(0),
+        lora_a.stride(1),
+        lora_a.stride(2),
         HAS_RANKS=ranks is not None,
         HAS_SCALES=scales is not None,
         IEEE=x.dtype == torch.float32 or x.dtype == torch.float64,

@@ -63,10 +63,19 @@ def reference_delta(inputs: dict) -> torch.Tensor:
     """The float64 oracle of ``inputs`` (inputs cast up after their own rounding)."""
     from dlplora_triton import fused_lora_reference
 
-    d = {k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in inputs.items()}
+    d = {
+        k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+        for k, v in inputs.items()
+    }
     return fused_lora_reference(
-        d["x"], d["lora_a"], d["lora_b"], d["seq_offsets"].cpu(), d["adapter_ids"].cpu(), d["adapter_weights"],
-        d["ranks"], d["scales"],
+        d["x"],
+        d["lora_a"],
+        d["lora_b"],
+        d["seq_offsets"].cpu(),
+        d["adapter_ids"].cpu(),
+        d["adapter_weights"],
+        d["ranks"],
+        d["scales"],
     )
 
 

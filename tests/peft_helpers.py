@@ -7,7 +7,9 @@ import torch
 from torch import nn
 
 
-def save_adapter(base: nn.Module, path, seed: int = 0, safe: bool = True, scale: float = 1.0, **config) -> str:
+def save_adapter(
+    base: nn.Module, path, seed: int = 0, safe: bool = True, scale: float = 1.0, **config
+) -> str:
     """A PEFT LoRA adapter of ``base`` with random A and B (PEFT initialises B to zero: the adapter
     would do nothing) of standard deviation ``scale``, saved to ``path``; returns the path."""
     from peft import LoraConfig, get_peft_model

@@ -9,9 +9,8 @@ import warnings
 
 import pytest
 import torch
-from torch import nn
-
 from peft_helpers import save_adapter
+from torch import nn
 
 from dlplora_triton.adapters import _matches_target, linear_features, load_adapter, read_adapter_config
 
@@ -25,15 +24,22 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 def tiny_llama(hidden: int = 32, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     config = transformers.LlamaConfig(
-        hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=61, max_position_embeddings=32,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=61,
+        max_position_embeddings=32,
     )
     return transformers.LlamaForCausalLM(config).eval()
 
 
 def tiny_gpt2() -> nn.Module:
     torch.manual_seed(0)
-    config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=61, n_positions=32, bos_token_id=1, eos_token_id=2)
+    config = transformers.GPT2Config(
+        n_embd=32, n_layer=2, n_head=4, vocab_size=61, n_positions=32, bos_token_id=1, eos_token_id=2
+    )
     return transformers.GPT2LMHeadModel(config).eval()
 
 
@@ -69,9 +75,14 @@ def edit_config(path, **changes) -> None:
 def test_reads_ranks_scales_and_tensors_as_peft_does(tmp_path):
     base = tiny_llama()
     path = save_adapter(
-        base, tmp_path / "pat", r=4, lora_alpha=8, use_rslora=True,
+        base,
+        tmp_path / "pat",
+        r=4,
+        lora_alpha=8,
+        use_rslora=True,
         target_modules=["q_proj", "v_proj", "gate_proj"],
-        rank_pattern={"v_proj": 2, "model.layers.1.self_attn.q_proj": 7}, alpha_pattern={"gate_proj": 3},
+        rank_pattern={"v_proj": 2, "model.layers.1.self_attn.q_proj": 7},
+        alpha_pattern={"gate_proj": 3},
     )
     loaded = load_adapter("pat", path, modules_of(base))
     with warnings.catch_warnings():
@@ -100,7 +111,9 @@ def test_reads_ranks_scales_and_tensors_as_peft_does(tmp_path):
 
 def test_gpt2_conv1d_fan_in_fan_out(tmp_path):
     base = tiny_gpt2()
-    path = save_adapter(base, tmp_path / "g", r=3, lora_alpha=6, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)
+    path = save_adapter(
+        base, tmp_path / "g", r=3, lora_alpha=6, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True
+    )
     loaded = load_adapter("g", path, modules_of(base))
     assert loaded.info.fan_in_fan_out
     c_attn = loaded.modules["transformer.h.0.attn.c_attn"]
@@ -115,8 +128,12 @@ TARGET_CONFIGS = {
     "layers-list": dict(target_modules=["q_proj", "v_proj"], layers_to_transform=[1]),
     "layers-int": dict(target_modules=["o_proj"], layers_to_transform=0),
     "layers-pattern": dict(target_modules=["q_proj"], layers_to_transform=[0], layers_pattern="layers"),
-    "exclude-list": dict(target_modules=["q_proj", "k_proj"], exclude_modules=["model.layers.0.self_attn.k_proj"]),
-    "exclude-regex": dict(target_modules=["up_proj", "down_proj"], exclude_modules=r".*layers\.1\.mlp\.down_proj"),
+    "exclude-list": dict(
+        target_modules=["q_proj", "k_proj"], exclude_modules=["model.layers.0.self_attn.k_proj"]
+    ),
+    "exclude-regex": dict(
+        target_modules=["up_proj", "down_proj"], exclude_modules=r".*layers\.1\.mlp\.down_proj"
+    ),
 }
 
 
@@ -203,9 +220,13 @@ def test_missing_paths_raise_file_not_found(tmp_path):
 def test_shapes_checked_against_the_model(tmp_path):
     small, wide = tiny_llama(32), tiny_llama(48)
     path = save_adapter(wide, tmp_path / "wide", r=4, target_modules=["q_proj"])
-    with pytest.raises(ValueError, match=r"'wide'.*model\.layers\.0\.self_attn\.q_proj.*does not fit.*\[r, 32\]"):
+    with pytest.raises(
+        ValueError, match=r"'wide'.*model\.layers\.0\.self_attn\.q_proj.*does not fit.*\[r, 32\]"
+    ):
         load_adapter("wide", path, modules_of(small))
-    gpt2_path = save_adapter(tiny_gpt2(), tmp_path / "gpt2", r=2, target_modules=["c_attn"], fan_in_fan_out=True)
+    gpt2_path = save_adapter(
+        tiny_gpt2(), tmp_path / "gpt2", r=2, target_modules=["c_attn"], fan_in_fan_out=True
+    )
     with pytest.raises(ValueError, match=r"'gpt2'.*transformer\.h\.0\.attn\.c_attn.*does not have"):
         load_adapter("gpt2", gpt2_path, modules_of(small))
 
@@ -265,5 +286,7 @@ def test_linear_features():
     assert linear_features(nn.Embedding(5, 7)) is None
     assert linear_features(nn.Conv2d(3, 4, 3)) is None
     packed = nn.Linear(8, 8)
-    packed.weight = nn.Parameter(torch.zeros(32, 1, dtype=torch.uint8), requires_grad=False)  # like a 4-bit layer
+    packed.weight = nn.Parameter(
+        torch.zeros(32, 1, dtype=torch.uint8), requires_grad=False
+    )  # like a 4-bit layer
     assert linear_features(packed) is None

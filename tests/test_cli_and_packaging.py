@@ -35,8 +35,20 @@ def test_help_of_every_subcommand():
 
 def test_wheel_ships_the_kernels(tmp_path):
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(ROOT)],
-        check=True, capture_output=True,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
+        check=True,
+        capture_output=True,
     )
     (wheel,) = tmp_path.glob("dlplora_triton-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
@@ -53,6 +65,15 @@ def test_bench_quick_cpu_writes_results(tmp_path, capsys):
     result = json.loads((tmp_path / "kernels.json").read_text())
     assert result["environment"]["torch"] and result["rows"]
     row = result["rows"][0]
-    for key in ("base_ms", "ours_ms", "one_row_ms", "loop_ms", "dense_ms", "floor_bytes", "plan_bytes", "workspace_bytes"):
+    for key in (
+        "base_ms",
+        "ours_ms",
+        "one_row_ms",
+        "loop_ms",
+        "dense_ms",
+        "floor_bytes",
+        "plan_bytes",
+        "workspace_bytes",
+    ):
         assert row[key] > 0, key
     assert (tmp_path / "kernels.csv").read_text().count("\n") == len(result["rows"]) + 1

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from lora_cases import Case, make_inputs, reference_delta, rel_error
 
 import dlplora_triton as dlp
-from lora_cases import Case, make_inputs, reference_delta, rel_error
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,7 +21,10 @@ def test_torch_compile_fullgraph(compiler):
         return dlp.fused_lora(x, a, b, offsets, ids, weights, ranks, scales, out=base) * 2
 
     compiled = torch.compile(layer, fullgraph=True, backend=compiler)
-    args = [inputs[k] for k in ("x", "lora_a", "lora_b", "seq_offsets", "adapter_ids", "adapter_weights", "ranks", "scales")]
+    args = [
+        inputs[k]
+        for k in ("x", "lora_a", "lora_b", "seq_offsets", "adapter_ids", "adapter_weights", "ranks", "scales")
+    ]
     expected = layer(*args)
     got = compiled(*args)
     assert torch.allclose(got, expected, atol=1e-5)
@@ -43,7 +46,9 @@ def test_kernels_import_only_torch_triton_and_themselves():
     for path in (ROOT / "kernels").glob("*.py"):
         for name in _imports(path):
             top = name.split(".")[0]
-            assert name.startswith(".") or top in {"torch", "triton", "__future__"}, f"{path.name} imports {name}"
+            assert name.startswith(".") or top in {"torch", "triton", "__future__"}, (
+                f"{path.name} imports {name}"
+            )
 
 
 def test_ops_and_plan_never_import_upwards():

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from lora_cases import Case, make_inputs
 
 import dlplora_triton as dlp
-from lora_cases import Case, make_inputs
 
 pytestmark = pytest.mark.interpreter
 
@@ -26,19 +26,59 @@ BAD_INPUTS = [
     ("b_wrong_R", dict(lora_b=torch.randn(3, 8, 5)), ValueError, "lora_b is"),
     ("dtype_mismatch", dict(lora_a=torch.randn(3, 4, 16, dtype=torch.float64)), TypeError, "share a dtype"),
     ("dtype_mismatch_is_value_error", dict(lora_b=torch.randn(3, 8, 4).half()), ValueError, "share a dtype"),
-    ("ids_out_of_range", dict(adapter_ids=torch.tensor([[0, 3], [1, -1]])), ValueError, "adapter_ids must lie in -1..2"),
+    (
+        "ids_out_of_range",
+        dict(adapter_ids=torch.tensor([[0, 3], [1, -1]])),
+        ValueError,
+        "adapter_ids must lie in -1..2",
+    ),
     ("ids_below_minus_one", dict(adapter_ids=torch.tensor([[0, -2], [1, -1]])), ValueError, "got -2"),
     ("ids_float", dict(adapter_ids=torch.zeros(2, 2)), TypeError, "adapter_ids must be int32 or int64"),
-    ("ids_1d", dict(adapter_ids=torch.zeros(2, dtype=torch.int64)), ValueError, r"adapter_ids must be \[S, P\]"),
-    ("weights_nan", dict(adapter_weights=torch.tensor([[1.0, float("nan")], [0.5, 0.5]])), ValueError, "finite"),
-    ("weights_inf", dict(adapter_weights=torch.tensor([[1.0, float("inf")], [0.5, 0.5]])), ValueError, "finite"),
+    (
+        "ids_1d",
+        dict(adapter_ids=torch.zeros(2, dtype=torch.int64)),
+        ValueError,
+        r"adapter_ids must be \[S, P\]",
+    ),
+    (
+        "weights_nan",
+        dict(adapter_weights=torch.tensor([[1.0, float("nan")], [0.5, 0.5]])),
+        ValueError,
+        "finite",
+    ),
+    (
+        "weights_inf",
+        dict(adapter_weights=torch.tensor([[1.0, float("inf")], [0.5, 0.5]])),
+        ValueError,
+        "finite",
+    ),
     ("weights_shape", dict(adapter_weights=torch.ones(2, 3)), ValueError, "adapter_weights must match"),
     ("weights_int", dict(adapter_weights=torch.ones(2, 2, dtype=torch.int64)), TypeError, "floating point"),
     ("offsets_not_monotone", dict(seq_offsets=torch.tensor([0, 6, 5])), ValueError, "non-decreasing"),
-    ("offsets_not_ending_at_T", dict(seq_offsets=torch.tensor([0, 2, 4])), ValueError, r"seq_offsets\[-1\] must equal"),
-    ("offsets_not_starting_at_0", dict(seq_offsets=torch.tensor([1, 2, 5])), ValueError, r"seq_offsets\[0\] must be 0"),
-    ("offsets_wrong_length", dict(seq_offsets=torch.tensor([0, 5])), ValueError, r"seq_offsets must be \[S\+1\]"),
-    ("offsets_float", dict(seq_offsets=torch.tensor([0.0, 2.0, 5.0])), TypeError, "seq_offsets must be int32"),
+    (
+        "offsets_not_ending_at_T",
+        dict(seq_offsets=torch.tensor([0, 2, 4])),
+        ValueError,
+        r"seq_offsets\[-1\] must equal",
+    ),
+    (
+        "offsets_not_starting_at_0",
+        dict(seq_offsets=torch.tensor([1, 2, 5])),
+        ValueError,
+        r"seq_offsets\[0\] must be 0",
+    ),
+    (
+        "offsets_wrong_length",
+        dict(seq_offsets=torch.tensor([0, 5])),
+        ValueError,
+        r"seq_offsets must be \[S\+1\]",
+    ),
+    (
+        "offsets_float",
+        dict(seq_offsets=torch.tensor([0.0, 2.0, 5.0])),
+        TypeError,
+        "seq_offsets must be int32",
+    ),
     ("rank_too_large", dict(ranks=torch.tensor([4, 5, 1])), ValueError, "ranks must lie in 0..R"),
     ("rank_negative", dict(ranks=torch.tensor([4, -1, 1])), ValueError, "ranks must lie in 0..R"),
     ("ranks_wrong_length", dict(ranks=torch.tensor([4, 4])), ValueError, r"ranks must have shape \[L\]"),
@@ -46,7 +86,12 @@ BAD_INPUTS = [
     ("scales_nan", dict(scales=torch.tensor([1.0, float("nan"), 1.0])), ValueError, "scales must be finite"),
     ("scales_wrong_length", dict(scales=torch.ones(4)), ValueError, r"scales must have shape \[L\]"),
     ("out_wrong_shape", dict(out=torch.zeros(5, 9)), ValueError, r"out must be \[T, N\]"),
-    ("out_wrong_dtype", dict(out=torch.zeros(5, 8, dtype=torch.float64)), TypeError, "out must have x's dtype"),
+    (
+        "out_wrong_dtype",
+        dict(out=torch.zeros(5, 8, dtype=torch.float64)),
+        TypeError,
+        "out must have x's dtype",
+    ),
     ("bad_backend", dict(backend="cuda"), ValueError, "backend must be one of"),
 ]
 
@@ -77,7 +122,9 @@ def test_triton_on_cpu_without_interpreter_raises(monkeypatch):
 def test_ranks_and_scales_accept_python_lists():
     inputs = _with()
     y_lists = dlp.fused_lora(**dict(inputs, ranks=[4, 2, 0], scales=[1.0, 0.5, 2.0]))
-    y_tensors = dlp.fused_lora(**dict(inputs, ranks=torch.tensor([4, 2, 0]), scales=torch.tensor([1.0, 0.5, 2.0])))
+    y_tensors = dlp.fused_lora(
+        **dict(inputs, ranks=torch.tensor([4, 2, 0]), scales=torch.tensor([1.0, 0.5, 2.0]))
+    )
     assert torch.equal(y_lists, y_tensors)
 
 

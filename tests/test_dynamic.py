@@ -39,8 +39,15 @@ def one_thread():
 def tiny_bert(seed=0, labels=3):
     torch.manual_seed(seed)
     cfg = BertConfig(
-        vocab_size=60, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
-        max_position_embeddings=32, num_labels=labels, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        vocab_size=60,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=48,
+        max_position_embeddings=32,
+        num_labels=labels,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
     )
     return BertForSequenceClassification(cfg).eval(), cfg
 
@@ -79,8 +86,17 @@ def train(model, dyn, steps, lr=5e-3, seed=0, check=None):
 # ------------------------------------------------------------------ budget and schedule
 def test_budget_is_conserved_at_every_reallocation():
     model, _ = tiny_bert()
-    dyn = DynamicLoRA(model, TARGETS, budget=20, total_steps=40, interval=2, warmup_steps=2, final_steps=6,
-                      modules_to_save=["classifier"], moves=2)
+    dyn = DynamicLoRA(
+        model,
+        TARGETS,
+        budget=20,
+        total_steps=40,
+        interval=2,
+        warmup_steps=2,
+        final_steps=6,
+        modules_to_save=["classifier"],
+        moves=2,
+    )
     assert sorted(dyn.ranks.values()) == [3, 3, 3, 3, 4, 4]  # 20 over 6 modules, remainder to the first
     events = []
 
@@ -112,7 +128,10 @@ def test_sensitivity_is_adalora_smoothing_of_w_times_grad_per_rank():
     opt = torch.optim.SGD(dyn.trainable_parameters(), lr=0.0)  # lr 0: weights stay, grads stay
     dyn.bind_optimizer(opt)
     model(**batch(), labels=torch.tensor([0, 1, 2, 1])).loss.backward()
-    raw = [float(sum((p.detach() * p.grad).abs().sum() for p in (l.lora_A, l.lora_B))) / l.rank for l in dyn.layers.values()]
+    raw = [
+        float(sum((p.detach() * p.grad).abs().sum() for p in (l.lora_A, l.lora_B))) / l.rank
+        for l in dyn.layers.values()
+    ]
     opt.step()
     dyn.step()
     ipt = [0.15 * v for v in raw]
@@ -122,8 +141,16 @@ def test_sensitivity_is_adalora_smoothing_of_w_times_grad_per_rank():
 
 def test_grad_norm_importance_runs_and_moves_ranks():
     model, _ = tiny_bert()
-    dyn = DynamicLoRA(model, TARGETS, budget=12, total_steps=20, interval=2, warmup_steps=2, final_steps=2,
-                      importance="grad_norm")
+    dyn = DynamicLoRA(
+        model,
+        TARGETS,
+        budget=12,
+        total_steps=20,
+        interval=2,
+        warmup_steps=2,
+        final_steps=2,
+        importance="grad_norm",
+    )
     train(model, dyn, 20)
     assert sum(dyn.ranks.values()) == 12 and len(dyn.history) > 1
 
@@ -181,8 +208,17 @@ def test_shrink_of_a_zero_delta_redraws_a_so_components_can_learn():
 # ------------------------------------------------------------------ optimizer state
 def test_optimizer_state_has_the_right_shapes_after_reallocation():
     model, _ = tiny_bert()
-    dyn = DynamicLoRA(model, TARGETS, budget=18, total_steps=30, interval=2, warmup_steps=2, final_steps=2,
-                      input_gate=True, modules_to_save=["classifier"])
+    dyn = DynamicLoRA(
+        model,
+        TARGETS,
+        budget=18,
+        total_steps=30,
+        interval=2,
+        warmup_steps=2,
+        final_steps=2,
+        input_gate=True,
+        modules_to_save=["classifier"],
+    )
 
     def check(dyn, opt, moved):
         held = [p for g in opt.param_groups for p in g["params"]]
@@ -235,8 +271,11 @@ def test_unsupported_optimizer_state_is_refused():
 # ------------------------------------------------------------------ export
 def _base_copy(model_with_lora, cfg):
     base = BertForSequenceClassification(cfg).eval()
-    state = {k.replace(".base.", "."): v for k, v in model_with_lora.state_dict().items()
-             if ".lora_" not in k and ".input_gate." not in k}
+    state = {
+        k.replace(".base.", "."): v
+        for k, v in model_with_lora.state_dict().items()
+        if ".lora_" not in k and ".input_gate." not in k
+    }
     base.load_state_dict(state)
     return base
 
@@ -244,8 +283,17 @@ def _base_copy(model_with_lora, cfg):
 def test_saved_adapter_loads_in_peft_with_the_same_logits(tmp_path):
     peft = pytest.importorskip("peft")
     model, cfg = tiny_bert()
-    dyn = DynamicLoRA(model, TARGETS, budget=16, total_steps=24, interval=2, warmup_steps=2, final_steps=4,
-                      input_gate=True, modules_to_save=["classifier"])
+    dyn = DynamicLoRA(
+        model,
+        TARGETS,
+        budget=16,
+        total_steps=24,
+        interval=2,
+        warmup_steps=2,
+        final_steps=4,
+        input_gate=True,
+        modules_to_save=["classifier"],
+    )
     train(model, dyn, 24, lr=2e-2)
     assert len(set(dyn.ranks.values())) > 1, "the test needs mixed ranks (rank_pattern)"
     with pytest.warns(UserWarning, match="PEFT"):
@@ -291,8 +339,24 @@ def test_saved_adapter_loads_in_dlp_attach_with_peft_logits(tmp_path):
 
 
 # ------------------------------------------------------------------ finetune entry point
-WORDS = ["open", "file", "read", "write", "socket", "network", "user", "group", "disk", "mount",
-         "print", "format", "config", "kernel", "memory", "process"]
+WORDS = [
+    "open",
+    "file",
+    "read",
+    "write",
+    "socket",
+    "network",
+    "user",
+    "group",
+    "disk",
+    "mount",
+    "print",
+    "format",
+    "config",
+    "kernel",
+    "memory",
+    "process",
+]
 
 
 @pytest.fixture(scope="module")
@@ -323,10 +387,37 @@ def _write_data(folder, n=40, seed=0):
 
 
 def _finetune_args(model_dir, data, out, *extra):
-    return ["--model", str(model_dir), "--train", str(data), "--eval", str(data), "--out", str(out),
-            "--target-modules", "query,value", "--budget", "8", "--epochs", "2", "--batch-size", "8",
-            "--interval", "2", "--warmup-steps", "1", "--final-steps", "2", "--lr", "0.02",
-            "--checkpoint-every", "3", "--no-progress", "--gate", *extra]
+    return [
+        "--model",
+        str(model_dir),
+        "--train",
+        str(data),
+        "--eval",
+        str(data),
+        "--out",
+        str(out),
+        "--target-modules",
+        "query,value",
+        "--budget",
+        "8",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "8",
+        "--interval",
+        "2",
+        "--warmup-steps",
+        "1",
+        "--final-steps",
+        "2",
+        "--lr",
+        "0.02",
+        "--checkpoint-every",
+        "3",
+        "--no-progress",
+        "--gate",
+        *extra,
+    ]
 
 
 def test_finetune_resumes_to_the_same_result(tiny_model_dir, tmp_path, capsys):
@@ -342,7 +433,10 @@ def test_finetune_resumes_to_the_same_result(tiny_model_dir, tmp_path, capsys):
     for key in full:
         assert full[key].shape == split[key].shape
         assert torch.allclose(full[key], split[key], rtol=0, atol=1e-6), key
-    assert load_file(tmp_path / "full" / "adapter" / GATE_FILE).keys() == load_file(tmp_path / "split" / "adapter" / GATE_FILE).keys()
+    assert (
+        load_file(tmp_path / "full" / "adapter" / GATE_FILE).keys()
+        == load_file(tmp_path / "split" / "adapter" / GATE_FILE).keys()
+    )
     assert (tmp_path / "full" / "ranks.csv").read_text() == (tmp_path / "split" / "ranks.csv").read_text()
     history = json.loads((tmp_path / "full" / "adapter" / "dlplora_dynamic.json").read_text())["history"]
     assert any(h["moves"] and h["step"] > 6 for h in history), "a reallocation must happen after the resume"
@@ -380,19 +474,37 @@ def _trainer_run(out, resume=None):
     from transformers import Trainer, TrainingArguments
 
     model, _ = tiny_bert()
-    dyn = DynamicLoRA(model, TARGETS, budget=15, interval=2, warmup_steps=2, final_steps=2,
-                      modules_to_save=["classifier"])  # total_steps comes from the Trainer
+    dyn = DynamicLoRA(
+        model, TARGETS, budget=15, interval=2, warmup_steps=2, final_steps=2, modules_to_save=["classifier"]
+    )  # total_steps comes from the Trainer
     if resume is not None:
         dyn.load_state_dict(torch.load(resume / dyn.callback().STATE_FILE, weights_only=True))
     rows = []
     for i in range(48):
         b = batch(i, rows=1)
-        rows.append({"input_ids": b["input_ids"][0], "attention_mask": b["attention_mask"][0], "labels": torch.tensor(i % 3)})
-    args = TrainingArguments(output_dir=str(out), max_steps=12, per_device_train_batch_size=4, learning_rate=2e-2,
-                             report_to=[], save_strategy="steps", save_steps=6, logging_strategy="no", use_cpu=True,
-                             disable_tqdm=True, seed=0)  # the Trainer's default optimizer: fused AdamW
+        rows.append(
+            {
+                "input_ids": b["input_ids"][0],
+                "attention_mask": b["attention_mask"][0],
+                "labels": torch.tensor(i % 3),
+            }
+        )
+    args = TrainingArguments(
+        output_dir=str(out),
+        max_steps=12,
+        per_device_train_batch_size=4,
+        learning_rate=2e-2,
+        report_to=[],
+        save_strategy="steps",
+        save_steps=6,
+        logging_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+    )  # the Trainer's default optimizer: fused AdamW
     Trainer(model=model, args=args, train_dataset=rows, callbacks=[dyn.callback()]).train(
-        resume_from_checkpoint=None if resume is None else str(resume))
+        resume_from_checkpoint=None if resume is None else str(resume)
+    )
     return dyn
 
 
@@ -420,8 +532,12 @@ def test_fused_adamw_after_reallocation_matches_the_plain_implementation():
     results = []
     for fused in (True, False):
         model, _ = tiny_bert()
-        dyn = DynamicLoRA(model, TARGETS, budget=15, total_steps=14, interval=2, warmup_steps=2, final_steps=2)
-        opt = torch.optim.AdamW(dyn.trainable_parameters(), lr=2e-2, fused=fused, foreach=False if not fused else None)
+        dyn = DynamicLoRA(
+            model, TARGETS, budget=15, total_steps=14, interval=2, warmup_steps=2, final_steps=2
+        )
+        opt = torch.optim.AdamW(
+            dyn.trainable_parameters(), lr=2e-2, fused=fused, foreach=False if not fused else None
+        )
         dyn.bind_optimizer(opt)
         for t in range(14):
             model(**batch(t), labels=torch.tensor([0, 1, 2, 1])).loss.backward()
@@ -430,7 +546,9 @@ def test_fused_adamw_after_reallocation_matches_the_plain_implementation():
             opt.zero_grad()
             for layer in dyn.layers.values():
                 assert layer.lora_A.is_contiguous() and layer.lora_B.is_contiguous()
-        results.append(torch.cat([torch.cat([l.lora_A.flatten(), l.lora_B.flatten()]) for l in dyn.layers.values()]))
+        results.append(
+            torch.cat([torch.cat([l.lora_A.flatten(), l.lora_B.flatten()]) for l in dyn.layers.values()])
+        )
     assert torch.allclose(results[0], results[1], rtol=0, atol=1e-6)
 
 
@@ -455,7 +573,9 @@ def test_bad_arguments_raise_clear_errors():
         DynamicLoRA(model, TARGETS, budget=13, max_rank=2)
     with pytest.raises(ValueError, match="modules_to_save entry 'head' matches no module"):
         DynamicLoRA(model, TARGETS, budget=8, modules_to_save=["head"])
-    assert not any(isinstance(m, DynamicLoRALinear) for m in model.modules()), "failed calls leave the model as it was"
+    assert not any(isinstance(m, DynamicLoRALinear) for m in model.modules()), (
+        "failed calls leave the model as it was"
+    )
 
     dyn = DynamicLoRA(model, TARGETS, budget=8, total_steps=10)
     with pytest.raises(ValueError, match="already carries a DynamicLoRA adapter"):
@@ -472,8 +592,12 @@ def test_bad_arguments_raise_clear_errors():
     with pytest.raises(KeyError, match="unknown adapted module"):
         dyn.set_rank("bert.nope", 2)
     dyn.detach()
-    assert all(type(m) is nn.Linear for p, m in model.named_modules() if p in match_target_modules(model, TARGETS))
-    assert math.isclose(sum(p.numel() for p in model.parameters()), sum(p.numel() for p in tiny_bert()[0].parameters()))
+    assert all(
+        type(m) is nn.Linear for p, m in model.named_modules() if p in match_target_modules(model, TARGETS)
+    )
+    assert math.isclose(
+        sum(p.numel() for p in model.parameters()), sum(p.numel() for p in tiny_bert()[0].parameters())
+    )
 
 
 def test_regex_target_modules_match_like_peft():

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-
-import dlplora_triton as dlp
 from dlplora_triton.kernels import expand_config, lora_expand_launch, lora_shrink_launch, shrink_config
 from lora_cases import Case, make_inputs, reference_delta, rel_error
+
+import dlplora_triton as dlp
 
 pytestmark = pytest.mark.interpreter
 
@@ -64,11 +64,32 @@ def test_kernels_never_read_unwritten_workspace(case):
     e_cfg = expand_config(plan.expand_tile_count.numel(), b.shape[1], R, x.dtype)
     v = torch.full((s_cfg["SPLIT_K"], plan.num_tokens * plan.num_slots, R), float("nan"))
     out = torch.zeros(plan.num_tokens, b.shape[1])
-    lora_shrink_launch(x, a, v, plan.sorted_rows, plan.shrink_tile_adapter, plan.shrink_tile_start,
-                       plan.shrink_tile_end, plan.token_weight.view(-1), ranks, inputs["scales"],
-                       plan.num_slots, plan.shrink_block_m, s_cfg)
-    lora_expand_launch(v, b, out, plan.token_adapter, plan.expand_tile_count, plan.expand_tile_adapters,
-                       ranks, plan.expand_block_m, e_cfg)
+    lora_shrink_launch(
+        x,
+        a,
+        v,
+        plan.sorted_rows,
+        plan.shrink_tile_adapter,
+        plan.shrink_tile_start,
+        plan.shrink_tile_end,
+        plan.token_weight.view(-1),
+        ranks,
+        inputs["scales"],
+        plan.num_slots,
+        plan.shrink_block_m,
+        s_cfg,
+    )
+    lora_expand_launch(
+        v,
+        b,
+        out,
+        plan.token_adapter,
+        plan.expand_tile_count,
+        plan.expand_tile_adapters,
+        ranks,
+        plan.expand_block_m,
+        e_cfg,
+    )
     assert torch.isfinite(out).all()
     assert rel_error(out, reference_delta(inputs)) < 1e-5
 
@@ -112,8 +133,15 @@ def test_planned_form_equals_simple_call(backend):
     inputs = make_inputs(CASES[1])
     L = inputs["lora_a"].shape[0]
     plan = dlp.build_plan(inputs["seq_offsets"], inputs["adapter_ids"], inputs["adapter_weights"], L)
-    y = dlp.fused_lora_planned(inputs["x"], inputs["lora_a"], inputs["lora_b"], plan,
-                               ranks=inputs["ranks"], scales=inputs["scales"], backend=backend)
+    y = dlp.fused_lora_planned(
+        inputs["x"],
+        inputs["lora_a"],
+        inputs["lora_b"],
+        plan,
+        ranks=inputs["ranks"],
+        scales=inputs["scales"],
+        backend=backend,
+    )
     assert torch.equal(y, dlp.fused_lora(**inputs, backend=backend))
     # The same plan serves another layer (other N, ranks and scales) of the same forward pass.
     b2 = torch.randn(L, 11, inputs["lora_b"].shape[2])
@@ -125,7 +153,12 @@ def test_planned_form_equals_simple_call(backend):
 def test_reference_equals_naive_per_token_loop():
     inputs = make_inputs(CASES[3], torch.float64)
     x, a, b = inputs["x"], inputs["lora_a"], inputs["lora_b"]
-    offsets, ids, weights, scales = inputs["seq_offsets"], inputs["adapter_ids"], inputs["adapter_weights"], inputs["scales"]
+    offsets, ids, weights, scales = (
+        inputs["seq_offsets"],
+        inputs["adapter_ids"],
+        inputs["adapter_weights"],
+        inputs["scales"],
+    )
     expected = torch.zeros(x.shape[0], b.shape[1], dtype=torch.float64)
     for t in range(x.shape[0]):
         s = int(torch.searchsorted(offsets, t, right=True)) - 1
@@ -133,9 +166,17 @@ def test_reference_equals_naive_per_token_loop():
             i = int(ids[s, p])
             if i >= 0:
                 for n in range(b.shape[1]):
-                    shrunk = [float(weights[s, p]) * float(scales[i]) * float((x[t] * a[i, j]).sum()) for j in range(a.shape[1])]
+                    shrunk = [
+                        float(weights[s, p]) * float(scales[i]) * float((x[t] * a[i, j]).sum())
+                        for j in range(a.shape[1])
+                    ]
                     expected[t, n] += sum(shrunk[j] * float(b[i, n, j]) for j in range(a.shape[1]))
-    assert torch.allclose(dlp.fused_lora_reference(x, a, b, offsets, ids, weights, None, scales), expected, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(
+        dlp.fused_lora_reference(x, a, b, offsets, ids, weights, None, scales),
+        expected,
+        rtol=1e-10,
+        atol=1e-12,
+    )
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -168,7 +209,16 @@ def test_torch_path_methods_match_reference(method):
     inputs = _poison_beyond_rank(inputs)
     plan = build_plan(inputs["seq_offsets"], inputs["adapter_ids"], inputs["adapter_weights"], PADDED.L)
     out = torch.zeros_like(ref, dtype=torch.float32)
-    fused_lora_torch(inputs["x"], inputs["lora_a"], inputs["lora_b"], plan, out, inputs["ranks"], inputs["scales"], method=method)
+    fused_lora_torch(
+        inputs["x"],
+        inputs["lora_a"],
+        inputs["lora_b"],
+        plan,
+        out,
+        inputs["ranks"],
+        inputs["scales"],
+        method=method,
+    )
     assert rel_error(out, ref) < 1e-5
 
 
@@ -186,7 +236,9 @@ def test_seq_bmm_refuses_ragged_batches():
     inputs = make_inputs(CASES[1])
     plan = build_plan(inputs["seq_offsets"], inputs["adapter_ids"], inputs["adapter_weights"], CASES[1].L)
     with pytest.raises(ValueError, match="one common, non-zero length"):
-        fused_lora_torch(inputs["x"], inputs["lora_a"], inputs["lora_b"], plan, torch.zeros(63, 70), method="seq_bmm")
+        fused_lora_torch(
+            inputs["x"], inputs["lora_a"], inputs["lora_b"], plan, torch.zeros(63, 70), method="seq_bmm"
+        )
 
 
 @pytest.mark.parametrize("method", ["grouped", "dense", "seq_bmm"])
@@ -202,7 +254,16 @@ def test_every_torch_method_on_every_case(case, method):
         pytest.skip("seq_bmm serves padded batches only")
     ref = reference_delta(inputs)
     out = torch.zeros(ref.shape)
-    fused_lora_torch(inputs["x"], inputs["lora_a"], inputs["lora_b"], plan, out, inputs["ranks"], inputs["scales"], method=method)
+    fused_lora_torch(
+        inputs["x"],
+        inputs["lora_a"],
+        inputs["lora_b"],
+        plan,
+        out,
+        inputs["ranks"],
+        inputs["scales"],
+        method=method,
+    )
     assert rel_error(out, ref) < 1e-5 if ref.abs().sum() else out.abs().sum() == 0
 
 
@@ -214,5 +275,7 @@ def test_gap_regression_on_the_grouped_method():
     inputs["adapter_ids"] = torch.tensor([[0, 0], [-1, -1], [0, -1]])
     plan = build_plan(inputs["seq_offsets"], inputs["adapter_ids"], inputs["adapter_weights"], 2)
     out = torch.zeros(6, 5)
-    fused_lora_torch(inputs["x"], inputs["lora_a"], inputs["lora_b"], plan, out, scales=inputs["scales"], method="grouped")
+    fused_lora_torch(
+        inputs["x"], inputs["lora_a"], inputs["lora_b"], plan, out, scales=inputs["scales"], method="grouped"
+    )
     assert rel_error(out, reference_delta(inputs)) < 1e-5

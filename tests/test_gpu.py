@@ -2,18 +2,34 @@
 
 import pytest
 import torch
+from lora_cases import Case, make_inputs, reference_delta, rel_error
 
 import dlplora_triton as dlp
-from lora_cases import Case, make_inputs, reference_delta, rel_error
 
 pytestmark = pytest.mark.gpu
 
 GPU_CASES = [
     Case("decode_S64_P3_L32", [1] * 64, P=3, L=32, K=4096, N=4096, R=16, empty_slot_frac=0.1),
-    Case("decode_hidden2049_N1000_ranks1to128_L128", [1] * 48, P=4, L=128, K=2049, N=1000, R=128,
-         ranks=[1 + (i * 37) % 128 for i in range(128)]),
-    Case("prefill_8x512_mixed", [512, 3, 0, 511, 64, 200, 1, 7], P=2, L=8, K=1024, N=1536, R=64,
-         ranks=[8, 16, 64, 1, 32, 48, 0, 17]),
+    Case(
+        "decode_hidden2049_N1000_ranks1to128_L128",
+        [1] * 48,
+        P=4,
+        L=128,
+        K=2049,
+        N=1000,
+        R=128,
+        ranks=[1 + (i * 37) % 128 for i in range(128)],
+    ),
+    Case(
+        "prefill_8x512_mixed",
+        [512, 3, 0, 511, 64, 200, 1, 7],
+        P=2,
+        L=8,
+        K=1024,
+        N=1536,
+        R=64,
+        ranks=[8, 16, 64, 1, 32, 48, 0, 17],
+    ),
     Case("shared_adapter_S128", [1] * 128, P=2, L=16, K=4096, N=1024, R=16, shared_adapter=5),
 ]
 
@@ -49,10 +65,19 @@ def test_planned_call_is_captured_in_a_cuda_graph():
     out = torch.zeros(T, case.N, device="cuda", dtype=torch.float16)
 
     def step():
-        plan = dlp.build_plan(inputs["seq_offsets"], inputs["adapter_ids"], inputs["adapter_weights"], L, num_tokens=T)
+        plan = dlp.build_plan(
+            inputs["seq_offsets"], inputs["adapter_ids"], inputs["adapter_weights"], L, num_tokens=T
+        )
         out.zero_()
-        dlp.fused_lora_planned(inputs["x"], inputs["lora_a"], inputs["lora_b"], plan,
-                               ranks=inputs["ranks"], scales=inputs["scales"], out=out)
+        dlp.fused_lora_planned(
+            inputs["x"],
+            inputs["lora_a"],
+            inputs["lora_b"],
+            plan,
+            ranks=inputs["ranks"],
+            scales=inputs["scales"],
+            out=out,
+        )
 
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -77,7 +102,9 @@ def test_repeated_calls_do_not_grow_allocated_memory():
     out = torch.zeros(inputs["x"].shape[0], GPU_CASES[0].N, device="cuda", dtype=torch.bfloat16)
 
     def call():
-        dlp.fused_lora_planned(inputs["x"], inputs["lora_a"], inputs["lora_b"], plan, scales=inputs["scales"], out=out)
+        dlp.fused_lora_planned(
+            inputs["x"], inputs["lora_a"], inputs["lora_b"], plan, scales=inputs["scales"], out=out
+        )
 
     call()
     torch.cuda.synchronize()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 from torch import nn
@@ -54,7 +53,9 @@ def routing(seq_lens: list[int], rows: list[list[tuple[int, float]]]):
 def expected(base, x2d, factors, offsets, ids, weights):
     """base(x) + the reference delta, in float64."""
     a, b, ranks, scales = stack_factors(factors, K, N, torch.float64, "cpu")
-    delta = fused_lora_reference(x2d.double(), a, b, offsets, ids, weights.double(), torch.tensor(ranks), torch.tensor(scales))
+    delta = fused_lora_reference(
+        x2d.double(), a, b, offsets, ids, weights.double(), torch.tensor(ranks), torch.tensor(scales)
+    )
     return base(x2d) + delta.to(x2d.dtype)
 
 
@@ -74,7 +75,9 @@ def test_forward_adds_each_rows_mix(kind):
     offsets, ids, weights = routing([2, 0, 5], [[(2, 1.0)], [(0, 1.0)], [(0, -1.0), (3, 0.25)]])
     layer.plan_source = FixedPlan(build_plan(offsets, ids, weights, 4, num_tokens=7))
     x = torch.randn(7, K)
-    torch.testing.assert_close(layer(x), expected(base, x, factors, offsets, ids, weights), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        layer(x), expected(base, x, factors, offsets, ids, weights), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_wraps_without_copying_the_base_weight():
@@ -93,7 +96,9 @@ def test_stacks_layout_ranks_and_scales():
     assert layer.lora_a.shape == (3, 5, K) and layer.lora_b.shape == (3, N, 5)
     assert layer.ranks.tolist() == [3, 0, 5] and layer.ranks.dtype == torch.int32
     assert layer.scales.tolist() == [0.5, 0.0, 2.5] and layer.scales.dtype == torch.float32
-    assert torch.equal(layer.lora_a[0, :3], factors[0][0]) and torch.equal(layer.lora_b[0, :, :3], factors[0][1])
+    assert torch.equal(layer.lora_a[0, :3], factors[0][0]) and torch.equal(
+        layer.lora_b[0, :, :3], factors[0][1]
+    )
     assert not layer.lora_a[0, 3:].any() and not layer.lora_b[0, :, 3:].any() and not layer.lora_a[1].any()
     for got, want in zip(layer.factors(), factors):
         assert (got is None) == (want is None)

@@ -14,11 +14,10 @@ import math
 import warnings
 from contextlib import contextmanager
 
+import peft_helpers
 import pytest
 import torch
 from torch import nn
-
-import peft_helpers
 
 import dlplora_triton as dlp
 from dlplora_triton import patch as patch_module
@@ -34,8 +33,16 @@ REL_TOL = 1e-4  # fp32: the fused path sums the same products in another order t
 # ---------------------------------------------------------------------------------------------- models
 
 _DECODER = dict(
-    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-    vocab_size=VOCAB, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=VOCAB,
+    max_position_embeddings=64,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
 )
 
 
@@ -52,11 +59,20 @@ def _build(arch: str) -> nn.Module:
     if arch == "phi3":  # fused qkv_proj and gate_up_proj
         return t.Phi3ForCausalLM(t.Phi3Config(**_DECODER))
     if arch == "gpt2":  # Conv1D, weight [in, out]
-        config = t.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64, bos_token_id=1, eos_token_id=2)
+        config = t.GPT2Config(
+            n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64, bos_token_id=1, eos_token_id=2
+        )
         return t.GPT2LMHeadModel(config)
     if arch == "bert":  # encoder; its pooler's dense layer sees [B, H] inputs
-        config = t.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                              vocab_size=VOCAB, max_position_embeddings=64, pad_token_id=0)
+        config = t.BertConfig(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            vocab_size=VOCAB,
+            max_position_embeddings=64,
+            pad_token_id=0,
+        )
         return t.BertModel(config)
     raise ValueError(arch)
 
@@ -69,13 +85,16 @@ def make_model(arch: str, seed: int = 0) -> nn.Module:
         for name, p in model.named_parameters():
             if p.dim() == 2:
                 fan_in = p.shape[0] if "c_" in name and "gpt2" in type(model).__name__.lower() else p.shape[1]
-                p.normal_(0.0, 1.0 if "emb" in name or "wte" in name or "wpe" in name else 1.0 / math.sqrt(fan_in))
+                p.normal_(
+                    0.0, 1.0 if "emb" in name or "wte" in name or "wpe" in name else 1.0 / math.sqrt(fan_in)
+                )
     return model.eval()
 
 
 def save_adapter(base: nn.Module, path, seed: int, **config) -> str:
     """A PEFT adapter with random A and B of standard deviation 0.2, saved to ``path``."""
     return peft_helpers.save_adapter(base, path, seed, scale=0.2, **config)
+
 
 def run(model: nn.Module, ids: torch.Tensor, **kwargs) -> torch.Tensor:
     with torch.no_grad():
@@ -90,14 +109,20 @@ class PeftOracle:
         names = list(paths)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            self.model = PeftModel.from_pretrained(copy.deepcopy(base), paths[names[0]], adapter_name=names[0])
+            self.model = PeftModel.from_pretrained(
+                copy.deepcopy(base), paths[names[0]], adapter_name=names[0]
+            )
             for name in names[1:]:
                 self.model.load_adapter(paths[name], adapter_name=name)
         self.model.eval()
         self.mixes = 0
 
     def _lora_modules(self, adapter: str):
-        return [m for m in self.model.modules() if isinstance(getattr(m, "scaling", None), dict) and adapter in m.scaling]
+        return [
+            m
+            for m in self.model.modules()
+            if isinstance(getattr(m, "scaling", None), dict) and adapter in m.scaling
+        ]
 
     @contextmanager
     def active(self, row):
@@ -106,7 +131,7 @@ class PeftOracle:
                 yield
             return
         if len(row) == 1:
-            (name, weight), = row
+            ((name, weight),) = row
             modules = self._lora_modules(name)
             saved = [m.scaling[name] for m in modules]
             for m in modules:
@@ -122,7 +147,9 @@ class PeftOracle:
         mix = f"mix{self.mixes}"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            self.model.add_weighted_adapter([n for n, _ in row], [w for _, w in row], adapter_name=mix, combination_type="cat")
+            self.model.add_weighted_adapter(
+                [n for n, _ in row], [w for _, w in row], adapter_name=mix, combination_type="cat"
+            )
         for m in self._lora_modules(mix):
             m.scaling[mix] = 1.0  # see the module docstring (rsLoRA flag copied onto the merged adapter)
         self.model.set_adapter(mix)
@@ -150,11 +177,18 @@ def rel_error(got: torch.Tensor, want: torch.Tensor) -> float:
 
 # Two adapters per architecture: different targets, different ranks, one with rsLoRA.
 ADAPTERS = {
-    "llama": (dict(target_modules=["q_proj", "v_proj", "down_proj"]),
-              dict(target_modules=["k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"])),
-    "phi3": (dict(target_modules=["qkv_proj"]), dict(target_modules=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"])),
-    "gpt2": (dict(target_modules=["c_attn"], fan_in_fan_out=True),
-             dict(target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True)),
+    "llama": (
+        dict(target_modules=["q_proj", "v_proj", "down_proj"]),
+        dict(target_modules=["k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"]),
+    ),
+    "phi3": (
+        dict(target_modules=["qkv_proj"]),
+        dict(target_modules=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]),
+    ),
+    "gpt2": (
+        dict(target_modules=["c_attn"], fan_in_fan_out=True),
+        dict(target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True),
+    ),
     "bert": (dict(target_modules=["query", "value"]), dict(target_modules=["key", "dense"])),
 }
 ADAPTERS["qwen2"] = ADAPTERS["mistral"] = ADAPTERS["gemma"] = ADAPTERS["llama"]
@@ -232,10 +266,18 @@ def test_rank_and_alpha_patterns(tmp_path):
     base = make_model("llama")
     paths = {
         "pat": save_adapter(
-            base, tmp_path / "pat", 3, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
-            rank_pattern={"v_proj": 2, "layers.1.self_attn.q_proj": 6}, alpha_pattern={"down_proj": 3, "layers.0.self_attn.v_proj": 5},
+            base,
+            tmp_path / "pat",
+            3,
+            r=4,
+            lora_alpha=8,
+            target_modules=["q_proj", "v_proj", "down_proj"],
+            rank_pattern={"v_proj": 2, "layers.1.self_attn.q_proj": 6},
+            alpha_pattern={"down_proj": 3, "layers.0.self_attn.v_proj": 5},
         ),
-        "plain": save_adapter(base, tmp_path / "plain", 4, r=3, lora_alpha=3, target_modules=["q_proj", "up_proj"]),
+        "plain": save_adapter(
+            base, tmp_path / "plain", 4, r=3, lora_alpha=3, target_modules=["q_proj", "up_proj"]
+        ),
     }
     model = copy.deepcopy(base)
     lora = dlp.attach(model, paths)
@@ -253,13 +295,34 @@ def test_rank_and_alpha_patterns(tmp_path):
 def test_layers_to_transform_and_regex_targets(tmp_path):
     base = make_model("qwen2")
     paths = {
-        "upper": save_adapter(base, tmp_path / "upper", 5, r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"], layers_to_transform=[1]),
-        "regex": save_adapter(base, tmp_path / "regex", 6, r=2, lora_alpha=4, target_modules=r".*\.layers\.0\.self_attn\.(q|k)_proj"),
+        "upper": save_adapter(
+            base,
+            tmp_path / "upper",
+            5,
+            r=4,
+            lora_alpha=4,
+            target_modules=["q_proj", "v_proj"],
+            layers_to_transform=[1],
+        ),
+        "regex": save_adapter(
+            base,
+            tmp_path / "regex",
+            6,
+            r=2,
+            lora_alpha=4,
+            target_modules=r".*\.layers\.0\.self_attn\.(q|k)_proj",
+        ),
     }
     model = copy.deepcopy(base)
     lora = dlp.attach(model, paths)
-    assert lora.adapters["upper"].targets == ("model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj")
-    assert lora.adapters["regex"].targets == ("model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.q_proj")
+    assert lora.adapters["upper"].targets == (
+        "model.layers.1.self_attn.q_proj",
+        "model.layers.1.self_attn.v_proj",
+    )
+    assert lora.adapters["regex"].targets == (
+        "model.layers.0.self_attn.k_proj",
+        "model.layers.0.self_attn.q_proj",
+    )
     assert isinstance(model.model.layers[0].self_attn.v_proj, nn.Linear)  # targeted by neither
     oracle = PeftOracle(base, paths)
     selection = [[("upper", 0.9)], [("regex", -1.5)], []]
@@ -275,7 +338,9 @@ def test_tensor_selection_equals_list_selection(arch_setup):
     lora.select([[("a", 0.25), ("b", 0.75)], [], [("b", -2.0)]])
     by_names = run(model, ids)
     a, b = lora.names.index("a"), lora.names.index("b")
-    lora.select((torch.tensor([[a, b], [-1, -1], [-1, b]]), torch.tensor([[0.25, 0.75], [0.0, 0.0], [9.0, -2.0]])))
+    lora.select(
+        (torch.tensor([[a, b], [-1, -1], [-1, b]]), torch.tensor([[0.25, 0.75], [0.0, 0.0], [9.0, -2.0]]))
+    )
     assert torch.equal(run(model, ids), by_names)
 
 
@@ -294,8 +359,8 @@ def _left_padded(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     ids = torch.zeros(len(prompts), width, dtype=torch.long)
     mask = torch.zeros(len(prompts), width, dtype=torch.long)
     for s, p in enumerate(prompts):
-        ids[s, width - len(p):] = torch.tensor(p)
-        mask[s, width - len(p):] = 1
+        ids[s, width - len(p) :] = torch.tensor(p)
+        mask[s, width - len(p) :] = 1
     return ids, mask
 
 
@@ -314,12 +379,15 @@ def test_generate_matches_peft_with_left_padding(llama_generation):
         with lora.selection([mix]), torch.no_grad():
             ours_alone = model.generate(input_ids=alone_ids, attention_mask=torch.ones_like(alone_ids), **GEN)
         peft_alone = oracle.generate(mix, alone_ids, attention_mask=torch.ones_like(alone_ids), **GEN)
-        new = batch[s, ids.shape[1]:]
-        assert ours_alone[0, len(prompt):].tolist() == peft_alone[0, len(prompt):].tolist(), f"row {s}"
-        assert new.tolist() == peft_alone[0, len(prompt):].tolist(), f"row {s} in the padded batch"
+        new = batch[s, ids.shape[1] :]
+        assert ours_alone[0, len(prompt) :].tolist() == peft_alone[0, len(prompt) :].tolist(), f"row {s}"
+        assert new.tolist() == peft_alone[0, len(prompt) :].tolist(), f"row {s} in the padded batch"
     # Outside the block the base model is back.
     with torch.no_grad():
-        assert torch.equal(model.generate(input_ids=ids, attention_mask=mask, **GEN), base.generate(input_ids=ids, attention_mask=mask, **GEN))
+        assert torch.equal(
+            model.generate(input_ids=ids, attention_mask=mask, **GEN),
+            base.generate(input_ids=ids, attention_mask=mask, **GEN),
+        )
 
 
 def test_plan_built_once_per_forward_and_per_tokens_per_row(llama_generation, monkeypatch):
@@ -393,11 +461,17 @@ def test_failed_attach_changes_nothing(arch_setup, tmp_path):
     other.model.layers[1].self_attn.q_proj = nn.Linear(32, 48, bias=False)  # a model of another shape
     wrong_shape = save_adapter(other, tmp_path / "wrong", 9, r=4, target_modules=["q_proj"])
     dora = save_adapter(base, tmp_path / "dora", 10, r=4, target_modules=["q_proj"], use_dora=True)
-    to_save = save_adapter(base, tmp_path / "mts", 11, r=4, target_modules=["q_proj"], modules_to_save=["lm_head"])
+    to_save = save_adapter(
+        base, tmp_path / "mts", 11, r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]
+    )
     model = copy.deepcopy(base)
     snapshot = _snapshot(model)
     cases = [
-        ({"a": paths["a"], "wrong": wrong_shape}, ValueError, r"'wrong'.*model\.layers\.1\.self_attn\.q_proj.*does not fit"),
+        (
+            {"a": paths["a"], "wrong": wrong_shape},
+            ValueError,
+            r"'wrong'.*model\.layers\.1\.self_attn\.q_proj.*does not fit",
+        ),
         ({"a": paths["a"], "dora": dora}, ValueError, r"'dora'.*DoRA"),
         ({"mts": to_save}, ValueError, r"'mts'.*modules_to_save"),
         ({"a": paths["a"], "gone": str(tmp_path / "missing")}, FileNotFoundError, r"'gone'"),
@@ -532,7 +606,13 @@ def test_names_adapters_and_repr(arch_setup):
     assert lora.adapters["a"].targets == ("transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_attn")
     lora.select([[("a", 1.0)]])
     text = repr(lora)
-    assert "'a'" in text and "'b'" in text and "rslora" in text and "1 rows" in text and "GPT2LMHeadModel" in text
+    assert (
+        "'a'" in text
+        and "'b'" in text
+        and "rslora" in text
+        and "1 rows" in text
+        and "GPT2LMHeadModel" in text
+    )
 
 
 # ------------------------------------------------------------------------------ packed variable length
@@ -555,7 +635,9 @@ def test_packed_variable_length_selection(tmp_path):
     base = TokenMLP().eval()
     paths = {
         "u": save_adapter(base, tmp_path / "u", 13, r=3, lora_alpha=6, target_modules=["up"]),
-        "d": save_adapter(base, tmp_path / "d", 14, r=5, lora_alpha=5, target_modules=["up", "down"], use_rslora=True),
+        "d": save_adapter(
+            base, tmp_path / "d", 14, r=5, lora_alpha=5, target_modules=["up", "down"], use_rslora=True
+        ),
     }
     model = copy.deepcopy(base)
     lora = dlp.attach(model, paths)
@@ -580,7 +662,13 @@ def test_packed_variable_length_selection(tmp_path):
         torch.testing.assert_close(packed[offsets[s] : offsets[s + 1]], alone, rtol=1e-5, atol=1e-6)
     # The tensor form with seq_offsets gives the same.
     u, d = lora.names.index("u"), lora.names.index("d")
-    lora.select((torch.tensor([[u, d], [d, -1], [-1, -1], [d, -1]]), torch.tensor([[0.4, 0.6], [1.0, 0], [0, 0], [-2.0, 0]])), seq_offsets=offsets)
+    lora.select(
+        (
+            torch.tensor([[u, d], [d, -1], [-1, -1], [d, -1]]),
+            torch.tensor([[0.4, 0.6], [1.0, 0], [0, 0], [-2.0, 0]]),
+        ),
+        seq_offsets=offsets,
+    )
     with torch.no_grad():
         assert torch.equal(model(x), packed)
     with pytest.raises(ValueError, match="seq_offsets"):

@@ -4,9 +4,9 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from lora_cases import Case, make_inputs, reference_delta, rel_error
 
 import dlplora_triton as dlp
-from lora_cases import Case, make_inputs, reference_delta, rel_error
 
 pytestmark = pytest.mark.interpreter
 
@@ -16,7 +16,13 @@ def routings(draw, max_seqs=6, max_len=9, max_slots=4, max_adapters=9):
     seq_lens = draw(st.lists(st.integers(0, max_len), min_size=1, max_size=max_seqs))
     P = draw(st.integers(0, max_slots))
     L = draw(st.integers(1, max_adapters))
-    ids = draw(st.lists(st.lists(st.integers(-1, L - 1), min_size=P, max_size=P), min_size=len(seq_lens), max_size=len(seq_lens)))
+    ids = draw(
+        st.lists(
+            st.lists(st.integers(-1, L - 1), min_size=P, max_size=P),
+            min_size=len(seq_lens),
+            max_size=len(seq_lens),
+        )
+    )
     offsets = torch.tensor([0] + list(torch.tensor(seq_lens).cumsum(0).tolist()))
     ids = torch.tensor(ids, dtype=torch.int64).reshape(len(seq_lens), P)
     weights = torch.randn(len(seq_lens), P)
@@ -35,7 +41,9 @@ def test_plan_covers_every_row_once_grouped_by_adapter(routing):
 
     # Shrink tiles: every non-empty (token, slot) row in exactly one tile, each tile one adapter.
     covered = torch.zeros(T * P, dtype=torch.int64)
-    for a, start, end in zip(plan.shrink_tile_adapter.tolist(), plan.shrink_tile_start.tolist(), plan.shrink_tile_end.tolist()):
+    for a, start, end in zip(
+        plan.shrink_tile_adapter.tolist(), plan.shrink_tile_start.tolist(), plan.shrink_tile_end.tolist()
+    ):
         assert end - start <= plan.shrink_block_m
         rows = plan.sorted_rows[start:end].long()
         covered[rows] += 1
@@ -51,11 +59,21 @@ def test_plan_covers_every_row_once_grouped_by_adapter(routing):
 
 
 @settings(max_examples=60, deadline=None)
-@given(routings(max_adapters=5), st.integers(1, 40), st.integers(1, 40), st.integers(1, 20), st.sampled_from(["torch", "triton"]))
+@given(
+    routings(max_adapters=5),
+    st.integers(1, 40),
+    st.integers(1, 40),
+    st.integers(1, 20),
+    st.sampled_from(["torch", "triton"]),
+)
 def test_fused_lora_matches_reference(routing, K, N, R, backend):
     offsets, ids, weights, L = routing
     seq_lens = offsets.diff().tolist()
-    inputs = make_inputs(Case("hyp", seq_lens, P=ids.shape[1], L=L, K=K, N=N, R=R, ranks=torch.randint(0, R + 1, (L,)).tolist()))
+    inputs = make_inputs(
+        Case(
+            "hyp", seq_lens, P=ids.shape[1], L=L, K=K, N=N, R=R, ranks=torch.randint(0, R + 1, (L,)).tolist()
+        )
+    )
     inputs.update(seq_offsets=offsets, adapter_ids=ids, adapter_weights=weights)
     ref = reference_delta(inputs)
     y = dlp.fused_lora(**inputs, backend=backend)
@@ -67,19 +85,44 @@ def test_fused_lora_matches_reference(routing, K, N, R, backend):
 
 
 @settings(max_examples=60, deadline=None)
-@given(routings(max_adapters=5), st.integers(1, 30), st.integers(1, 30), st.integers(1, 12), st.sampled_from(["grouped", "dense", "seq_bmm"]))
+@given(
+    routings(max_adapters=5),
+    st.integers(1, 30),
+    st.integers(1, 30),
+    st.integers(1, 12),
+    st.sampled_from(["grouped", "dense", "seq_bmm"]),
+)
 def test_torch_methods_match_reference(routing, K, N, R, method):
     from dlplora_triton.plan import build_plan
     from dlplora_triton.reference import fused_lora_torch
 
     offsets, ids, weights, L = routing
-    inputs = make_inputs(Case("hyp", offsets.diff().tolist(), P=ids.shape[1], L=L, K=K, N=N, R=R,
-                              ranks=torch.randint(0, R + 1, (L,)).tolist()))
+    inputs = make_inputs(
+        Case(
+            "hyp",
+            offsets.diff().tolist(),
+            P=ids.shape[1],
+            L=L,
+            K=K,
+            N=N,
+            R=R,
+            ranks=torch.randint(0, R + 1, (L,)).tolist(),
+        )
+    )
     inputs.update(seq_offsets=offsets, adapter_ids=ids, adapter_weights=weights)
     plan = build_plan(offsets, ids, weights, L)
     if method == "seq_bmm" and plan.uniform_seq_len() == 0:
         method = "grouped"  # seq_bmm serves padded batches only
     ref = reference_delta(inputs)
     out = torch.zeros(ref.shape)
-    fused_lora_torch(inputs["x"], inputs["lora_a"], inputs["lora_b"], plan, out, inputs["ranks"], inputs["scales"], method=method)
+    fused_lora_torch(
+        inputs["x"],
+        inputs["lora_a"],
+        inputs["lora_b"],
+        plan,
+        out,
+        inputs["ranks"],
+        inputs["scales"],
+        method=method,
+    )
     assert rel_error(out, ref) < 1e-5 if ref.abs().sum() else out.abs().sum() == 0

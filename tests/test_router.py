@@ -46,8 +46,21 @@ def _select(rows, **kw):
         ([[0.9, 0.1, 0.0], [0.4, 0.3, 0.3]], {"p": 0.95}, [[0, 1, -1], [0, 1, 2]]),  # -1 padding, P = max
         ([[0.0, 0.0, 1.0], [0.5, 0.5, 0.0]], {"p": 1.0}, [[2, -1], [0, 1]]),
     ],
-    ids=["crossing", "exact-p-stops", "first-always", "descending", "p=1", "top_k", "top_k-after-cut", "ties",
-         "tie-behind", "tie-pair", "zeros", "padding", "padding-2"],
+    ids=[
+        "crossing",
+        "exact-p-stops",
+        "first-always",
+        "descending",
+        "p=1",
+        "top_k",
+        "top_k-after-cut",
+        "ties",
+        "tie-behind",
+        "tie-pair",
+        "zeros",
+        "padding",
+        "padding-2",
+    ],
 )
 def test_hand_computed_ids(rows, kw, ids):
     got, weights = _select(rows, **kw)
@@ -59,11 +72,15 @@ def test_hand_computed_ids(rows, kw, ids):
 
 def test_renorm_and_softmax_weights():
     _, renorm = _select([[0.5, 0.3, 0.2], [0.1, 0.2, 0.7]], p=0.6)
-    assert torch.allclose(renorm, torch.tensor([[0.5 / 0.8, 0.3 / 0.8], [1.0, 0.0]], dtype=torch.float64), atol=1e-7)
+    assert torch.allclose(
+        renorm, torch.tensor([[0.5 / 0.8, 0.3 / 0.8], [1.0, 0.0]], dtype=torch.float64), atol=1e-7
+    )
     ids, soft = _select([[0.5, 0.3, 0.2], [0.1, 0.2, 0.7]], p=0.6, weighting="softmax")
     e5, e3 = math.exp(0.5), math.exp(0.3)
     assert ids == [[0, 1], [2, -1]]
-    assert torch.allclose(soft, torch.tensor([[e5 / (e5 + e3), e3 / (e5 + e3)], [1.0, 0.0]], dtype=torch.float64), atol=1e-7)
+    assert torch.allclose(
+        soft, torch.tensor([[e5 / (e5 + e3), e3 / (e5 + e3)], [1.0, 0.0]], dtype=torch.float64), atol=1e-7
+    )
 
 
 def test_dtypes_devices_and_empty_batch():
@@ -150,8 +167,8 @@ def test_properties(rows, p, top_k, weighting):
     for row_ids, row_w, exp, row_p in zip(ids.tolist(), weights.tolist(), expected, probs.tolist()):
         kept = [i for i in row_ids if i >= 0]
         assert kept == exp and len(kept) >= 1  # a prefix of the stable descending order, at least one
-        assert row_ids[len(kept):] == [-1] * (len(row_ids) - len(kept))  # -1 only after the kept ones
-        assert all(w == 0 for w in row_w[len(kept):]) and all(w > 0 for w in row_w[: len(kept)])
+        assert row_ids[len(kept) :] == [-1] * (len(row_ids) - len(kept))  # -1 only after the kept ones
+        assert all(w == 0 for w in row_w[len(kept) :]) and all(w > 0 for w in row_w[: len(kept)])
         assert all(row_p[i] > 0 for i in kept)
         assert math.isclose(sum(row_w), 1.0, rel_tol=1e-6)
         if weighting == "renorm":
@@ -174,7 +191,10 @@ def split():
         per_task.setdefault(t, []).append(i)
     train = [i for idx in per_task.values() for i in idx[:100]]
     unseen = [i for idx in per_task.values() for i in idx[100:130]]
-    return ([texts[i] for i in train], [tasks[i] for i in train]), ([texts[i] for i in unseen], [tasks[i] for i in unseen])
+    return ([texts[i] for i in train], [tasks[i] for i in train]), (
+        [texts[i] for i in unseen],
+        [tasks[i] for i in unseen],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -200,8 +220,18 @@ def test_trains_to_high_accuracy(router, split):
 
 def test_default_size_is_about_5m():
     # Constructing the default-size net does not need training: count its parameters.
-    r = Router(["a", "b"], {"source": "hash", "num_buckets": 2**18, "embed_dim": 16, "char_ngrams": [2, 4], "word_ngrams": 2,
-                            "max_chars": 2048}, {"hidden": [256, 256], "dropout": 0.1})
+    r = Router(
+        ["a", "b"],
+        {
+            "source": "hash",
+            "num_buckets": 2**18,
+            "embed_dim": 16,
+            "char_ngrams": [2, 4],
+            "word_ngrams": 2,
+            "max_chars": 2048,
+        },
+        {"hidden": [256, 256], "dropout": 0.1},
+    )
     assert 4_000_000 < r.num_parameters < 6_000_000
 
 
@@ -218,7 +248,10 @@ def test_route_equals_top_p_select(router, split, kw):
     _, (unseen, _) = split
     texts = unseen[:40] + [unseen[0] + " " + unseen[-1]]  # two tasks in one prompt
     ids, weights = top_p_select(router.predict_proba(texts), **kw)
-    expected = [[(router.names[i], w) for i, w in zip(r_ids, r_w) if i >= 0] for r_ids, r_w in zip(ids.tolist(), weights.tolist())]
+    expected = [
+        [(router.names[i], w) for i, w in zip(r_ids, r_w) if i >= 0]
+        for r_ids, r_w in zip(ids.tolist(), weights.tolist())
+    ]
     assert router.route(texts, **kw) == expected
 
 
@@ -252,8 +285,16 @@ def test_save_load_identical_in_this_and_a_fresh_process(router, split, tmp_path
         "torch.save(r.predict_proba(texts), sys.argv[3])"
     )
     subprocess.run(
-        [sys.executable, "-c", code, str(tmp_path / "r"), str(tmp_path / "texts.json"), str(tmp_path / "p.pt")],
-        check=True, env={**__import__("os").environ, "PYTHONHASHSEED": "123"},
+        [
+            sys.executable,
+            "-c",
+            code,
+            str(tmp_path / "r"),
+            str(tmp_path / "texts.json"),
+            str(tmp_path / "p.pt"),
+        ],
+        check=True,
+        env={**__import__("os").environ, "PYTHONHASHSEED": "123"},
     )
     assert torch.equal(torch.load(tmp_path / "p.pt"), probs)
 
@@ -278,7 +319,9 @@ def test_balanced_sampling_and_uneven_tasks(split):
     for balance in ("weight", "sample"):
         r = Router.train([texts[i] for i in keep], [tasks[i] for i in keep], balance=balance, **SMALL)
         assert r.names == ["de", "ja"] and r.report["per_task"]["de"]["count"] == 1
-        assert [row[0][0] for row in r.route(["Die Datei wird nicht gelöscht.", "ファイルは削除されません。"])] == ["de", "ja"]
+        assert [
+            row[0][0] for row in r.route(["Die Datei wird nicht gelöscht.", "ファイルは削除されません。"])
+        ] == ["de", "ja"]
 
 
 @pytest.mark.parametrize(
@@ -358,9 +401,21 @@ def test_model_features(split, encoder, tmp_path):
     (texts, tasks), (unseen, truth) = split
     model, tokenizer = encoder
     keep = [i for i, t in enumerate(tasks) if t in ("code", "ja", "ru")]
-    router = Router.train([texts[i] for i in keep], [tasks[i] for i in keep], features="model", model=model,
-                          tokenizer=tokenizer, hidden=(64,), epochs=15, lr=1e-2)
-    assert router.source == "model" and router.features["hidden_size"] == 32 and router.names == ["code", "ja", "ru"]
+    router = Router.train(
+        [texts[i] for i in keep],
+        [tasks[i] for i in keep],
+        features="model",
+        model=model,
+        tokenizer=tokenizer,
+        hidden=(64,),
+        epochs=15,
+        lr=1e-2,
+    )
+    assert (
+        router.source == "model"
+        and router.features["hidden_size"] == 32
+        and router.names == ["code", "ja", "ru"]
+    )
     # A random-weight model, but its hidden states still carry the tokens: scripts and code separate.
     assert router.report["heldout_accuracy"] >= 0.8, router.report
     probe = [u for u, t in zip(unseen, truth) if t in router.names][:20]
@@ -370,10 +425,13 @@ def test_model_features(split, encoder, tmp_path):
     assert torch.allclose(router.predict_proba(probe[:1]), probs[:1], atol=1e-5)
     ids, weights = top_p_select(probs, p=0.9)
     assert router.route(probe, p=0.9) == [
-        [(router.names[i], w) for i, w in zip(r_ids, r_w) if i >= 0] for r_ids, r_w in zip(ids.tolist(), weights.tolist())
+        [(router.names[i], w) for i, w in zip(r_ids, r_w) if i >= 0]
+        for r_ids, r_w in zip(ids.tolist(), weights.tolist())
     ]
     router.save(tmp_path / "r")
-    assert torch.equal(Router.load(tmp_path / "r", model=model, tokenizer=tokenizer).predict_proba(probe), probs)
+    assert torch.equal(
+        Router.load(tmp_path / "r", model=model, tokenizer=tokenizer).predict_proba(probe), probs
+    )
     with pytest.raises(ValueError, match="pass model= and tokenizer="):
         Router.load(tmp_path / "r")
     with pytest.raises(ValueError, match="needs model="):
@@ -390,14 +448,19 @@ def test_model_features(split, encoder, tmp_path):
 
 
 def _write_jsonl(path: Path, texts, tasks) -> Path:
-    path.write_text("".join(json.dumps({"text": x, "task": t}, ensure_ascii=False) + "\n" for x, t in zip(texts, tasks)), encoding="utf-8")
+    path.write_text(
+        "".join(json.dumps({"text": x, "task": t}, ensure_ascii=False) + "\n" for x, t in zip(texts, tasks)),
+        encoding="utf-8",
+    )
     return path
 
 
 def test_cli_train_and_route(split, tmp_path, capsys):
     (texts, tasks), (unseen, truth) = split
     data = _write_jsonl(tmp_path / "train.jsonl", texts[:500], tasks[:500])
-    assert main(["train-router", "--data", str(data), "--out", str(tmp_path / "router"), "--epochs", "6"]) == 0
+    assert (
+        main(["train-router", "--data", str(data), "--out", str(tmp_path / "router"), "--epochs", "6"]) == 0
+    )
     printed = capsys.readouterr().out
     assert "held-out accuracy" in printed and "per task:" in printed and "most confused" in printed
     assert (tmp_path / "router" / WEIGHTS_FILE).is_file()
@@ -415,7 +478,9 @@ def test_cli_train_and_route(split, tmp_path, capsys):
     mixed = unseen[0] + " " + unseen[-1]  # two tasks in one prompt: no probability of exactly 1
     top = float(router.predict_proba([mixed]).max())
     assert top < 0.999
-    assert main(["route", "--router", str(tmp_path / "router"), mixed, "--min-confidence", str(top + 1e-4)]) == 0
+    assert (
+        main(["route", "--router", str(tmp_path / "router"), mixed, "--min-confidence", str(top + 1e-4)]) == 0
+    )
     assert capsys.readouterr().out.strip().endswith(": (base model)")
 
 
@@ -424,7 +489,10 @@ def test_cli_train_and_route(split, tmp_path, capsys):
     [
         (["train-router", "--data", "{tmp}/missing.jsonl", "--out", "{tmp}/r"], "missing.jsonl' not found"),
         (["train-router", "--data", "{tmp}/bad.jsonl", "--out", "{tmp}/r"], "bad.jsonl:2: not valid JSON"),
-        (["train-router", "--data", "{tmp}/wrong.jsonl", "--out", "{tmp}/r"], 'wrong.jsonl:1: expected {"text"'),
+        (
+            ["train-router", "--data", "{tmp}/wrong.jsonl", "--out", "{tmp}/r"],
+            'wrong.jsonl:1: expected {"text"',
+        ),
         (["train-router", "--data", "{tmp}/one.jsonl", "--out", "{tmp}/r"], "at least two distinct tasks"),
         (["route", "--router", "{tmp}/nowhere", "hello"], "does not exist"),
         (["route", "--router", "{tmp}", "hello"], "router_config.json' not found"),

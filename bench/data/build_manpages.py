@@ -35,12 +35,58 @@ SECTIONS = {"1": "commands", "2": "syscalls", "3": "library", "5": "formats", "7
 # Font and phrase macros whose arguments are running text (man and mdoc); every other request line
 # (.PP, .TP, .RS, .nf, .if, .de, comments, ...) carries no prose and is dropped.
 _TEXT_MACROS = {
-    "B", "I", "BR", "RB", "IR", "RI", "BI", "IB", "SM", "SB", "UR", "MT",
-    "Nm", "Ar", "Fl", "Cm", "Pa", "Xr", "Va", "Fn", "Fa", "Dv", "Ql", "Sy", "Em", "Li", "Ev", "Er", "Dq",
-    "Pq", "Sq", "Qq", "Op", "Ic", "Ft", "Vt", "Lk", "Tn", "Ux", "Bx", "At", "Nx", "Fx", "Ox", "Dl",
+    "B",
+    "I",
+    "BR",
+    "RB",
+    "IR",
+    "RI",
+    "BI",
+    "IB",
+    "SM",
+    "SB",
+    "UR",
+    "MT",
+    "Nm",
+    "Ar",
+    "Fl",
+    "Cm",
+    "Pa",
+    "Xr",
+    "Va",
+    "Fn",
+    "Fa",
+    "Dv",
+    "Ql",
+    "Sy",
+    "Em",
+    "Li",
+    "Ev",
+    "Er",
+    "Dq",
+    "Pq",
+    "Sq",
+    "Qq",
+    "Op",
+    "Ic",
+    "Ft",
+    "Vt",
+    "Lk",
+    "Tn",
+    "Ux",
+    "Bx",
+    "At",
+    "Nx",
+    "Fx",
+    "Ox",
+    "Dl",
 }
 # mdoc call-able macro names that can appear inside the arguments of another mdoc macro
-_MDOC_WORDS = {m for m in _TEXT_MACROS if len(m) == 2 and m[0].isupper() and m[1].islower()} | {"Ns", "No", "Pf"}
+_MDOC_WORDS = {m for m in _TEXT_MACROS if len(m) == 2 and m[0].isupper() and m[1].islower()} | {
+    "Ns",
+    "No",
+    "Pf",
+}
 
 _ESCAPES = [
     (re.compile(r"\\f(\[[^\]]*\]|\(..|.)"), ""),  # font changes

@@ -55,14 +55,78 @@ LANGS = {"de": ["de"], "fr": ["fr"], "es": ["es"], "ja": ["ja"], "ru": ["ru"], "
 
 # Named glyphs that carry meaning in running text; every other \(xx / \[xxx] escape is dropped.
 _GLYPHS = {
-    "aq": "'", "dq": '"', "lq": '"', "rq": '"', "oq": "'", "cq": "'", "em": "—", "en": "–", "hy": "-",
-    "mi": "-", "bu": "•", "co": "©", "rg": "®", "tm": "™", "de": "°", "ga": "`", "ha": "^", "ti": "~",
-    "Fo": "«", "Fc": "»", "fo": "‹", "fc": "›", "r!": "¡", "r?": "¿", "ss": "ß", "mu": "×", "di": "÷",
-    ":a": "ä", ":o": "ö", ":u": "ü", ":A": "Ä", ":O": "Ö", ":U": "Ü", "'e": "é", "`e": "è", "^e": "ê",
-    "'a": "á", "`a": "à", "^a": "â", ",c": "ç", "'o": "ó", "^o": "ô", "'i": "í", "^i": "î", "'u": "ú",
-    "`u": "ù", "^u": "û", "~n": "ñ", "'E": "É", ":e": "ë", ":i": "ï", "sl": "/", "rs": "\\", "ba": "|",
-    "at": "@", "sh": "#", "Do": "$", "ct": "¢", "Eu": "€", "eu": "€", "Po": "£", "la": "<", "ra": ">",
-    "<-": "←", "->": "→", "<=": "≤", ">=": "≥", "!=": "≠", "pl": "+", "eq": "=", "ua": "↑", "da": "↓",
+    "aq": "'",
+    "dq": '"',
+    "lq": '"',
+    "rq": '"',
+    "oq": "'",
+    "cq": "'",
+    "em": "—",
+    "en": "–",
+    "hy": "-",
+    "mi": "-",
+    "bu": "•",
+    "co": "©",
+    "rg": "®",
+    "tm": "™",
+    "de": "°",
+    "ga": "`",
+    "ha": "^",
+    "ti": "~",
+    "Fo": "«",
+    "Fc": "»",
+    "fo": "‹",
+    "fc": "›",
+    "r!": "¡",
+    "r?": "¿",
+    "ss": "ß",
+    "mu": "×",
+    "di": "÷",
+    ":a": "ä",
+    ":o": "ö",
+    ":u": "ü",
+    ":A": "Ä",
+    ":O": "Ö",
+    ":U": "Ü",
+    "'e": "é",
+    "`e": "è",
+    "^e": "ê",
+    "'a": "á",
+    "`a": "à",
+    "^a": "â",
+    ",c": "ç",
+    "'o": "ó",
+    "^o": "ô",
+    "'i": "í",
+    "^i": "î",
+    "'u": "ú",
+    "`u": "ù",
+    "^u": "û",
+    "~n": "ñ",
+    "'E": "É",
+    ":e": "ë",
+    ":i": "ï",
+    "sl": "/",
+    "rs": "\\",
+    "ba": "|",
+    "at": "@",
+    "sh": "#",
+    "Do": "$",
+    "ct": "¢",
+    "Eu": "€",
+    "eu": "€",
+    "Po": "£",
+    "la": "<",
+    "ra": ">",
+    "<-": "←",
+    "->": "→",
+    "<=": "≤",
+    ">=": "≥",
+    "!=": "≠",
+    "pl": "+",
+    "eq": "=",
+    "ua": "↑",
+    "da": "↓",
 }
 _ESCAPE = re.compile(
     r"\\(?:"
@@ -103,7 +167,21 @@ def _macro_args(rest: str) -> list[str]:
 
 # Sections of English pages that are about authorship and licensing, not the command: their sentences
 # would be label noise between the "shell" and "license" tasks.
-_SKIP_SECTIONS = {"AUTHOR", "AUTHORS", "COPYRIGHT", "LICENSE", "LICENCE", "COPYING", "COLOPHON", "HISTORY", "REPORTING BUGS", "AVAILABILITY", "TRANSLATION", "TRANSLATOR", "TRANSLATORS"}
+_SKIP_SECTIONS = {
+    "AUTHOR",
+    "AUTHORS",
+    "COPYRIGHT",
+    "LICENSE",
+    "LICENCE",
+    "COPYING",
+    "COLOPHON",
+    "HISTORY",
+    "REPORTING BUGS",
+    "AVAILABILITY",
+    "TRANSLATION",
+    "TRANSLATOR",
+    "TRANSLATORS",
+}
 
 
 def roff_paragraphs(source: str) -> list[str]:
@@ -113,8 +191,10 @@ def roff_paragraphs(source: str) -> list[str]:
     for raw in source.splitlines():
         line = raw.rstrip()
         if skip_until is not None:
-            if line.startswith((".", "'")) and line[1:].split()[:1] == [skip_until.lstrip(".")] or (
-                skip_until in (".", "..") and line.strip() == skip_until
+            if (
+                line.startswith((".", "'"))
+                and line[1:].split()[:1] == [skip_until.lstrip(".")]
+                or (skip_until in (".", "..") and line.strip() == skip_until)
             ):
                 skip_until = None
             continue
@@ -156,12 +236,17 @@ _SENTENCE_END = re.compile(r"(?<=[.!?;])\s+(?=[\"'«(\[]?[A-ZÀ-ÖØ-ÞА-ЯЁ0-
 _WORD = re.compile(r"[^\W\d_]+")
 _STOP = {
     "en": set("the and of to is are be that this with for by from which not or an it can as on if".split()),
-    "de": set("der die das und ist nicht ein eine mit für von zu den dem des werden wird auf oder sie wenn "
-              "auch als bei sind kann einen einer durch".split()),
-    "fr": set("le la les et est une un des du pour dans pas qui que ce sont avec par sur ou être "
-              "cette peut au aux ne si".split()),
-    "es": set("el la los las y es un una de del para con que por se no en como al su este esta "
-              "puede son si".split()),
+    "de": set(
+        "der die das und ist nicht ein eine mit für von zu den dem des werden wird auf oder sie wenn "
+        "auch als bei sind kann einen einer durch".split()
+    ),
+    "fr": set(
+        "le la les et est une un des du pour dans pas qui que ce sont avec par sur ou être "
+        "cette peut au aux ne si".split()
+    ),
+    "es": set(
+        "el la los las y es un una de del para con que por se no en como al su este esta puede son si".split()
+    ),
 }
 
 
@@ -180,7 +265,11 @@ def sentences(paragraph: str) -> list[str]:
         if not MIN_CHARS <= len(sentence) <= MAX_CHARS:
             continue
         letters = sum(ch.isalpha() for ch in sentence)
-        if letters < 0.6 * len(sentence.replace(" ", "")) or len(_WORD.findall(sentence)) < 3 and not _CJK.search(sentence):
+        if (
+            letters < 0.6 * len(sentence.replace(" ", ""))
+            or len(_WORD.findall(sentence)) < 3
+            and not _CJK.search(sentence)
+        ):
             continue  # option lists, paths, numbers, code fragments
         out.append(sentence)
     return out
@@ -223,8 +312,12 @@ def _man_files(folders: list[Path], sections: str) -> list[Path]:
                 # gcloud's ~16k generated pages would swamp section 1 (and are not in the OS image);
                 # "::" and .3pm are Perl module pages, not the C API.
                 files += [
-                    f for f in d.glob("*.gz")
-                    if f.is_file() and not f.name.startswith("gcloud") and "::" not in f.name and ".3pm." not in f.name
+                    f
+                    for f in d.glob("*.gz")
+                    if f.is_file()
+                    and not f.name.startswith("gcloud")
+                    and "::" not in f.name
+                    and ".3pm." not in f.name
                 ]
     return sorted(files)
 
@@ -258,7 +351,18 @@ def man_sentences(files: list[Path]) -> list[str]:
 
 
 # Simple statements worth a prompt: calls, assignments, returns, raises, asserts (not bare docstrings).
-_CODE_NODES = (ast.Assign, ast.AugAssign, ast.AnnAssign, ast.Return, ast.Raise, ast.Assert, ast.Expr, ast.If, ast.For, ast.With)
+_CODE_NODES = (
+    ast.Assign,
+    ast.AugAssign,
+    ast.AnnAssign,
+    ast.Return,
+    ast.Raise,
+    ast.Assert,
+    ast.Expr,
+    ast.If,
+    ast.For,
+    ast.With,
+)
 
 
 def python_code(root: Path) -> list[str]:
@@ -319,7 +423,9 @@ def license_sentences() -> list[str]:
         if text.startswith("Format:"):
             text = _dep5_license_text(text)
         # Copyright lines name holders and years, not license terms.
-        text = "\n".join(l for l in text.splitlines() if not l.strip().startswith(("Copyright", "(C)", "(c)", "©")))
+        text = "\n".join(
+            l for l in text.splitlines() if not l.strip().startswith(("Copyright", "(C)", "(c)", "©"))
+        )
         for paragraph in re.split(r"\n\s*\n", text):
             out += [s for s in sentences(paragraph) if is_english(s)]
     return out
