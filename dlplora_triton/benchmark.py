@@ -30,9 +30,9 @@ from pathlib import Path
 
 import torch
 
+from .backends.torch_path import TorchPathCache, fused_lora_torch
 from .ops import fused_lora_planned, workspace_bytes
 from .plan import build_plan
-from .reference import fused_lora_torch
 
 # Results land in the checkout's bench/results/ when run from one, else in ./bench-results/.
 _CHECKOUT_RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
@@ -185,7 +185,8 @@ class LayerCase:
         return run
 
     def loop(self):
-        self.plan.host_groups()  # grouping on the host once, as PEFT's adapter_names bookkeeping
+        cache = TorchPathCache(self.plan)
+        cache.host_groups()  # grouping on the host once, as PEFT's adapter_names bookkeeping
 
         def run():
             d = self._next()
@@ -198,6 +199,7 @@ class LayerCase:
                 self.ranks_host,
                 [2.0] * self.shape.L,
                 method="grouped",
+                cache=cache,
             )
 
         return run

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .backends.torch_path import TorchPathCache
 from .ops import fused_lora_planned
 from .plan import LoRAPlan
 
@@ -68,16 +69,24 @@ class PlanSource:
     def plan_for(self, x: torch.Tensor) -> LoRAPlan:
         raise NotImplementedError(f"{type(self).__name__} must implement plan_for(x)")
 
+    def batch_for(self, x: torch.Tensor) -> tuple[LoRAPlan, TorchPathCache | None]:
+        """The plan for ``x`` and the PyTorch path's cache of it (None: none kept)."""
+        return self.plan_for(x), None
+
 
 class FixedPlan(PlanSource):
     """A plan built by the caller, used for every input (its ``num_tokens`` must match the input)."""
 
     def __init__(self, plan: LoRAPlan):
         self.plan = plan
+        self.cache = TorchPathCache(plan)
         self.adapter_mask = -1 if plan.num_tokens * plan.num_slots > 0 else 0
 
     def plan_for(self, x: torch.Tensor) -> LoRAPlan:
         return self.plan
+
+    def batch_for(self, x: torch.Tensor) -> tuple[LoRAPlan, TorchPathCache]:
+        return self.plan, self.cache
 
 
 def stack_factors(
@@ -153,6 +162,8 @@ class MultiLoRALinear(nn.Module):
         self.in_features, self.out_features = features
         self.base = base
         self.plan_source = plan_source
+        # [S, P] float fusion weights replacing the plan's in this layer (MultiLoRA.set_module_gates), or None.
+        self.row_weights: torch.Tensor | None = None
         self.register_buffer("lora_a", lora_a, persistent=False)
         self.register_buffer("lora_b", lora_b, persistent=False)
         self.register_buffer("ranks", torch.zeros(0, dtype=torch.int32), persistent=False)
@@ -225,7 +236,7 @@ class MultiLoRALinear(nn.Module):
         source = self.plan_source
         if source is None or not (source.adapter_mask & self._adapter_mask):
             return y
-        plan = source.plan_for(x)
+        plan, cache = source.batch_for(x)
         if not y.is_contiguous():
             y = y.contiguous()
         # ranks / scales as the tensors held here: fused_lora_planned takes them as they are on every
@@ -238,6 +249,8 @@ class MultiLoRALinear(nn.Module):
             ranks=self.ranks,
             scales=self.scales,
             out=y.view(-1, self.out_features),
+            adapter_weights=self.row_weights,
+            cache=cache,
         )
         return y
 

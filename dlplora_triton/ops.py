@@ -17,8 +17,8 @@ from collections.abc import Sequence
 
 import torch
 
+from .backends.torch_path import TorchPathCache, fused_lora_torch, token_weights
 from .plan import LoRAPlan, build_plan
-from .reference import fused_lora_torch
 
 __all__ = ["fused_lora", "fused_lora_planned", "check_routing", "workspace_bytes", "DTypeError", "BACKENDS"]
 
@@ -167,12 +167,16 @@ def _check_ranks_scales(ranks: torch.Tensor | None, scales: torch.Tensor | None,
         raise ValueError("scales must be finite (found NaN or inf)")
 
 
-def _run(x, lora_a, lora_b, plan: LoRAPlan, ranks, scales, out, backend: str) -> None:
+def _run(
+    x, lora_a, lora_b, plan: LoRAPlan, ranks, scales, out, backend: str, cache=None, adapter_weights=None
+) -> None:
     """Add the delta into out with the resolved backend (inputs already checked)."""
     if plan.num_tokens == 0 or plan.num_slots == 0 or out.shape[1] == 0:
         return
     if backend == "torch":
-        fused_lora_torch(x, lora_a, lora_b, plan, out, ranks, scales)
+        fused_lora_torch(
+            x, lora_a, lora_b, plan, out, ranks, scales, cache=cache, adapter_weights=adapter_weights
+        )
         return
     # Imported here so TRITON_INTERPRET set after `import dlplora_triton` still takes effect.
     from dlplora_triton.kernels import expand_config, lora_expand_launch, lora_shrink_launch, shrink_config
@@ -194,7 +198,7 @@ def _run(x, lora_a, lora_b, plan: LoRAPlan, ranks, scales, out, backend: str) ->
         plan.shrink_tile_adapter,
         plan.shrink_tile_start,
         plan.shrink_tile_end,
-        plan.token_weight.view(-1),
+        token_weights(plan, adapter_weights)[1].reshape(-1),
         ranks32,
         scales32,
         plan.num_slots,
@@ -237,12 +241,18 @@ def fused_lora_planned(
     scales: torch.Tensor | Sequence[float] | None = None,
     out: torch.Tensor | None = None,
     backend: str = "auto",
+    adapter_weights: torch.Tensor | None = None,
+    cache: TorchPathCache | None = None,
 ) -> torch.Tensor:
     """The fused LoRA delta of one layer with a prebuilt plan (the hot path of a model forward).
 
     Same semantics as :func:`fused_lora`, with the routing taken from ``plan`` (build it once per
     forward pass with :func:`dlplora_triton.build_plan` and pass it to every layer). Only shapes are
     checked here, so nothing syncs with the device; ranks and scales are trusted to be in range.
+
+    ``adapter_weights``: optional ``[S, P]`` float fusion weights replacing the plan's for this call
+    (same grouping). ``cache``: the PyTorch path's :class:`TorchPathCache` of ``plan``, shared by the
+    layers of a forward pass (None: host data is read again on this call).
     """
     T, K, L, R, N = _check_shapes(x, lora_a, lora_b, out)
     if not isinstance(plan, LoRAPlan):
@@ -253,12 +263,22 @@ def fused_lora_planned(
         raise ValueError(f"the plan was built for L = {plan.num_adapters} adapters but lora_a stacks {L}")
     if plan.device != x.device:
         raise ValueError(f"the plan is on {plan.device} but x is on {x.device}")
+    if adapter_weights is not None:
+        if not isinstance(adapter_weights, torch.Tensor) or not adapter_weights.is_floating_point():
+            raise TypeError("adapter_weights must be a floating-point tensor [S, P]")
+        if adapter_weights.shape != plan.seq_adapter.shape:
+            raise ValueError(
+                f"adapter_weights must be [S, P] = {list(plan.seq_adapter.shape)} like the plan's routing, "
+                f"got {list(adapter_weights.shape)}"
+            )
+        if adapter_weights.device != x.device:
+            raise ValueError(f"adapter_weights is on {adapter_weights.device} but x is on {x.device}")
     backend = _resolve_backend(backend, x)
     ranks = _as_tensor(ranks, "ranks", L, "int", x.device)
     scales = _as_tensor(scales, "scales", L, "float", x.device)
     if out is None:
         out = torch.zeros(T, N, dtype=x.dtype, device=x.device)
-    _run(x, lora_a, lora_b, plan, ranks, scales, out, backend)
+    _run(x, lora_a, lora_b, plan, ranks, scales, out, backend, cache, adapter_weights)
     return out
 
 

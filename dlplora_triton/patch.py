@@ -19,84 +19,49 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 
 from .adapters import AdapterInfo, LoadedAdapter, load_adapter
+from .backends.torch_path import TorchPathCache
 from .layers import MultiLoRALinear, PlanSource, stack_factors
-from .ops import check_routing
 from .plan import LoRAPlan, build_plan
+from .selection import RowSelection, Selection, check_name, normalize_selection
 
 __all__ = ["attach", "MultiLoRA"]
-
-Selection = Sequence[Sequence[tuple[str, float]]] | tuple[torch.Tensor, torch.Tensor] | None
 
 _MAX_CACHED_PLANS = 16
 
 
-class _Selection:
-    """A validated selection: routing tensors (host or user device) and the plans built for it."""
-
-    __slots__ = (
-        "names",
-        "adapter_ids",
-        "adapter_weights",
-        "seq_offsets",
-        "num_tokens",
-        "adapter_mask",
-        "plans",
-    )
-
-    def __init__(self, names, adapter_ids, adapter_weights, seq_offsets, num_tokens):
-        self.names: tuple[str, ...] = names  # adapter order the ids refer to
-        self.adapter_ids: torch.Tensor = adapter_ids  # [S, P] int64, -1 = empty slot
-        self.adapter_weights: torch.Tensor = adapter_weights  # [S, P] float32
-        self.seq_offsets: torch.Tensor | None = seq_offsets  # [S+1] int64 for packed input, else None
-        self.num_tokens: int | None = num_tokens  # packed: T = seq_offsets[-1]
-        used = adapter_ids[adapter_ids >= 0].unique().tolist()
-        self.adapter_mask: int = sum(1 << int(i) for i in used)
-        self.plans: dict = {}  # (input shape without K, device) or (T, device) -> LoRAPlan
-
-    @property
-    def rows(self) -> int:
-        return self.adapter_ids.shape[0]
-
-    def used_names(self) -> set[str]:
-        return {name for i, name in enumerate(self.names) if self.adapter_mask >> i & 1}
-
-    def rebased(self, names: tuple[str, ...]) -> _Selection:
-        """The same selection with ids renumbered for a new adapter order (every used name must remain)."""
-        index = {name: i for i, name in enumerate(names)}
-        lookup = torch.tensor([index.get(n, -1) for n in self.names] + [-1], dtype=torch.long)
-        ids = self.adapter_ids.long()
-        remapped = lookup.to(ids.device)[torch.where(ids >= 0, ids, torch.full_like(ids, len(self.names)))]
-        return _Selection(names, remapped, self.adapter_weights, self.seq_offsets, self.num_tokens)
-
-
 class _Routing(PlanSource):
-    """The plan source all wrapped layers of one model share; holds the current :class:`_Selection`."""
+    """The plan source all wrapped layers of one model share: the current selection and the plans
+    (each with the PyTorch path's :class:`TorchPathCache`) built for it, per input shape."""
 
     def __init__(self, num_adapters: int):
         self.num_adapters = num_adapters
-        self.selection: _Selection | None = None
+        self.selection: RowSelection | None = None
         self.adapter_mask = 0
+        # (input shape without K, device) or (T, device) -> (plan, cache); emptied by every set().
+        self.plans: dict[tuple, tuple[LoRAPlan, TorchPathCache]] = {}
 
-    def set(self, selection: _Selection | None) -> None:
+    def set(self, selection: RowSelection | None) -> None:
         self.selection = selection
         self.adapter_mask = 0 if selection is None else selection.adapter_mask
+        self.plans = {}
 
     def plan_for(self, x: torch.Tensor) -> LoRAPlan:
-        selection = self.selection
-        key = (x.shape[:-1], x.device)
-        plan = selection.plans.get(key)
-        if plan is None:
-            plan = self._build(selection, x, key)
-        return plan
+        return self.batch_for(x)[0]
 
-    def _build(self, selection: _Selection, x: torch.Tensor, key) -> LoRAPlan:
+    def batch_for(self, x: torch.Tensor) -> tuple[LoRAPlan, TorchPathCache]:
+        entry = self.plans.get((x.shape[:-1], x.device))
+        if entry is None:
+            entry = self._build(self.selection, x, (x.shape[:-1], x.device))
+        return entry
+
+    def _build(self, selection: RowSelection, x: torch.Tensor, key) -> tuple[LoRAPlan, TorchPathCache]:
         lead = tuple(x.shape[:-1])
         device = x.device
         if selection.seq_offsets is not None:
@@ -121,8 +86,8 @@ class _Routing(PlanSource):
             T = lead[0] * per_row
             seq_offsets = None
         canonical = (T, device)
-        plan = selection.plans.get(canonical)
-        if plan is None:
+        entry = self.plans.get(canonical)
+        if entry is None:
             if seq_offsets is None:
                 seq_offsets = torch.arange(selection.rows + 1, device=device) * per_row
             plan = build_plan(
@@ -132,11 +97,11 @@ class _Routing(PlanSource):
                 self.num_adapters,
                 num_tokens=T,
             )
-            if len(selection.plans) >= _MAX_CACHED_PLANS:
-                selection.plans.clear()
-            selection.plans[canonical] = plan
-        selection.plans[key] = plan
-        return plan
+            if len(self.plans) >= _MAX_CACHED_PLANS:
+                self.plans.clear()
+            entry = self.plans[canonical] = (plan, TorchPathCache(plan))
+        self.plans[key] = entry
+        return entry
 
 
 def _module_table(model: nn.Module) -> dict[str, nn.Module]:
@@ -160,12 +125,6 @@ def _set_child(model: nn.Module, path: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-def _check_name(name) -> str:
-    if not isinstance(name, str) or not name:
-        raise TypeError(f"adapter names must be non-empty strings, got {name!r}")
-    return name
-
-
 def _factor(adapter: LoadedAdapter, path: str):
     module = adapter.modules.get(path)
     return None if module is None else (module.lora_a, module.lora_b, module.scale)
@@ -186,7 +145,7 @@ class MultiLoRA:
         self._infos: dict[str, AdapterInfo] = {}
         self._layers: dict[str, MultiLoRALinear] = {}
         self._routing = _Routing(0)
-        self._saved: list[_Selection | None] = []  # selections an enclosing `with selection(...)` restores
+        self._saved: list[RowSelection | None] = []  # selections an enclosing `with selection(...)` restores
         self._hook = None
         self._attached = False
 
@@ -227,13 +186,13 @@ class MultiLoRA:
         selection stays. A row count that does not match the batch raises ValueError at forward.
         """
         self._check_attached()
-        self._routing.set(self._normalize(selection, seq_offsets))
+        self._routing.set(normalize_selection(selection, self.names, seq_offsets))
 
     @contextmanager
     def selection(self, selection: Selection, seq_offsets: torch.Tensor | None = None) -> Iterator[MultiLoRA]:
         """``with lora.selection(sel): ...`` selects ``sel`` inside the block, then restores the previous one."""
         self._check_attached()
-        new = self._normalize(selection, seq_offsets)
+        new = normalize_selection(selection, self.names, seq_offsets)
         self._saved.append(self._routing.selection)
         self._routing.set(new)
         try:
@@ -248,7 +207,7 @@ class MultiLoRA:
     def add(self, name: str, path: str | os.PathLike) -> None:
         """Load one more PEFT adapter directory (validated before anything changes)."""
         self._check_attached()
-        _check_name(name)
+        check_name(name)
         if name in self._infos:
             raise ValueError(f"an adapter named {name!r} is already attached")
         adapter = load_adapter(name, path, _module_table(self.model))
@@ -384,101 +343,6 @@ class MultiLoRA:
             )
         return None
 
-    def _normalize(self, selection: Selection, seq_offsets: torch.Tensor | None) -> _Selection | None:
-        """Validate a user selection into a :class:`_Selection` (raises; changes nothing)."""
-        names = self.names
-        if selection is None:
-            if seq_offsets is not None:
-                raise ValueError("seq_offsets was given without a selection")
-            return None
-        if (
-            isinstance(selection, tuple)
-            and len(selection) == 2
-            and all(isinstance(t, torch.Tensor) for t in selection)
-        ):
-            ids, weights = selection
-            rows = ids.shape[0] if ids.dim() >= 1 else 0
-        elif isinstance(selection, (list, tuple)):
-            ids, weights = self._rows_to_tensors(selection)
-            rows = len(selection)
-        else:
-            raise TypeError(
-                "a selection is a list with one list of (name, weight) per batch row, a tuple of tensors "
-                f"(adapter_ids, adapter_weights), or None; got {type(selection).__name__}"
-            )
-        if seq_offsets is None:
-            offsets = torch.arange(rows + 1, device=ids.device)
-            num_tokens = rows
-        else:
-            if not isinstance(seq_offsets, torch.Tensor):
-                raise TypeError(f"seq_offsets must be a torch.Tensor, got {type(seq_offsets).__name__}")
-            if seq_offsets.dim() != 1 or seq_offsets.numel() == 0:
-                raise ValueError(
-                    f"seq_offsets must be [rows + 1] = [{rows + 1}], got shape {list(seq_offsets.shape)}"
-                )
-            offsets = seq_offsets
-            num_tokens = int(seq_offsets[-1])
-        check_routing(offsets, ids, weights, len(names), num_tokens)
-        if ids.shape[1] > 1:
-            # A name (id) twice in one row is a mistake in a selection (fused_lora itself would add it twice).
-            ordered = torch.where(ids >= 0, ids, torch.full_like(ids, -1)).sort(dim=1).values
-            repeated = (ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)
-            if bool(repeated.any()):
-                row = int(repeated.any(dim=1).nonzero()[0])
-                raise ValueError(f"row {row} selects the same adapter more than once: {ids[row].tolist()}")
-        packed = None if seq_offsets is None else seq_offsets.detach().clone().long()
-        return _Selection(
-            names,
-            ids.detach().clone().long(),
-            weights.detach().to(torch.float32, copy=True),
-            packed,
-            num_tokens if packed is not None else None,
-        )
-
-    def _rows_to_tensors(self, rows: Sequence) -> tuple[torch.Tensor, torch.Tensor]:
-        index = {name: i for i, name in enumerate(self._names)}
-        ids_rows, weight_rows = [], []
-        for s, row in enumerate(rows):
-            if not isinstance(row, (list, tuple)):
-                raise TypeError(
-                    f"row {s} must be a list of (name, weight) pairs ([] = base model), got {type(row).__name__}"
-                )
-            row_ids, row_weights, seen = [], [], set()
-            for entry in row:
-                if not (isinstance(entry, (list, tuple)) and len(entry) == 2):
-                    raise TypeError(f"row {s}: each entry must be a (name, weight) pair, got {entry!r}")
-                name, weight = entry
-                if not isinstance(name, str):
-                    raise TypeError(f"row {s}: adapter names are strings, got {name!r}")
-                if name not in index:
-                    raise KeyError(
-                        f"row {s}: unknown adapter {name!r}; attached adapters: {list(self._names)}"
-                    )
-                if name in seen:
-                    raise ValueError(f"row {s}: adapter {name!r} appears more than once")
-                seen.add(name)
-                try:
-                    if isinstance(weight, (bool, str, bytes)):
-                        raise TypeError
-                    w = float(weight)
-                except (TypeError, ValueError, RuntimeError):
-                    raise TypeError(
-                        f"row {s}: the weight of {name!r} must be a real number, got {weight!r}"
-                    ) from None
-                if not math.isfinite(w):
-                    raise ValueError(f"row {s}: the weight of {name!r} must be finite, got {w}")
-                row_ids.append(index[name])
-                row_weights.append(w)
-            ids_rows.append(row_ids)
-            weight_rows.append(row_weights)
-        P = max((len(r) for r in ids_rows), default=0)
-        ids = torch.full((len(rows), P), -1, dtype=torch.long)
-        weights = torch.zeros(len(rows), P, dtype=torch.float32)
-        for s, (row_ids, row_weights) in enumerate(zip(ids_rows, weight_rows)):
-            ids[s, : len(row_ids)] = torch.tensor(row_ids, dtype=torch.long)
-            weights[s, : len(row_weights)] = torch.tensor(row_weights, dtype=torch.float32)
-        return ids, weights
-
 
 def attach(model: nn.Module, adapters: Mapping[str, str | os.PathLike]) -> MultiLoRA:
     """Attach PEFT LoRA adapters to ``model`` for per-row adapter mixing; returns the :class:`MultiLoRA` handle.
@@ -511,7 +375,7 @@ def attach(model: nn.Module, adapters: Mapping[str, str | os.PathLike]) -> Multi
             "the model already has MultiLoRA layers; detach() the other handle first, or use its add()"
         )
     table = _module_table(model)
-    loaded = [load_adapter(_check_name(name), path, table) for name, path in adapters.items()]
+    loaded = [load_adapter(check_name(name), path, table) for name, path in adapters.items()]
     handle = MultiLoRA(model)
     handle._attached = True
     handle._install(loaded)

@@ -1,29 +1,12 @@
 """The per-forward routing plan: (token, slot) rows grouped by adapter, built once and shared by layers.
 
-Every adapted layer of a model applies the same routing in one forward pass, so the grouping work
-(sort by adapter, tile lists, per-tile adapter sets) is done once here and handed to each layer's
-kernel call. Everything is built with device tensor ops of static shape and no host sync, so a plan
-built on CUDA can be captured in a CUDA graph (pass ``num_tokens`` to avoid the one read of
-``seq_offsets[-1]``).
-
-Worked example: ``L = 3`` adapters, two sequences of 2 and 3 tokens, ``P = 2`` slots::
-
-    seq_offsets     = [0, 2, 5]
-    adapter_ids     = [[2, -1], [0, 2]]          weights [[1.0, 0.0], [0.7, 0.3]]
-    token_adapter   = [[2,-1], [2,-1], [0,2], [0,2], [0,2]]      # [T, P], row t*P + p
-    sorted_rows     = [4, 6, 8,  0, 2, 5, 7, 9,  1, 3]           # adapter 0 | adapter 2 | empty slots
-    shrink tiles (block 4): (adapter 0, rows 0:3), (adapter 2, rows 3:7), (adapter 2, rows 7:8), ...
-    expand tiles (block 4): tokens 0:4 -> adapters [2, 0]; tokens 4:5 -> adapters [0, 2]
-
-The shrink kernel runs one program per shrink tile (one adapter, up to ``shrink_block_m`` rows from any
-sequence), so each adapter's A is read once per tile. The expand kernel runs one program per block of
-consecutive tokens and loops over the distinct adapters of that block, so B is read once per block
-and the sum over a token's slots happens in registers before the single write.
+Device tensors of static shape only, built without a host sync; ``docs/plan.md`` has a worked
+example and what each field is for.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -31,32 +14,22 @@ __all__ = ["LoRAPlan", "build_plan", "plan_block_sizes"]
 
 
 def plan_block_sizes(num_tokens: int, num_slots: int) -> tuple[int, int]:
-    """Row-block sizes (shrink, expand) of a plan, chosen by the batch shape.
+    """(rows per shrink tile, tokens per expand block) of a plan, chosen by the batch shape.
 
-    Decode (a few tokens) takes the smallest block the tensor-core dot accepts (16), so a tile holds
-    only rows that exist; prefill takes 64 rows, where one adapter tile is reused by many tokens.
+    Decode (T <= 256): one shrink tile holds all of an adapter's rows, so each adapter's A is
+    fetched once per launch; expand blocks of 16 tokens (the smallest tensor-core dot) give the
+    grid its programs. Prefill: 64 rows / tokens, each weight tile reused by many rows.
+    Reasons and byte counts: docs/kernels.md.
     """
     rows = num_tokens * num_slots
-    shrink = 16 if rows <= 16 else 32 if rows <= 256 else 64
-    expand = 16 if num_tokens <= 16 else 32 if num_tokens <= 32 else 64
-    return shrink, expand
-
-
-@dataclass(frozen=True)
-class HostGroup:
-    """Rows of one adapter for the PyTorch path: token indices (or a contiguous range) and weights."""
-
-    adapter: int
-    tokens: torch.Tensor  # [n] int64 token index of each row
-    weights: torch.Tensor  # [n, 1] fusion weight of each row (float32)
-    start: int  # when contiguous: rows are exactly tokens start:stop, in order
-    stop: int
-    contiguous: bool
+    if num_tokens <= 256:
+        return max(16, rows), 16
+    return 64, 64
 
 
 @dataclass(frozen=True)
 class LoRAPlan:
-    """Routing of one batch, grouped by adapter (see the module docstring for a worked example).
+    """Routing of one batch, grouped by adapter (``docs/plan.md`` has a worked example).
 
     Build it with :func:`build_plan`; pass it to :func:`dlplora_triton.fused_lora_planned` of every
     layer in the forward pass. Fields are device tensors plus the static sizes they were built for.
@@ -79,9 +52,7 @@ class LoRAPlan:
     seq_offsets: torch.Tensor  # [S+1] as given
     seq_adapter: torch.Tensor  # [S, P] int64, -1 = empty slot
     seq_weight: torch.Tensor  # [S, P] float32, 0 in empty slots
-    # Host-side data the PyTorch path derives from the plan (one sync each), built once per plan and
-    # shared by every layer of the forward pass; a new plan starts empty.
-    memo: dict = field(default_factory=dict, repr=False, compare=False)
+    token_seq: torch.Tensor  # [T] int32 sequence of each token
 
     @property
     def device(self) -> torch.device:
@@ -91,57 +62,6 @@ class LoRAPlan:
     def nbytes(self) -> int:
         """Device bytes held by the plan's tensors."""
         return sum(v.numel() * v.element_size() for v in vars(self).values() if isinstance(v, torch.Tensor))
-
-    def uniform_seq_len(self) -> int:
-        """Tokens per sequence when every sequence has the same length (a padded batch), else 0.
-
-        Read on the host once (one sync) and memoised in the plan; the PyTorch path uses it.
-        """
-        if "seq_len" not in self.memo:
-            lengths = self.seq_offsets.diff()
-            uniform = lengths.numel() > 0 and bool((lengths == lengths[0]).all())
-            self.memo["seq_len"] = int(lengths[0]) if uniform else 0
-        return self.memo["seq_len"]
-
-    def used_adapters(self) -> list[int]:
-        """Adapters selected by at least one token (one host sync, memoised in the plan)."""
-        if "used" not in self.memo:
-            self.memo["used"] = [a for a, count in enumerate(self.row_counts.tolist()) if count > 0]
-        return self.memo["used"]
-
-    def has_empty_slots(self) -> bool:
-        """Whether any sequence has a ``-1`` slot (one host sync, memoised in the plan)."""
-        if "empty" not in self.memo:
-            self.memo["empty"] = bool((self.seq_adapter < 0).any())
-        return self.memo["empty"]
-
-    def host_groups(self) -> list[HostGroup]:
-        """Rows per adapter on the host, for the PyTorch path (one host sync, memoised in the plan)."""
-        if "groups" in self.memo:
-            return self.memo["groups"]
-        groups = self.memo["groups"] = []
-        if self.num_tokens * self.num_slots > 0:
-            counts = self.row_counts.tolist()
-            rows = self.sorted_rows.long()
-            weights = self.token_weight.reshape(-1)
-            start = 0
-            for adapter, count in enumerate(counts):
-                if count == 0:
-                    continue
-                adapter_rows = rows[start : start + count]
-                start += count
-                tokens = adapter_rows // self.num_slots
-                first, last = int(tokens[0]), int(tokens[-1])
-                # Rows are sorted by (adapter, token, slot), so tokens are non-decreasing: the group
-                # is a plain slice exactly when it has one row per token of [first, last] (an id
-                # repeated in a row gives a token two rows, which the slice would add only once).
-                contiguous = last - first + 1 == count and bool((tokens.diff() > 0).all())
-                groups.append(
-                    HostGroup(
-                        adapter, tokens, weights[adapter_rows].unsqueeze(1), first, last + 1, contiguous
-                    )
-                )
-        return groups
 
 
 def build_plan(
@@ -233,4 +153,5 @@ def build_plan(
         seq_offsets=seq_offsets,
         seq_adapter=adapter_ids.long(),
         seq_weight=torch.where(adapter_ids >= 0, adapter_weights.float(), torch.zeros((), device=device)),
+        token_seq=seq_of_token.to(i32),
     )

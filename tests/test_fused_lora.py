@@ -94,7 +94,9 @@ def test_kernels_never_read_unwritten_workspace(case):
     assert rel_error(out, reference_delta(inputs)) < 1e-5
 
 
-def test_split_k_is_used_and_bitwise_reproducible():
+def test_split_k_is_used_and_reproducible():
+    # The interpreter runs programs one after another, so equal results here say only that the split-K
+    # reduction is deterministic in value; the bitwise check under real concurrency is in tests/test_gpu.py.
     case = CASES[-1]
     inputs = make_inputs(case)
     L, R, K = inputs["lora_a"].shape
@@ -201,8 +203,8 @@ PADDED = Case("padded_9x4_P3", [9, 9, 9, 9], P=3, L=5, K=37, N=29, R=16, ranks=[
 
 @pytest.mark.parametrize("method", ["grouped", "seq_bmm", "dense"])
 def test_torch_path_methods_match_reference(method):
+    from dlplora_triton.backends.torch_path import fused_lora_torch
     from dlplora_triton.plan import build_plan
-    from dlplora_triton.reference import fused_lora_torch
 
     inputs = make_inputs(PADDED)
     ref = reference_delta(inputs)
@@ -230,8 +232,8 @@ def test_whatever_lies_beyond_a_rank_is_ignored(backend):
 
 
 def test_seq_bmm_refuses_ragged_batches():
+    from dlplora_triton.backends.torch_path import fused_lora_torch
     from dlplora_triton.plan import build_plan
-    from dlplora_triton.reference import fused_lora_torch
 
     inputs = make_inputs(CASES[1])
     plan = build_plan(inputs["seq_offsets"], inputs["adapter_ids"], inputs["adapter_weights"], CASES[1].L)
@@ -245,12 +247,12 @@ def test_seq_bmm_refuses_ragged_batches():
 @pytest.mark.parametrize("case", CASES + [PADDED], ids=str)
 def test_every_torch_method_on_every_case(case, method):
     """auto picks one method per batch shape; each must be right on any batch it accepts."""
+    from dlplora_triton.backends.torch_path import TorchPathCache, fused_lora_torch
     from dlplora_triton.plan import build_plan
-    from dlplora_triton.reference import fused_lora_torch
 
     inputs = make_inputs(case)
     plan = build_plan(inputs["seq_offsets"], inputs["adapter_ids"], inputs["adapter_weights"], case.L)
-    if method == "seq_bmm" and plan.uniform_seq_len() == 0:
+    if method == "seq_bmm" and TorchPathCache(plan).uniform_seq_len() == 0:
         pytest.skip("seq_bmm serves padded batches only")
     ref = reference_delta(inputs)
     out = torch.zeros(ref.shape)
@@ -268,8 +270,8 @@ def test_every_torch_method_on_every_case(case, method):
 
 
 def test_gap_regression_on_the_grouped_method():
+    from dlplora_triton.backends.torch_path import fused_lora_torch
     from dlplora_triton.plan import build_plan
-    from dlplora_triton.reference import fused_lora_torch
 
     inputs = make_inputs(Case("gap", [2, 2, 2], P=2, L=2, K=12, N=5, R=3))
     inputs["adapter_ids"] = torch.tensor([[0, 0], [-1, -1], [0, -1]])

@@ -5,13 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D  # noqa: E402
 
 from dlplora_triton import fused_lora_planned, fused_lora_reference
 from dlplora_triton import layers as layers_module
 from dlplora_triton.layers import FixedPlan, MultiLoRALinear, PlanSource, stack_factors
 from dlplora_triton.plan import build_plan
-
-Conv1D = pytest.importorskip("transformers.pytorch_utils").Conv1D
 
 K, N = 12, 10
 

@@ -1,0 +1,284 @@
+"""The PyTorch path: the fused multi-LoRA delta of a plan with plain tensor ops (the CPU backend).
+
+Three methods (``docs/pytorch-path.md`` gives the measurements behind the choice):
+
+- ``dense``: every used rank unit of every adapter on every token, masked by per-token coefficients;
+- ``seq_bmm``: padded batches, each sequence's ``P`` adapters gathered as one rank-``P*R`` LoRA;
+- ``grouped``: two matmuls per distinct adapter, on slices where its rows are consecutive.
+
+The host-side facts a method needs (used adapters, rows per adapter, ...) cost a device read each; a
+:class:`TorchPathCache` holds them for one plan so the layers of a forward pass pay them once. The
+caller owns it (next to the plan it built); without one, each call starts a fresh cache.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ..plan import LoRAPlan
+
+__all__ = ["fused_lora_torch", "TorchPathCache", "HostGroup", "METHODS"]
+
+METHODS = ("auto", "grouped", "seq_bmm", "dense")
+# Thresholds of the "auto" method choice, measured by bench/bench_torch_path.py (docs/pytorch-path.md).
+SEQ_BMM_MIN_TOKENS = 4
+SEQ_BMM_MAX_PAIRS = 32
+DENSE_MAX_TOKEN_RANKS = 16384
+
+
+@dataclass(frozen=True)
+class HostGroup:
+    """Rows of one adapter: token index of each row (or a contiguous token range) and flat row ids."""
+
+    adapter: int
+    tokens: torch.Tensor  # [n] int64 token index of each row
+    rows: torch.Tensor  # [n] int64 row index t*P + p (into the plan's [T*P] token weights)
+    start: int  # when contiguous: the rows are exactly tokens start:stop, in order
+    stop: int
+    contiguous: bool
+
+
+@dataclass
+class TorchPathCache:
+    """Host-side data the PyTorch path derives from ``plan`` (each read once, then reused).
+
+    Fields start as None and are filled on first use; ``dense_rows`` is keyed by ``(R, ranks)``, the
+    rank pattern of a layer, so layers sharing one pattern share the entry.
+    """
+
+    plan: LoRAPlan
+    seq_len: int | None = None  # tokens per sequence when all are equal, else 0
+    used: list[int] | None = None  # adapters with at least one row
+    empty_slots: bool | None = None  # whether some sequence has a -1 slot
+    groups: list[HostGroup] | None = None
+    coef: torch.Tensor | None = None  # [T, L] float32 summed plan weight per token and adapter
+    dense_rows: dict[tuple[int, tuple[int, ...]], tuple[torch.Tensor | None, torch.Tensor]] = field(
+        default_factory=dict
+    )
+
+    def uniform_seq_len(self) -> int:
+        if self.seq_len is None:
+            lengths = self.plan.seq_offsets.diff()
+            uniform = lengths.numel() > 0 and bool((lengths == lengths[0]).all())
+            self.seq_len = int(lengths[0]) if uniform else 0
+        return self.seq_len
+
+    def used_adapters(self) -> list[int]:
+        if self.used is None:
+            self.used = [a for a, count in enumerate(self.plan.row_counts.tolist()) if count > 0]
+        return self.used
+
+    def has_empty_slots(self) -> bool:
+        if self.empty_slots is None:
+            self.empty_slots = bool((self.plan.seq_adapter < 0).any())
+        return self.empty_slots
+
+    def host_groups(self) -> list[HostGroup]:
+        if self.groups is None:
+            self.groups = _host_groups(self.plan)
+        return self.groups
+
+    def token_coefficients(self) -> torch.Tensor:
+        if self.coef is None:
+            self.coef = _coefficients(self.plan, self.plan.token_weight)
+        return self.coef
+
+    def rank_rows(self, rank_list: list[int], R: int) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Rows of the flattened ``[L*R]`` stack in use (None: all) and the adapter of each row."""
+        key = (R, tuple(rank_list))
+        if key not in self.dense_rows:
+            plan, used = self.plan, self.used_adapters()
+            rows = [a * R + j for a in used for j in range(rank_list[a])]
+            row_adapter = torch.tensor(
+                [a for a in used for _ in range(rank_list[a])], dtype=torch.long, device=plan.device
+            )
+            every = len(rows) == plan.num_adapters * R
+            self.dense_rows[key] = (
+                None if every else torch.tensor(rows, dtype=torch.long, device=plan.device),
+                row_adapter,
+            )
+        return self.dense_rows[key]
+
+
+def _host_groups(plan: LoRAPlan) -> list[HostGroup]:
+    groups: list[HostGroup] = []
+    if plan.num_tokens * plan.num_slots == 0:
+        return groups
+    rows = plan.sorted_rows.long()
+    start = 0
+    for adapter, count in enumerate(plan.row_counts.tolist()):
+        if count == 0:
+            continue
+        adapter_rows = rows[start : start + count]
+        start += count
+        tokens = adapter_rows // plan.num_slots
+        first, last = int(tokens[0]), int(tokens[-1])
+        # Rows are sorted by (adapter, token, slot): the group is a plain slice exactly when it has one
+        # row per token of [first, last] (an id repeated in a row gives a token two rows).
+        contiguous = last - first + 1 == count and bool((tokens.diff() > 0).all())
+        groups.append(HostGroup(adapter, tokens, adapter_rows, first, last + 1, contiguous))
+    return groups
+
+
+def _coefficients(plan: LoRAPlan, token_weight: torch.Tensor) -> torch.Tensor:
+    """``[T, L]``: the summed fusion weight of each adapter for each token (empty slots dropped)."""
+    ids = plan.token_adapter.long()
+    L = plan.num_adapters
+    coef = torch.zeros(plan.num_tokens, L + 1, device=plan.device, dtype=token_weight.dtype)
+    coef = coef.scatter_add(1, torch.where(ids >= 0, ids, L), token_weight)  # empty slots: column L
+    return coef[:, :L]
+
+
+def token_weights(plan: LoRAPlan, adapter_weights: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(seq_weight [S, P], token_weight [T, P])``: the plan's, or ``adapter_weights`` ``[S, P]``
+    in their place (0 in empty slots; differentiable in ``adapter_weights``)."""
+    if adapter_weights is None:
+        return plan.seq_weight, plan.token_weight
+    seq_weight = torch.where(
+        plan.seq_adapter >= 0, adapter_weights.float(), torch.zeros((), device=plan.device)
+    )
+    if plan.num_tokens == 0 or seq_weight.shape[0] == 0:
+        return seq_weight, torch.zeros(plan.num_tokens, plan.num_slots, device=plan.device)
+    return seq_weight, seq_weight.index_select(0, plan.token_seq.long())
+
+
+def fused_lora_torch(
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    plan: LoRAPlan,
+    out: torch.Tensor,
+    ranks: torch.Tensor | Sequence[int] | None = None,
+    scales: torch.Tensor | Sequence[float] | None = None,
+    method: str = "auto",
+    cache: TorchPathCache | None = None,
+    adapter_weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Add the fused LoRA delta of ``plan`` into ``out`` ``[T, N]`` in place and return it.
+
+    ``ranks`` / ``scales``: ``[L]`` tensors or host sequences, or None (full rank, scale 1).
+    ``method``: one of :data:`METHODS`; ``"auto"`` picks dense for small batches, seq_bmm for padded
+    ones, grouped otherwise. ``cache``: a :class:`TorchPathCache` of this plan (None: a fresh one).
+    ``adapter_weights``: ``[S, P]`` fusion weights replacing the plan's for this call.
+    Every op is recorded by autograd, so gradients flow to x, the factors and ``adapter_weights``.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if cache is None:
+        cache = TorchPathCache(plan)
+    elif cache.plan is not plan:
+        raise ValueError("the TorchPathCache was built for another plan")
+    R = lora_a.shape[1]
+    if method == "dense" or (method == "auto" and plan.num_tokens * R <= DENSE_MAX_TOKEN_RANKS):
+        # T * R first: it needs no host work, and keeps the per-layer cost of prefill batches at zero.
+        rank_list = [R] * plan.num_adapters if ranks is None else torch.as_tensor(ranks).tolist()
+        used = cache.used_adapters()
+        if method == "dense" or plan.num_tokens * sum(rank_list[a] for a in used) <= DENSE_MAX_TOKEN_RANKS:
+            return _dense(x, lora_a, lora_b, plan, out, scales, cache, rank_list, adapter_weights)
+    keep = None
+    if method in ("auto", "seq_bmm") and cache.uniform_seq_len() > 0:
+        keep = _slot_rank_mask(plan, cache, ranks, R)
+    if method == "auto":
+        seq_len = cache.uniform_seq_len()
+        few_unmasked_pairs = plan.seq_adapter.numel() <= SEQ_BMM_MAX_PAIRS and keep is None
+        method = (
+            "seq_bmm" if seq_len >= SEQ_BMM_MIN_TOKENS or (seq_len > 0 and few_unmasked_pairs) else "grouped"
+        )
+    if method == "seq_bmm":
+        return _seq_bmm(x, lora_a, lora_b, plan, out, scales, cache, keep, adapter_weights)
+    return _grouped(x, lora_a, lora_b, plan, out, ranks, scales, cache, adapter_weights)
+
+
+def _scaled(v: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+    """``v * coef``, in place unless autograd needs ``v`` for the gradient of ``coef``."""
+    return v * coef if coef.requires_grad and torch.is_grad_enabled() else v.mul_(coef)
+
+
+def _grouped(x, lora_a, lora_b, plan, out, ranks, scales, cache, adapter_weights):
+    ranks = ranks.tolist() if isinstance(ranks, torch.Tensor) else ranks
+    scales = scales.tolist() if isinstance(scales, torch.Tensor) else scales
+    flat_weight = token_weights(plan, adapter_weights)[1].reshape(-1)
+    for group in cache.host_groups():
+        a = group.adapter
+        r = lora_a.shape[1] if ranks is None else int(ranks[a])
+        if r == 0:
+            continue
+        weights = flat_weight.index_select(0, group.rows).to(x.dtype).unsqueeze(1)
+        if scales is not None:
+            weights = weights * scales[a]
+        shrink_w = lora_a[a, :r].t()
+        expand_w = lora_b[a, :, :r].t()
+        if group.contiguous:
+            v = _scaled(torch.mm(x[group.start : group.stop], shrink_w), weights)
+            out[group.start : group.stop].addmm_(v, expand_w)
+        else:
+            v = _scaled(torch.mm(x.index_select(0, group.tokens), shrink_w), weights)
+            out.index_add_(0, group.tokens, torch.mm(v, expand_w))
+    return out
+
+
+def _dense(x, lora_a, lora_b, plan, out, scales, cache, rank_list, adapter_weights):
+    """Small batches: ``out += ((x @ A_rows^T) * coef) @ B_rows`` over the used rank rows."""
+    L, R, K = lora_a.shape
+    rows, row_adapter = cache.rank_rows(rank_list, R)
+    if row_adapter.numel() == 0:
+        return out
+    N = lora_b.shape[1]
+    # Only rows below each rank are read, so whatever lies beyond a rank never enters the sums.
+    a_rows = lora_a.reshape(L * R, K)
+    b_rows = lora_b.transpose(1, 2).reshape(L * R, N)  # a view when B is stored [L, R, N], as the layers do
+    if rows is not None:
+        a_rows, b_rows = a_rows.index_select(0, rows), b_rows.index_select(0, rows)
+    if adapter_weights is None:
+        coef = cache.token_coefficients()
+    else:
+        coef = _coefficients(plan, token_weights(plan, adapter_weights)[1])
+    coef = coef.index_select(1, row_adapter).to(x.dtype)  # [T, n]
+    if scales is not None:
+        coef = coef * torch.as_tensor(scales, device=x.device, dtype=x.dtype).index_select(0, row_adapter)
+    out.addmm_(_scaled(torch.mm(x, a_rows.t()), coef), b_rows)
+    return out
+
+
+def _slot_rank_mask(plan: LoRAPlan, cache: TorchPathCache, ranks, R: int) -> torch.Tensor | None:
+    """``[S*P, R]`` bool: rank units in use per (sequence, slot); None when every one is."""
+    S, P = plan.seq_adapter.shape
+    keep = None
+    if ranks is not None:
+        ranks = torch.as_tensor(ranks, device=plan.device)
+        keep = (
+            torch.arange(R, device=plan.device)
+            < ranks.index_select(0, plan.seq_adapter.clamp(min=0).reshape(-1))[:, None]
+        )
+    if cache.has_empty_slots():
+        in_use = (plan.seq_adapter >= 0).reshape(-1, 1)
+        keep = in_use.expand(S * P, R) if keep is None else keep & in_use
+    return None if keep is None or bool(keep.all()) else keep
+
+
+def _seq_bmm(x, lora_a, lora_b, plan, out, scales, cache, keep, adapter_weights):
+    """Padded batch: gather each sequence's P adapters as one rank-P*R LoRA, then two bmm calls."""
+    S, P = plan.seq_adapter.shape
+    seq_len = cache.uniform_seq_len()
+    if seq_len == 0:
+        raise ValueError("method='seq_bmm' needs sequences of one common, non-zero length")
+    _, R, K = lora_a.shape
+    N = lora_b.shape[1]
+    flat_ids = plan.seq_adapter.clamp(min=0).reshape(-1)
+    # index_select on the [L, R, N] view: a contiguous gather when B is stored that way (the layers do).
+    a_sel = lora_a.index_select(0, flat_ids)  # [S*P, R, K]
+    b_sel = lora_b.transpose(1, 2).index_select(0, flat_ids)  # [S*P, R, N]
+    coef = token_weights(plan, adapter_weights)[0].to(x.dtype).reshape(-1)
+    if scales is not None:
+        coef = coef * torch.as_tensor(scales, device=x.device, dtype=x.dtype).index_select(0, flat_ids)
+    if keep is not None:
+        # Zero (not just skip) what lies beyond a rank or in an empty slot: it may hold anything, NaN included.
+        a_sel.masked_fill_(~keep[:, :, None], 0)
+        b_sel.masked_fill_(~keep[:, :, None], 0)
+    v = torch.bmm(x.view(S, seq_len, K), a_sel.view(S, P * R, K).transpose(1, 2))  # [S, len, P*R]
+    v = _scaled(v, coef.repeat_interleave(R).view(S, 1, P * R))
+    out.view(S, seq_len, N).baddbmm_(v, b_sel.view(S, P * R, N))
+    return out
