@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .layers import linear_features
+from .modules import linear_features, matches_target
 
 __all__ = [
     "AdapterInfo",
@@ -179,38 +179,14 @@ def _is_real(value) -> bool:
 
 
 def _matches_target(config: dict, key: str) -> bool:
-    """Whether PEFT would put this adapter on module ``key`` (PEFT's ``check_target_module_exists``)."""
-    exclude = config.get("exclude_modules")
-    if exclude:
-        if isinstance(exclude, str):
-            if re.fullmatch(exclude, key):
-                return False
-        elif key in exclude or any(key.endswith(f".{e}") for e in exclude):
-            return False
-    targets = config["target_modules"]
-    if isinstance(targets, str):
-        return targets == "all-linear" or re.fullmatch(targets, key) is not None
-    if key in targets:
-        return True
-    if not any(key.endswith(f".{t}") for t in targets):
-        return False
-    layer_indexes = config.get("layers_to_transform")
-    if layer_indexes is None or (isinstance(layer_indexes, list) and not layer_indexes):
-        return True
-    layers_pattern = config.get("layers_pattern")
-    match = None
-    if not layers_pattern:
-        # The first numbered path segment is the layer index (PEFT's rule).
-        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
-    else:
-        for pattern in [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern:
-            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", key)
-            if match is not None:
-                break
-    if match is None:
-        return False
-    index = int(match.group("idx"))
-    return index == layer_indexes if isinstance(layer_indexes, int) else index in layer_indexes
+    """Whether PEFT would put this adapter on module ``key`` (:func:`dlplora_triton.modules.matches_target`)."""
+    return matches_target(
+        key,
+        config["target_modules"],
+        layers_to_transform=config.get("layers_to_transform"),
+        layers_pattern=config.get("layers_pattern"),
+        exclude_modules=config.get("exclude_modules"),
+    )
 
 
 def _pattern_value(pattern: dict, key: str, default):
