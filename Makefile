@@ -31,7 +31,7 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e ".[dev,bench]"
 	$(BIN)/python -m pytest bench -q --benchmark-only
-	$(BIN)/dlplora bench --device cpu
+	$(BIN)/python bench/bench_kernels.py --device cpu
 	$(BIN)/python bench/bench_model_cpu.py
 	$(BIN)/python bench/bench_generation.py --device cpu
 

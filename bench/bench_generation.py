@@ -18,20 +18,16 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 import tempfile
 import time
-from pathlib import Path
 
+import common
 import torch
 
 import dlplora_triton as dlp
-from dlplora_triton.benchmark import environment, results_dir_name
 from dlplora_triton.generation import _FirstTokenClock
 from dlplora_triton.toy import ALL_PROJECTIONS, build_llama, make_peft_adapters, peft_mixed_batch
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def model_for(device: str):
@@ -62,16 +58,25 @@ def median_of(fn, repeats: int) -> tuple[float, float]:
     return runs[len(runs) // 2]
 
 
-def run(device: str, quick: bool) -> dict:
+def run(device: str, quick: bool, batches: list[int] | None = None) -> dict:
+    """Time every provider at each batch size; the JSON is rewritten after each batch."""
     torch.manual_seed(0)
     model, dtype = model_for(device)
     L, rank = 8, 16
     names = [f"task{i}" for i in range(L)]
     specs = {n: {"r": rank, "lora_alpha": 2 * rank, "target_modules": list(ALL_PROJECTIONS)} for n in names}
-    batches = [1, 8] if device == "cpu" else ([8] if quick else [1, 8, 32])
+    if batches is None:
+        batches = [1, 8] if device == "cpu" else ([8] if quick else [1, 8, 32])
     prompt_len, new_tokens = (32, 16) if device == "cpu" else (128, 64)
     repeats = 3 if quick else 5
     rows = []
+    result = {
+        "environment": common.environment(device),
+        "model_parameters": sum(p.numel() for p in model.parameters()),
+        "dtype": str(dtype),
+        "rows": rows,
+    }
+    path = common.results_dir(device) / "generation.json"
     with tempfile.TemporaryDirectory() as tmp:
         paths = make_peft_adapters(model, specs, tmp)
         model = model.to(device, dtype)
@@ -135,6 +140,7 @@ def run(device: str, quick: bool) -> dict:
                 row[f"{name}_over_base"] = row[f"{name}_total_ms"] / row["base_total_ms"]
             row["ours_mix_over_ours_one"] = row["ours_mix_total_ms"] / row["ours_one_total_ms"]
             rows.append(row)
+            common.write_json(path, result)
             print(
                 f"batch {batch:>3}: total ms  base {row['base_total_ms']:.1f}  peft_one {row['peft_one_total_ms']:.1f}  "
                 f"ours_one {row['ours_one_total_ms']:.1f}  peft_mix {row['peft_mix_total_ms']:.1f} "
@@ -142,16 +148,7 @@ def run(device: str, quick: bool) -> dict:
                 f"{row['ours_mix_over_base']:.2f}  ours_mix/ours_one {row['ours_mix_over_ours_one']:.2f}",
                 flush=True,
             )
-    env = environment(device)
-    result = {
-        "environment": env,
-        "model_parameters": sum(p.numel() for p in model.parameters()),
-        "dtype": str(dtype),
-        "rows": rows,
-    }
-    out = RESULTS / results_dir_name(device, env["device"])
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "generation.json").write_text(json.dumps(result, indent=1))
+    common.write_json(path, result)
     return result
 
 
@@ -159,10 +156,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="fewer batch sizes and repeats")
+    parser.add_argument("--batches", default=None, help="comma-separated batch sizes (default by device)")
     args = parser.parse_args(argv)
     if args.device == "cpu":
         torch.set_num_threads(min(2, torch.get_num_threads()))
-    run(args.device, args.quick)
+    batches = [int(b) for b in args.batches.split(",")] if args.batches else None
+    run(args.device, args.quick, batches)
     return 0
 
 

@@ -1,7 +1,8 @@
 """Kernel microbenchmarks: one adapted layer, ours against the baselines users would pick.
 
-    dlplora bench --device cuda            # the GPU suite (bench/run_gpu.sh runs it)
-    dlplora bench --device cpu --quick     # the CPU suite (small shapes, fp32)
+    python bench/bench_kernels.py --device cuda --stage headline   # design decode + prefill 8 x 512
+    python bench/bench_kernels.py --device cuda --stage rest       # the rest of the GPU sweep
+    python bench/bench_kernels.py --device cpu --quick             # the CPU suite (small shapes, fp32)
 
 Providers, all measured in the same process on the same inputs:
   base        the base GEMM x @ W^T alone
@@ -13,31 +14,27 @@ Providers, all measured in the same process on the same inputs:
 
 The roofline floor of the delta: the bytes that must move (x, the output read and written, each
 distinct adapter's A and B once) over the measured copy bandwidth, and the FLOPs over the measured
-matmul rate; the larger of the two. Results go to bench/results/<device>/kernels.{json,csv,png}.
+matmul rate; the larger of the two. Results: bench/results/<device>/kernels[-<stage>].{json,csv,png};
+the JSON is rewritten after every row, so a run cut off keeps what it measured.
 """
 
 from __future__ import annotations
 
+import argparse
 import csv
-import datetime
-import json
-import platform
-import subprocess
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import common
 import torch
 
-from .backends.torch_path import TorchPathCache, fused_lora_torch
-from .ops import fused_lora_planned, workspace_bytes
-from .plan import build_plan
+from dlplora_triton.backends.torch_path import TorchPathCache, fused_lora_torch
+from dlplora_triton.compile_check import POPULARITY, routing
+from dlplora_triton.ops import fused_lora_planned, workspace_bytes
+from dlplora_triton.plan import build_plan
 
-# Results land in the checkout's bench/results/ when run from one, else in ./bench-results/.
-_CHECKOUT_RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
-RESULTS = _CHECKOUT_RESULTS if _CHECKOUT_RESULTS.parent.is_dir() else Path.cwd() / "bench-results"
-POPULARITY = ("identical", "uniform", "zipf", "distinct")
+STAGES = ("all", "headline", "rest")
 
 
 @dataclass
@@ -58,26 +55,6 @@ class Shape:
 
 def _dtype(name: str) -> torch.dtype:
     return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[name]
-
-
-def routing(
-    seqs: int, L: int, P: int, popularity: str, gen: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """adapter_ids [S, P] (distinct within a row) and weights [S, P] (positive, rows sum to 1)."""
-    if popularity == "identical":
-        first = torch.zeros(seqs, dtype=torch.int64)
-    elif popularity == "uniform":
-        first = torch.randint(0, L, (seqs,), generator=gen)
-    elif popularity == "zipf":  # P(rank k) ~ k^-1.5
-        probs = torch.arange(1, L + 1, dtype=torch.float64) ** -1.5
-        first = torch.multinomial(probs / probs.sum(), seqs, replacement=True, generator=gen)
-    elif popularity == "distinct":
-        first = (torch.arange(seqs) * P) % L
-    else:
-        raise ValueError(f"popularity must be one of {POPULARITY}, got {popularity!r}")
-    ids = (first[:, None] + torch.arange(P)[None, :]) % L  # the next adapters fill the other slots
-    weights = torch.rand(seqs, P, generator=gen) + 0.1
-    return ids, weights / weights.sum(1, keepdim=True)
 
 
 class LayerCase:
@@ -220,29 +197,6 @@ class LayerCase:
 PROVIDERS = ("base", "ours", "ours_layer", "one_row", "loop", "dense")
 
 
-def time_ms(fn, device: str, quick: bool) -> tuple[float, float, float]:
-    """(median, p20, p80) milliseconds after warm-up (compilation included in the warm-up)."""
-    if device.startswith("cuda"):
-        import triton.testing
-
-        fn()
-        torch.cuda.synchronize()
-        q = triton.testing.do_bench(
-            fn, warmup=10 if quick else 25, rep=30 if quick else 100, quantiles=[0.5, 0.2, 0.8]
-        )
-        return tuple(q)
-    fn()
-    times = []
-    deadline = time.perf_counter() + (0.2 if quick else 1.0)
-    while len(times) < 5 or (time.perf_counter() < deadline and len(times) < 200):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    times.sort()
-    pick = lambda q: times[min(len(times) - 1, int(q * len(times)))]  # noqa: E731
-    return pick(0.5), pick(0.2), pick(0.8)
-
-
 def measure_ceilings(device: str) -> dict:
     """Copy bandwidth (bytes read + written per s) and matmul rate of the device, measured once."""
     if not device.startswith("cuda"):
@@ -268,8 +222,12 @@ def _allocation_growth(fn, calls: int = 100) -> int:
     return torch.cuda.memory_allocated() - before
 
 
-def suite(device: str, quick: bool) -> list[Shape]:
-    """Sweeps around a default point (one axis at a time), so the GPU suite fits one 10-minute call."""
+def suite(device: str, quick: bool, stage: str = "all") -> list[Shape]:
+    """Sweeps around a default point (one axis at a time). On CUDA, ``stage`` "headline" is the design
+    decode shape (S = 64, K = N = 4096, r = 16, L = 32, P = 3, zipf) and prefill 8 x 512 in bf16;
+    "rest" is everything else; each fits one device command."""
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
     if not device.startswith("cuda"):
         shapes = []
         for seqs, tps in ((1, 1), (8, 1), (64, 1), (8, 64)):
@@ -278,19 +236,20 @@ def suite(device: str, quick: bool) -> list[Shape]:
                     Shape(f"S{seqs}x{tps}", seqs, tps, 512, 512, 16, 8, 3 if tps == 1 else 1, pop, "fp32")
                 )
         return shapes[:4] if quick else shapes
+    headline = [
+        Shape("batch:4096x4096", 64, 1, 4096, 4096, 16, 32, 3, "zipf", "bf16"),
+        Shape("batch:4096x4096", 8, 512, 4096, 4096, 16, 32, 1, "zipf", "bf16"),
+    ]
+    if stage == "headline" or quick:
+        return headline
     shapes = []
-    kn = [(4096, 4096), (4096, 14336)]
-    dtypes = ["bf16"] if quick else ["bf16", "fp16"]
-    for dtype in dtypes:
-        for K, N in kn:
+    for dtype in ("bf16", "fp16"):
+        for K, N in ((4096, 4096), (4096, 14336)):
             tag = f"{K}x{N}"
-            batches = [(1, 1), (8, 1), (32, 1), (64, 1), (128, 1), (256, 1), (8, 512), (1, 4096)]
-            for seqs, tps in batches if not quick else batches[3:4] + batches[6:7]:
+            for seqs, tps in ((1, 1), (8, 1), (32, 1), (64, 1), (128, 1), (256, 1), (8, 512), (1, 4096)):
                 shapes.append(
                     Shape(f"batch:{tag}", seqs, tps, K, N, 16, 32, 3 if tps == 1 else 1, "zipf", dtype)
                 )
-            if quick:
-                continue
             for ranks in (8, 64, "mixed"):
                 shapes.append(Shape(f"rank:{tag}", 64, 1, K, N, ranks, 32, 3, "zipf", dtype))
             for L in (8, 128):
@@ -300,47 +259,23 @@ def suite(device: str, quick: bool) -> list[Shape]:
             for pop in POPULARITY:
                 for seqs in (8, 64, 256):
                     shapes.append(Shape(f"popularity:{tag}", seqs, 1, K, N, 16, 32, 3, pop, dtype))
+    if stage == "rest":
+        return [s for s in shapes if s not in headline]
     return shapes
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def environment(device: str) -> dict:
-    import triton
-
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=RESULTS.parent
-        ).stdout.strip()
-    except OSError:
-        commit = ""
-    name = torch.cuda.get_device_name() if device.startswith("cuda") else _cpu_name()
-    return {
-        "device": name,
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "python": platform.python_version(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": commit,
-        "threads": torch.get_num_threads(),
-    }
-
-
-def run(device: str, quick: bool, out_dir: Path | None = None, providers=PROVIDERS) -> dict:
-    """Run the suite; write JSON, CSV and (with matplotlib) a PNG; return the result dict."""
-    env = environment(device)
+def run(
+    device: str, quick: bool, out_dir: Path | None = None, providers=PROVIDERS, stage: str = "all"
+) -> dict:
+    """Run the suite; write JSON (after every row), CSV and (with matplotlib) a PNG; return the result."""
+    env = common.environment(device)
     ceilings = measure_ceilings(device)
     copies = 4 if device.startswith("cuda") else 1
     rows = []
-    for shape in suite(device, quick):
+    result = {"environment": env, "ceilings": ceilings, "stage": stage, "quick": quick, "rows": rows}
+    out_dir = out_dir or common.results_dir(device)
+    stem = "kernels" if stage == "all" else f"kernels-{stage}"
+    for shape in suite(device, quick, stage):
         case = LayerCase(shape, device, copies=copies)
         bytes_, flops = case.floor()
         row = asdict(shape) | {
@@ -357,7 +292,7 @@ def run(device: str, quick: bool, out_dir: Path | None = None, providers=PROVIDE
                 and shape.L * (128 if shape.ranks == "mixed" else int(shape.ranks)) * row["T"] > 2**28
             ):
                 continue  # the dense baseline's intermediate would not fit
-            med, p20, p80 = time_ms(getattr(case, provider)(), device, quick)
+            med, p20, p80 = common.median_ms(getattr(case, provider)(), device, quick)
             row[f"{provider}_ms"], row[f"{provider}_p20_ms"], row[f"{provider}_p80_ms"] = med, p20, p80
         if ceilings:
             floor_ms = max(bytes_ / ceilings["copy_GBps"] / 1e6, flops / ceilings["bf16_matmul_TFLOPs"] / 1e9)
@@ -371,26 +306,17 @@ def run(device: str, quick: bool, out_dir: Path | None = None, providers=PROVIDE
         if device.startswith("cuda"):
             row["allocated_growth_bytes"] = _allocation_growth(case.ours())
         rows.append(row)
+        common.write_json(out_dir / f"{stem}.json", result)
         print(_format_row(row), flush=True)
         del case
-    result = {"environment": env, "ceilings": ceilings, "rows": rows}
-    out_dir = out_dir or RESULTS / results_dir_name(device, env["device"])
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "kernels.json").write_text(json.dumps(result, indent=1))
-    with open(out_dir / "kernels.csv", "w", newline="") as f:
+    common.write_json(out_dir / f"{stem}.json", result)
+    with open(out_dir / f"{stem}.csv", "w", newline="") as f:
         keys = sorted({k for r in rows for k in r})
         writer = csv.DictWriter(f, fieldnames=keys)
         writer.writeheader()
         writer.writerows(rows)
-    _plot(rows, out_dir / "kernels.png", env["device"])
+    _plot(rows, out_dir / f"{stem}.png", env["device"])
     return result
-
-
-def results_dir_name(device: str, name: str) -> str:
-    """bench/results/ subfolder: "cpu" for any CPU, else the GPU's name (e.g. nvidia-h100-80gb-hbm3)."""
-    if not device.startswith("cuda"):
-        return "cpu"
-    return "".join(c if c.isalnum() else "-" for c in name).strip("-").lower()
 
 
 def _format_row(row: dict) -> str:
@@ -433,3 +359,24 @@ def _plot(rows: list[dict], path: Path, device: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="a few points per sweep")
+    parser.add_argument(
+        "--stage", default="all", choices=STAGES, help="GPU: headline shapes, the rest, or all"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=None, help="results folder (default bench/results/<device>/)"
+    )
+    args = parser.parse_args(argv)
+    if args.device == "cpu":
+        torch.set_num_threads(min(2, torch.get_num_threads()))
+    run(args.device, args.quick, args.out, stage=args.stage)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -2,8 +2,7 @@
 
 import pytest
 import torch
-
-from dlplora_triton.benchmark import PROVIDERS, LayerCase, suite
+from bench_kernels import PROVIDERS, LayerCase, suite
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SHAPES = suite(DEVICE, quick=True)

@@ -21,14 +21,14 @@ def _build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--quick", action="store_true", help="a smaller router and model (seconds, not minutes)"
     )
-    bench = sub.add_parser(
-        "bench", help="time one adapted layer: ours against the baselines, with the roofline floor"
+    check = sub.add_parser(
+        "compile-check",
+        help="compile every kernel variant for a GPU target (no GPU needed); non-zero exit on a compile "
+        "error, a spill, fp16/bf16 without tensor cores, too many decode variants or a small decode grid",
     )
-    bench.add_argument(
-        "--device", default="cuda" if _cuda() else "cpu", help="torch device (default: cuda if present)"
-    )
-    bench.add_argument("--quick", action="store_true", help="a few points per sweep")
-    bench.add_argument("--out", default=None, help="results folder (default bench/results/<device>/)")
+    check.add_argument("--arch", default="sm_80,sm_90", help="comma-separated targets (default sm_80,sm_90)")
+    check.add_argument("--quick", action="store_true", help="a small sweep (what `make test` runs)")
+    check.add_argument("--json", default=None, metavar="PATH", help="write the full report as JSON here")
     train = sub.add_parser("train-router", help="train a sentence router on labelled prompts and save it")
     train.add_argument(
         "--data", required=True, help='JSONL file, one {"text": "...", "task": "..."} per line'
@@ -198,19 +198,10 @@ def main(argv: list[str] | None = None) -> int:
             from .demo import run_demo
 
             return run_demo(device=args.device, seed=args.seed, quick=args.quick)
-        if args.command == "bench":
-            from pathlib import Path
+        if args.command == "compile-check":
+            from .compile_check import main as compile_check_main
 
-            from .benchmark import run
-            from .demo import _device
-
-            device = str(_device(args.device))
-            if device == "cpu":
-                import torch
-
-                torch.set_num_threads(min(2, torch.get_num_threads()))
-            run(device, args.quick, Path(args.out) if args.out else None)
-            return 0
+            return compile_check_main(args.arch, args.quick, args.json)
         if args.command == "train-router":
             from .router import Router, read_labelled_jsonl
 
