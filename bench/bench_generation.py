@@ -21,6 +21,7 @@ import copy
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import common
 import torch
@@ -58,7 +59,7 @@ def median_of(fn, repeats: int) -> tuple[float, float]:
     return runs[len(runs) // 2]
 
 
-def run(device: str, quick: bool, batches: list[int] | None = None) -> dict:
+def run(device: str, quick: bool, batches: list[int] | None = None, path: Path | None = None) -> dict:
     """Time every provider at each batch size; the JSON is rewritten after each batch."""
     torch.manual_seed(0)
     model, dtype = model_for(device)
@@ -76,7 +77,7 @@ def run(device: str, quick: bool, batches: list[int] | None = None) -> dict:
         "dtype": str(dtype),
         "rows": rows,
     }
-    path = common.results_dir(device) / "generation.json"
+    path = path or common.results_dir(device) / "generation.json"
     with tempfile.TemporaryDirectory() as tmp:
         paths = make_peft_adapters(model, specs, tmp)
         model = model.to(device, dtype)
@@ -157,11 +158,14 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="fewer batch sizes and repeats")
     parser.add_argument("--batches", default=None, help="comma-separated batch sizes (default by device)")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="JSON path (default bench/results/<device>/generation.json)"
+    )
     args = parser.parse_args(argv)
     if args.device == "cpu":
         torch.set_num_threads(min(2, torch.get_num_threads()))
     batches = [int(b) for b in args.batches.split(",")] if args.batches else None
-    run(args.device, args.quick, batches)
+    run(args.device, args.quick, batches, args.out)
     return 0
 
 
