@@ -18,7 +18,6 @@ only then change a model. Nothing here imports peft.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -29,6 +28,7 @@ import torch
 from torch import nn
 
 from .modules import linear_features, matches_target
+from .readers import read_json_object, read_safetensors
 
 __all__ = [
     "AdapterInfo",
@@ -121,13 +121,8 @@ def read_adapter_config(path: str | os.PathLike, name: str | None = None) -> dic
     config_path = os.path.join(path, CONFIG_NAME)
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"{label}: no {CONFIG_NAME} in {path!r}")
-    try:
-        with open(config_path, encoding="utf-8") as f:
-            config = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{label}: {config_path!r} is not valid JSON: {e}") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{label}: {config_path!r} must hold a JSON object")
+    config = read_json_object(config_path, label)
+    label = f"{label} ({config_path})"  # the field checks below name the file too
 
     peft_type = config.get("peft_type", "LORA")
     if str(peft_type).upper() != "LORA":
@@ -157,6 +152,11 @@ def read_adapter_config(path: str | os.PathLike, name: str | None = None) -> dic
         raise ValueError(
             f"{label}: target_modules must be a non-empty list of names or a regex string, got {targets!r}"
         )
+    if isinstance(targets, str) and config.get("layers_to_transform") not in (None, []):
+        raise ValueError(
+            f"{label}: layers_to_transform cannot be used with a regex target_modules (as in PEFT)"
+        )
+    _check_layer_fields(label, config)
     for key in ("rank_pattern", "alpha_pattern"):
         pattern = config.get(key) or {}
         if not isinstance(pattern, dict):
@@ -172,6 +172,40 @@ def read_adapter_config(path: str | os.PathLike, name: str | None = None) -> dic
                     f"{label}: {key}[{k!r}] = {v!r} is not a valid {'rank' if key == 'rank_pattern' else 'alpha'}"
                 )
     return config
+
+
+def _check_layer_fields(label: str, config: dict) -> None:
+    """Types of the fields that narrow target_modules: layers_to_transform, layers_pattern, exclude_modules."""
+    layers = config.get("layers_to_transform")
+    if layers is not None and not (
+        _is_index(layers) or (isinstance(layers, list) and all(_is_index(i) for i in layers))
+    ):
+        raise ValueError(
+            f"{label}: layers_to_transform must be an int >= 0 or a list of them, got {layers!r}"
+        )
+    for key in ("layers_pattern", "exclude_modules"):
+        value = config.get(key)
+        if (
+            value is None
+            or isinstance(value, str)
+            or (isinstance(value, list) and all(isinstance(v, str) for v in value))
+        ):
+            if key == "exclude_modules" and isinstance(value, str):
+                try:
+                    re.compile(value)
+                except re.error as e:
+                    raise ValueError(
+                        f"{label}: exclude_modules {value!r} is not a valid regex: {e}"
+                    ) from None
+            continue
+        raise ValueError(f"{label}: {key} must be a string or a list of strings, got {value!r}")
+    for key in ("use_rslora", "fan_in_fan_out"):
+        if not isinstance(config.get(key, False), bool):
+            raise ValueError(f"{label}: {key} must be true or false, got {config[key]!r}")
+
+
+def _is_index(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _is_real(value) -> bool:
@@ -234,8 +268,6 @@ def load_adapter(name: str, path: str | os.PathLike, modules: Mapping[str, nn.Mo
     for unsupported features, tensors whose shapes do not fit the model, modules the model does not
     have, and a config that does not agree with the tensors.
     """
-    from safetensors.torch import load_file
-
     label = f"adapter {name!r}"
     config = read_adapter_config(path, name)
     path = os.fspath(path)
@@ -247,7 +279,8 @@ def load_adapter(name: str, path: str | os.PathLike, modules: Mapping[str, nn.Mo
                 f"with safe_serialization=True to get {WEIGHTS_NAME}"
             )
         raise FileNotFoundError(f"{label}: no {WEIGHTS_NAME} in {path!r}")
-    state = load_file(weights_path, device="cpu")
+    state = read_safetensors(weights_path, label)
+    label = f"{label} ({weights_path})"  # the tensor checks below name the file too
 
     factors: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in state.items():
@@ -292,6 +325,10 @@ def load_adapter(name: str, path: str | os.PathLike, modules: Mapping[str, nn.Mo
                 f"{list(lora_a.shape)} and {list(lora_b.shape)} (conv targets are not supported)"
             )
         rank = lora_a.shape[0]
+        if rank == 0:
+            raise ValueError(
+                f"{label}: module {module_path!r} has lora_A of rank 0 (shape {list(lora_a.shape)})"
+            )
         if lora_a.shape[1] != in_features or lora_b.shape[0] != out_features or lora_b.shape[1] != rank:
             raise ValueError(
                 f"{label}: module {module_path!r} does not fit the model: lora_A {list(lora_a.shape)} and "
@@ -302,6 +339,8 @@ def load_adapter(name: str, path: str | os.PathLike, modules: Mapping[str, nn.Mo
             raise ValueError(
                 f"{label}: module {module_path!r} has rank {rank} but the config says {expected_rank} (r / rank_pattern)"
             )
+        if not (torch.isfinite(lora_a).all() and torch.isfinite(lora_b).all()):
+            raise ValueError(f"{label}: module {module_path!r} has NaN or infinite values in lora_A / lora_B")
         module_alpha = _pattern_value(alpha_pattern, module_path, alpha)
         scale = module_alpha / math.sqrt(rank) if use_rslora else module_alpha / rank
         loaded[module_path] = ModuleLoRA(lora_a, lora_b, float(scale))
