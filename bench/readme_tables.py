@@ -1,10 +1,14 @@
 """Print the README's benchmark tables (markdown) from the committed results under bench/results/.
 
-python bench/readme_tables.py
+python bench/readme_tables.py            # every results folder's tables
+python bench/readme_tables.py --static   # (re)write bench/results/static/README.md from compile_check.json
 """
 
 import json
+import sys
 from pathlib import Path
+
+from dlplora_triton.compile_check import main_table
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -52,12 +56,38 @@ def generation_table(path: Path) -> str:
     return "\n".join(lines)
 
 
+def static_readme(path: Path) -> str:
+    """bench/results/static/README.md: what the committed compile-check report shows."""
+    report = json.loads(path.read_text())
+    env = report["environment"]
+    return "\n".join(
+        [
+            "# compile-check: the kernels compiled for Ampere and Hopper, no GPU",
+            "",
+            f"`dlplora compile-check --json bench/results/static/compile_check.json` (triton {env['triton']}, "
+            f"torch {env['torch']}, {env['date'][:10]}, commit {env['commit']}, kernels {env['source_sha']}): "
+            f"{len(report['shapes'])} (shape, kernel, arch) points, {len(report['variants'])} distinct variants, "
+            f"{len(report['failures'])} failures. What it checks and the sweep: docs/kernels.md.",
+            "",
+            main_table(report),
+            "",
+        ]
+    )
+
+
 def main() -> None:
+    if sys.argv[1:] == ["--static"]:
+        (RESULTS / "static" / "README.md").write_text(
+            static_readme(RESULTS / "static" / "compile_check.json")
+        )
+        return
     for folder in sorted(p for p in RESULTS.iterdir() if p.is_dir()):
-        if (folder / "kernels.json").exists():
-            print(kernel_table(folder / "kernels.json") + "\n")
-        if (folder / "generation.json").exists():
-            print(generation_table(folder / "generation.json") + "\n")
+        for name in ("kernels-headline.json", "kernels.json", "kernels-rest.json"):
+            if (folder / name).exists():
+                print(kernel_table(folder / name) + "\n")
+        for name in ("generation-headline.json", "generation.json"):
+            if (folder / name).exists():
+                print(generation_table(folder / name) + "\n")
 
 
 if __name__ == "__main__":

@@ -49,6 +49,16 @@ def test_quick_check_compiles_for_sm90(tmp_path):
     assert "_lora_expand_kernel" in done.stdout and "variants, 0 failures" in done.stdout
 
 
+def test_committed_full_report_is_current_and_passes():
+    report = json.loads(STATIC.read_text())
+    _check_report(report, {"sm_80", "sm_90"})
+    assert report["quick"] is False
+    assert report["environment"]["source_sha"] == cc.source_sha(), (
+        "kernels/ or plan_block_sizes changed since the committed report: re-run "
+        "`dlplora compile-check --json bench/results/static/compile_check.json` (and bench/readme_tables.py)"
+    )
+
+
 def test_the_sweep_covers_the_documented_axes():
     shapes = cc.sweep()
     decode = {(s.seqs, s.P) for s in shapes if s.group == "decode"}
