@@ -65,6 +65,7 @@ class PlanSource:
     """
 
     adapter_mask: int = 0
+    active: bool = False  # adapter_mask != 0, kept by the source (what torch.compile guards on)
 
     def plan_for(self, x: torch.Tensor) -> LoRAPlan:
         raise NotImplementedError(f"{type(self).__name__} must implement plan_for(x)")
@@ -81,6 +82,7 @@ class FixedPlan(PlanSource):
         self.plan = plan
         self.cache = TorchPathCache(plan)
         self.adapter_mask = -1 if plan.num_tokens * plan.num_slots > 0 else 0
+        self.active = self.adapter_mask != 0
 
     def plan_for(self, x: torch.Tensor) -> LoRAPlan:
         return self.plan
@@ -234,7 +236,14 @@ class MultiLoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         source = self.plan_source
-        if source is None or not (source.adapter_mask & self._adapter_mask):
+        if source is None:
+            return y
+        if torch.compiler.is_compiling():
+            # Under torch.compile read only whether some adapter is used: the mask differs between
+            # routings, and a value read here would make every new routing compile again.
+            if not source.active:
+                return y
+        elif not (source.adapter_mask & self._adapter_mask):
             return y
         plan, cache = source.batch_for(x)
         if not y.is_contiguous():

@@ -17,8 +17,9 @@ from collections.abc import Sequence
 
 import torch
 
+from .backends.grad import factor_grads
 from .backends.torch_path import TorchPathCache, fused_lora_torch, token_weights
-from .plan import LoRAPlan, build_plan
+from .plan import LoRAPlan, build_plan, plan_from_args, plan_to_args
 
 __all__ = ["fused_lora", "fused_lora_planned", "check_routing", "workspace_bytes", "DTypeError", "BACKENDS"]
 
@@ -278,8 +279,124 @@ def fused_lora_planned(
     scales = _as_tensor(scales, "scales", L, "float", x.device)
     if out is None:
         out = torch.zeros(T, N, dtype=x.dtype, device=x.device)
-    _run(x, lora_a, lora_b, plan, ranks, scales, out, backend, cache, adapter_weights)
+    compiling = torch.compiler.is_compiling()
+    if backend == "torch" and not compiling:
+        # Plain tensor ops, recorded by autograd as they run: gradients need nothing more.
+        _run(x, lora_a, lora_b, plan, ranks, scales, out, backend, cache, adapter_weights)
+        return out
+    tensors, sizes = plan_to_args(plan)
+    if scales is not None and not scales.is_floating_point():
+        scales = scales.to(torch.float32)
+    if torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, lora_a, lora_b, scales, adapter_weights)
+    ):
+        delta = torch.ops.dlplora_triton.fused_lora_planned_delta(
+            x, lora_a, lora_b, tensors, sizes, ranks, scales, adapter_weights, backend
+        )
+        return out.add_(delta)
+    torch.ops.dlplora_triton.fused_lora_planned_(
+        out, x, lora_a, lora_b, tensors, sizes, ranks, scales, adapter_weights, backend
+    )
     return out
+
+
+# The planned call as custom ops, so torch.compile sees one opaque node per layer (the PyTorch path's
+# method choice reads values on the host, which dynamo cannot trace) and autograd has a formula for
+# the Triton kernels: `fused_lora_planned_` adds into `out` (inference), `fused_lora_planned_delta`
+# returns the delta and has a backward (used when an input requires grad).
+
+
+@torch.library.custom_op("dlplora_triton::fused_lora_planned_", mutates_args=("out",))
+def _planned_op(
+    out: torch.Tensor,
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    plan_tensors: list[torch.Tensor],
+    plan_sizes: list[int],
+    ranks: torch.Tensor | None,
+    scales: torch.Tensor | None,
+    adapter_weights: torch.Tensor | None,
+    backend: str,
+) -> None:
+    plan = plan_from_args(plan_tensors, plan_sizes)
+    _run(x, lora_a, lora_b, plan, ranks, scales, out, backend, None, adapter_weights)
+
+
+@_planned_op.register_fake
+def _(out, x, lora_a, lora_b, plan_tensors, plan_sizes, ranks, scales, adapter_weights, backend) -> None:
+    return None
+
+
+@torch.library.custom_op("dlplora_triton::fused_lora_planned_delta", mutates_args=())
+def _planned_delta_op(
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    plan_tensors: list[torch.Tensor],
+    plan_sizes: list[int],
+    ranks: torch.Tensor | None,
+    scales: torch.Tensor | None,
+    adapter_weights: torch.Tensor | None,
+    backend: str,
+) -> torch.Tensor:
+    out = torch.zeros(x.shape[0], lora_b.shape[1], dtype=x.dtype, device=x.device)
+    _run(
+        x,
+        lora_a,
+        lora_b,
+        plan_from_args(plan_tensors, plan_sizes),
+        ranks,
+        scales,
+        out,
+        backend,
+        None,
+        adapter_weights,
+    )
+    return out
+
+
+@_planned_delta_op.register_fake
+def _(x, lora_a, lora_b, plan_tensors, plan_sizes, ranks, scales, adapter_weights, backend) -> torch.Tensor:
+    return x.new_empty(x.shape[0], lora_b.shape[1])
+
+
+def _planned_setup(ctx, inputs, output) -> None:
+    x, lora_a, lora_b, plan_tensors, plan_sizes, ranks, scales, adapter_weights, backend = inputs
+    if any(t.requires_grad for t in plan_tensors):
+        raise ValueError(
+            "the plan's tensors require grad (a plan built from weights that do): build the plan from "
+            "detached weights and pass the trainable ones as adapter_weights=, whose gradient is supported"
+        )
+    ctx.save_for_backward(x, lora_a, lora_b, ranks, scales, adapter_weights, *plan_tensors)
+    ctx.plan_sizes, ctx.backend = plan_sizes, backend
+
+
+def _planned_backward(ctx, dy):
+    x, lora_a, lora_b, ranks, scales, adapter_weights, *plan_tensors = ctx.saved_tensors
+    plan = plan_from_args(plan_tensors, ctx.plan_sizes)
+    need_x, need_a, need_b, _, _, _, need_s, need_w, _ = ctx.needs_input_grad
+    dx = None
+    if need_x:
+        # dx[t] = sum_p c (dy[t] B_i) A_i: the same op with B^T as the stacked "A" and A^T as "B".
+        dx = torch.ops.dlplora_triton.fused_lora_planned_delta(
+            dy.contiguous(),
+            lora_b.transpose(1, 2),
+            lora_a.transpose(1, 2),
+            plan_tensors,
+            ctx.plan_sizes,
+            ranks,
+            scales,
+            adapter_weights,
+            ctx.backend,
+        )
+    d_a, d_b, d_w, d_s = factor_grads(
+        dy, x, lora_a, lora_b, plan, ranks, scales, adapter_weights, (need_a, need_b, need_w, need_s)
+    )
+    return dx, d_a, d_b, [None] * len(plan_tensors), None, None, d_s, d_w, None
+
+
+_planned_delta_op.register_autograd(_planned_backward, setup_context=_planned_setup)
 
 
 @torch.library.custom_op("dlplora_triton::fused_lora_", mutates_args=("out",))
@@ -376,6 +493,19 @@ def fused_lora(
         out = torch.zeros(T, N, dtype=x.dtype, device=x.device)
     if scales is not None and not scales.is_floating_point():
         scales = scales.to(torch.float32)
+    if torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, lora_a, lora_b, scales, adapter_weights)
+    ):
+        # Gradients: through the planned form, which has a backward on both backends; the plan is
+        # built from detached weights and the live ones are passed per call.
+        if not torch.compiler.is_compiling():
+            check_routing(seq_offsets, adapter_ids, adapter_weights, L, T)
+            _check_ranks_scales(ranks, scales, R)
+        plan = build_plan(seq_offsets, adapter_ids, adapter_weights.detach(), L, num_tokens=T)
+        weights = adapter_weights if adapter_weights.requires_grad else None
+        return fused_lora_planned(
+            x, lora_a, lora_b, plan, ranks, scales, out, backend, adapter_weights=weights
+        )
     torch.ops.dlplora_triton.fused_lora_(
         out, x, lora_a, lora_b, seq_offsets, adapter_ids, adapter_weights, ranks, scales, backend
     )

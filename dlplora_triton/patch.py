@@ -50,6 +50,7 @@ class _Routing(PlanSource):
     def set(self, selection: RowSelection | None) -> None:
         self.selection = selection
         self.adapter_mask = 0 if selection is None else selection.adapter_mask
+        self.active = self.adapter_mask != 0
         self.plans = {}
 
     def plan_for(self, x: torch.Tensor) -> LoRAPlan:

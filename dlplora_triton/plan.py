@@ -155,3 +155,40 @@ def build_plan(
         seq_weight=torch.where(adapter_ids >= 0, adapter_weights.float(), torch.zeros((), device=device)),
         token_seq=seq_of_token.to(i32),
     )
+
+
+_TENSOR_FIELDS = (
+    "token_adapter",
+    "token_weight",
+    "sorted_rows",
+    "row_counts",
+    "shrink_tile_adapter",
+    "shrink_tile_start",
+    "shrink_tile_end",
+    "expand_tile_count",
+    "expand_tile_adapters",
+    "seq_offsets",
+    "seq_adapter",
+    "seq_weight",
+    "token_seq",
+)
+
+
+def plan_to_args(plan: LoRAPlan) -> tuple[list[torch.Tensor], list[int]]:
+    """The plan as a custom op's arguments: its tensors and its sizes ``[T, P, L, shrink_bm, expand_bm]``."""
+    sizes = [plan.num_tokens, plan.num_slots, plan.num_adapters, plan.shrink_block_m, plan.expand_block_m]
+    return [getattr(plan, name) for name in _TENSOR_FIELDS], sizes
+
+
+def plan_from_args(tensors: list[torch.Tensor], sizes: list[int]) -> LoRAPlan:
+    """Inverse of :func:`plan_to_args`."""
+    fields = dict(zip(_TENSOR_FIELDS, tensors))
+    T, P, L, shrink_bm, expand_bm = sizes
+    return LoRAPlan(
+        num_tokens=T,
+        num_slots=P,
+        num_adapters=L,
+        shrink_block_m=shrink_bm,
+        expand_block_m=expand_bm,
+        **fields,
+    )

@@ -137,11 +137,14 @@ def token_weights(plan: LoRAPlan, adapter_weights: torch.Tensor | None) -> tuple
     in their place (0 in empty slots; differentiable in ``adapter_weights``)."""
     if adapter_weights is None:
         return plan.seq_weight, plan.token_weight
+    weights = adapter_weights.to(torch.promote_types(adapter_weights.dtype, torch.float32))  # float64 stays
     seq_weight = torch.where(
-        plan.seq_adapter >= 0, adapter_weights.float(), torch.zeros((), device=plan.device)
+        plan.seq_adapter >= 0, weights, torch.zeros((), device=plan.device, dtype=weights.dtype)
     )
     if plan.num_tokens == 0 or seq_weight.shape[0] == 0:
-        return seq_weight, torch.zeros(plan.num_tokens, plan.num_slots, device=plan.device)
+        return seq_weight, torch.zeros(
+            plan.num_tokens, plan.num_slots, device=plan.device, dtype=weights.dtype
+        )
     return seq_weight, seq_weight.index_select(0, plan.token_seq.long())
 
 
