@@ -23,7 +23,7 @@ import traceback
 LAYERS = ("replicated", "merged_column", "qkv", "row", "embedding", "logits")
 CASES = (
     [f"plain-{layer}-{phase}" for layer in LAYERS for phase in ("prefill", "decode")]
-    + ["plain-replicated-fp16", "plain-qkv-ours-triton", "plain-row-sharded"]
+    + ["plain-replicated-fp16", "plain-qkv-ours-triton", "plain-row-sharded", "plain-padded-tokens"]
     + [
         f"mix-{layer}-{phase}"
         for layer in ("replicated", "qkv", "row", "logits")
@@ -31,7 +31,7 @@ CASES = (
     ]
     + ["mix-qkv-ours-triton", "mix-sharded-refused", "mix-embedding-refused", "mix-embedding-zero-ok"]
     + ["route-replicated", "route-qkv", "route-logits-refused", "route-errors"]
-    + ["plugin", "resolver", "worker-hooks", "tp2"]
+    + ["plugin", "resolver", "worker-hooks", "manager-peft", "tp2"]
 )
 
 K, N, R, VOCAB = 64, 40, 16, 96
@@ -248,6 +248,21 @@ def case_plain(layer_kind: str, phase: str, dtype_name: str = "fp32", ours_backe
     return ok, "relative error (tolerance): " + ", ".join(
         f"{k} {e:.2e} ({tol:g})" for k, (e, tol) in errs.items()
     )
+
+
+def case_padded():
+    """x with more rows than the mapping (vLLM pads batches): the mapped rows as vLLM, the rest base."""
+    import torch
+
+    layer, _, make_x = build_layer("replicated", torch.float32)
+    m = mapping(REQUESTS, decode=False)
+    T = len(m.index_mapping)
+    x = make_x(T + 3)
+    ref = run_layer(layer, _wrapper("cpu"), m, x[:T])
+    base = run_layer(layer, _wrapper("cpu"), mapping([(0, T + 3)], decode=False), x)
+    ours = run_layer(layer, _wrapper("ours"), m, x)
+    errs = (rel(ours[:T], ref, ref - base[:T]), rel(ours[T:], base[T:], base[T:]))
+    return max(errs) < 1e-5, f"relative errors (mapped rows, padded rows) {errs}"
 
 
 def _mix_reference(layer, make_x, decode: bool, x, components, requests):
@@ -517,12 +532,165 @@ def case_worker_hooks():
             f"added {added}",
         ),
         (vllm_mix.mix_components(mix.lora_int_id) == ((1, 0.7), (2, 0.3)), "mix registered at load"),
-        (loaded.id == mix.lora_int_id and loaded.loras == {}, "a mix loads as an empty adapter"),
+        (
+            loaded.id == mix.lora_int_id and list(loaded.loras) == [vllm_mix.MIX_PLACEHOLDER],
+            "a mix loads as an adapter of no model module",
+        ),
         (mix.lora_name == "mix:math=0.7,code=0.3", f"name {mix.lora_name}"),
     ]
     manager._adapter_manager.lora_slots = 2
     checks.append(_expect(RuntimeError, lambda: manager._apply_adapters({mix}), "slots"))
     return all(ok for ok, _ in checks), "; ".join(str(d) for _, d in checks)
+
+
+def _peft_adapters(twin, root: str) -> dict[str, str]:
+    """Three PEFT adapters of ``twin`` (ranks 8, 4, 16, different alphas), random A and B, saved."""
+    import copy
+    import warnings
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    paths = {}
+    specs = {
+        "math": dict(r=8, lora_alpha=16),
+        "code": dict(r=4, lora_alpha=4),
+        "de": dict(r=16, lora_alpha=8),
+    }
+    for i, (name, cfg) in enumerate(specs.items()):
+        torch.manual_seed(10 + i)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = get_peft_model(
+                copy.deepcopy(twin), LoraConfig(target_modules=["q_proj", "o_proj"], **cfg)
+            )
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_" in n:
+                    p.normal_()
+        paths[name] = os.path.join(root, name)
+        model.save_pretrained(paths[name])
+    return paths
+
+
+def case_manager_peft():
+    """End to end through vLLM's LoRA managers: PEFT adapters loaded from disk by vLLM, slots, our
+    wrapper from get_punica_wrapper(), two mixes sharing a component, against PEFT's "cat" merge."""
+    import copy
+    import warnings
+
+    import torch
+    from peft import PeftModel
+    from torch import nn
+    from vllm.config import get_current_vllm_config
+    from vllm.config.lora import LoRAConfig
+    from vllm.lora.lora_model import LoRAModel
+    from vllm.lora.model_manager import LRUCacheLoRAModelManager
+    from vllm.lora.request import LoRARequest
+    from vllm.lora.worker_manager import LRUCacheWorkerLoRAManager
+    from vllm.model_executor.layers.linear import ReplicatedLinear, RowParallelLinear
+
+    from dlplora_triton.integrations import vllm as dlp_vllm
+    from dlplora_triton.integrations import vllm_mix
+
+    dlp_vllm.register()
+
+    class Twin(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj = nn.Linear(K, N, bias=False)
+            self.o_proj = nn.Linear(N, K, bias=False)
+
+        def forward(self, x):
+            return self.o_proj(self.q_proj(x))
+
+    class Tiny(nn.Module):
+        supports_lora = True
+        packed_modules_mapping: dict = {}
+        embedding_modules: dict = {}
+
+        def __init__(self, twin):
+            super().__init__()
+            self.config = None  # vLLM passes the model's HF config to the LoRA layers (unused by these)
+            self.q_proj = ReplicatedLinear(K, N, bias=False, params_dtype=torch.float32, prefix="q_proj")
+            self.o_proj = RowParallelLinear(N, K, bias=False, params_dtype=torch.float32, prefix="o_proj")
+            for name in ("q_proj", "o_proj"):
+                getattr(self, name).weight.data.copy_(getattr(twin, name).weight.data)
+                _finish(getattr(self, name))
+
+        def forward(self, x):
+            return self.o_proj(self.q_proj(x)[0])[0]
+
+    torch.manual_seed(0)
+    twin = Twin()
+    paths = _peft_adapters(twin, tempfile.mkdtemp())
+    model = Tiny(twin)
+    cfg = LoRAConfig(max_loras=5, max_lora_rank=16, lora_dtype=torch.float32, max_cpu_loras=8)
+    manager = LRUCacheLoRAModelManager(
+        model, 8, 64, VOCAB, cfg, torch.device("cpu"), get_current_vllm_config()
+    )
+    wrapper = next(iter(manager.punica_wrapper_mapping.values()))
+    worker = LRUCacheWorkerLoRAManager.__new__(LRUCacheWorkerLoRAManager)
+    worker.__dict__.update(
+        _lora_model_cls=LoRAModel,
+        embedding_modules={},
+        _cached_dummy_lora=False,
+        max_num_seqs=8,
+        max_num_batched_tokens=64,
+        vocab_size=VOCAB,
+        lora_config=cfg,
+        max_position_embeddings=None,
+        device=torch.device("cpu"),
+        _adapter_manager=manager,
+    )
+    req = {name: LoRARequest(name, i + 1, path) for i, (name, path) in enumerate(paths.items())}
+    mix_dir = tempfile.mkdtemp()
+    mixes = {
+        "m1": ([("math", 0.7), ("code", -0.4)], None),
+        "m2": ([("math", 0.5), ("de", 0.5)], None),  # shares math with m1: math is read once per launch
+    }
+    for key, (pairs, _) in mixes.items():
+        mixes[key] = (pairs, vllm_mix.mix_request([(req[n], w) for n, w in pairs], mix_dir=mix_dir))
+    rows = [("m1", 3), ("de", 2), (None, 1), ("m2", 2), ("m1", 1)]
+
+    def lid(key):
+        return 0 if key is None else (mixes[key][1] if key in mixes else req[key]).lora_int_id
+
+    requests = [(lid(k), n) for k, n in rows]
+    worker.set_active_adapters({mixes["m1"][1], mixes["m2"][1], req["de"]}, mapping(requests, decode=False))
+    x = torch.randn(sum(n for _, n in rows), K)
+    with torch.no_grad():
+        ours = model(x)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft = PeftModel.from_pretrained(copy.deepcopy(twin), paths["math"], adapter_name="math")
+        for name in ("code", "de"):
+            peft.load_adapter(paths[name], adapter_name=name)
+        for key, (pairs, _) in mixes.items():
+            peft.add_weighted_adapter(
+                [n for n, _ in pairs], [w for _, w in pairs], adapter_name=key, combination_type="cat"
+            )
+    for m in peft.modules():
+        for key in mixes:
+            if isinstance(getattr(m, "scaling", None), dict) and key in m.scaling:
+                m.scaling[key] = 1.0  # "cat" folds weights and scales into B (see tests/peft_helpers.py)
+    ref, start = torch.empty_like(ours), 0
+    with torch.no_grad():
+        for key, n in rows:
+            xs = x[start : start + n]
+            if key is None:
+                with peft.disable_adapter():
+                    ref[start : start + n] = peft(xs)
+            else:
+                peft.set_adapter(key)
+                ref[start : start + n] = peft(xs)
+            start += n
+        base = twin(x)
+    err = rel(ours, ref, ref - base)
+    slots = sorted(i for i in manager.lora_index_to_id if i is not None)
+    ok = type(wrapper).__name__ == "PunicaWrapperDLP" and err < 1e-5 and len(slots) == 5
+    return ok, f"wrapper {type(wrapper).__name__}, slots {slots}, relative error {err} against PEFT 'cat'"
 
 
 def _tp2_worker(rank: int, port: int, out_dir: str) -> None:
@@ -597,6 +765,8 @@ def run_case(name: str):
             return case_plain("qkv", "prefill", ours_backend="triton")
         if name == "plain-row-sharded":
             return case_plain("row", "sharded")
+        if name == "plain-padded-tokens":
+            return case_padded()
         return case_plain(parts[1], parts[2])
     if name == "mix-qkv-ours-triton":
         return case_mix("qkv", "prefill", ours_backend="triton")
@@ -616,6 +786,7 @@ def run_case(name: str):
         "plugin": case_plugin,
         "resolver": case_resolver,
         "worker-hooks": case_worker_hooks,
+        "manager-peft": case_manager_peft,
         "tp2": case_tp2,
     }[name]()
 

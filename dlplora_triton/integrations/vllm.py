@@ -53,6 +53,8 @@ class _Routing:
         offsets = torch.cat([starts, torch.tensor([T])])
         self.num_rows = T
         self.num_slots = num_slots
+        self._host = (ids, weights, row_plain, device)
+        self._padded: dict[int, _Routing] = {}
         self.plain = bool(row_plain.all())  # vLLM's own one-adapter-per-row case everywhere
         self.has_lora = (ids >= 0).any(1).to(device)  # [T] bool
         mixed = ids[~row_plain]
@@ -60,6 +62,20 @@ class _Routing:
         self.plan = build_plan(
             offsets.to(device), ids[starts].to(device), weights[starts].to(device), num_slots, num_tokens=T
         )
+
+    def padded(self, rows: int) -> _Routing:
+        """This routing with ``rows - num_rows`` more rows without LoRA (vLLM may pad a batch's tokens)."""
+        if rows not in self._padded:
+            ids, weights, row_plain, device = self._host
+            extra = rows - self.num_rows
+            self._padded[rows] = _Routing(
+                torch.cat([ids, ids.new_full((extra, ids.shape[1]), -1)]),
+                torch.cat([weights, weights.new_zeros(extra, weights.shape[1])]),
+                torch.cat([row_plain, row_plain.new_ones(extra)]),
+                self.num_slots,
+                device,
+            )
+        return self._padded[rows]
 
 
 class PunicaWrapperDLP(PunicaWrapperBase):
@@ -126,7 +142,9 @@ class PunicaWrapperDLP(PunicaWrapperBase):
         routing = self._samples if samples else self._tokens
         if routing is None:
             raise RuntimeError("PunicaWrapperDLP: update_metadata must be called before the LoRA layers run")
-        if routing.num_rows != rows:
+        if rows > routing.num_rows:  # padded tokens (their outputs are dropped): no LoRA there
+            routing = routing.padded(rows)
+        elif rows < routing.num_rows:
             raise ValueError(
                 f"PunicaWrapperDLP: the layer has {rows} rows but the mapping covers {routing.num_rows} "
                 f"{'sampled rows' if samples else 'tokens'}"

@@ -50,6 +50,7 @@ __all__ = [
 ]
 
 MIX_FILE = "dlplora_mix.json"
+MIX_PLACEHOLDER = "dlplora_mix_placeholder"  # the one (zero, unmatched) module of a mix's LoRAModel
 MIX_PREFIX = "mix:"
 _FORMAT = "dlplora-mix/1"
 
@@ -389,6 +390,7 @@ def install_worker_hooks() -> bool:
     Returns True when installed by this call, False when already in place.
     """
     from vllm.lora.lora_model import LoRAModel
+    from vllm.lora.lora_weights import LoRALayerWeights
     from vllm.lora.worker_manager import LRUCacheWorkerLoRAManager
 
     cls = LRUCacheWorkerLoRAManager
@@ -400,8 +402,12 @@ def install_worker_hooks() -> bool:
         if not is_mix_dir(lora_request.lora_path):
             return load_adapter(self, lora_request)
         _component_requests(lora_request)
-        # A mix holds no weights of its own: its slot stays zero; the wrapper reads the components.
-        return LoRAModel(lora_request.lora_int_id, 1, {})
+        # A mix holds no weights of its own: its slot stays zero (no model module matches the one
+        # placeholder entry, which vLLM's manager needs to find the adapter's device); the wrapper
+        # reads the components' slots.
+        zero = torch.zeros(1, 1)
+        placeholder = LoRALayerWeights(MIX_PLACEHOLDER, 1, 1, zero, zero.clone(), scaling=1.0)
+        return LoRAModel(lora_request.lora_int_id, 1, {MIX_PLACEHOLDER: placeholder})
 
     def _apply_adapters(self, lora_requests):
         expanded = {}
