@@ -149,6 +149,7 @@ class MultiLoRA:
         self._saved: list[RowSelection | None] = []  # selections an enclosing `with selection(...)` restores
         self._hook = None
         self._attached = False
+        self._gates: dict[str, dict[str, torch.Tensor]] = {}  # adapter name -> module path -> [B] gates
 
     # ------------------------------------------------------------------ public API
     @property
@@ -187,7 +188,7 @@ class MultiLoRA:
         selection stays. A row count that does not match the batch raises ValueError at forward.
         """
         self._check_attached()
-        self._routing.set(normalize_selection(selection, self.names, seq_offsets))
+        self._set_selection(normalize_selection(selection, self.names, seq_offsets))
 
     @contextmanager
     def selection(self, selection: Selection, seq_offsets: torch.Tensor | None = None) -> Iterator[MultiLoRA]:
@@ -195,7 +196,7 @@ class MultiLoRA:
         self._check_attached()
         new = normalize_selection(selection, self.names, seq_offsets)
         self._saved.append(self._routing.selection)
-        self._routing.set(new)
+        self._set_selection(new)
         try:
             yield self
         finally:
@@ -203,7 +204,7 @@ class MultiLoRA:
             if self._attached:
                 if previous is not None and previous.names != self.names:
                     previous = previous.rebased(self.names)
-                self._routing.set(previous)
+                self._set_selection(previous)
 
     def add(self, name: str, path: str | os.PathLike) -> None:
         """Load one more PEFT adapter directory (validated before anything changes)."""
@@ -260,7 +261,7 @@ class MultiLoRA:
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
-        self._routing.set(None)
+        self._set_selection(None)
         self._attached = False
 
     def __repr__(self) -> str:
@@ -287,7 +288,69 @@ class MultiLoRA:
             f"selection={current})"
         )
 
+    def set_module_gates(self, name: str, gates: Mapping[str, torch.Tensor] | None) -> None:
+        """Scale adapter ``name``'s weight per row in some modules (MiLoRA's per-module gates).
+
+        ``gates``: module path (a key of :attr:`layers`) -> ``[B]`` float tensor, one gate per row of
+        the current selection; in that module, row ``b``'s fusion weight of ``name`` is multiplied by
+        ``gates[path][b]`` (modules not in the map are unchanged). None clears ``name``'s gates. The
+        gates hold for every forward of the selection (prefill and decode) and are dropped by the
+        next ``select`` / ``selection`` / ``add`` / ``remove``. Gates that require grad keep their
+        graph (they can be trained through the layers).
+        """
+        self._check_attached()
+        if name not in self._infos:
+            raise KeyError(f"unknown adapter {name!r}; attached adapters: {list(self._names)}")
+        sel = self._routing.selection
+        if gates is None:
+            self._gates.pop(name, None)
+            self._apply_gates(sel)
+            return
+        if sel is None:
+            raise ValueError("set_module_gates needs a selection: call select first")
+        if not isinstance(gates, Mapping):
+            raise TypeError(f"gates must map module paths to [B] tensors, got {type(gates).__name__}")
+        checked = {}
+        for path, gate in gates.items():
+            if path not in self._layers:
+                raise KeyError(f"gates for {path!r}: not an adapted module (see lora.layers)")
+            if not isinstance(gate, torch.Tensor) or not gate.is_floating_point():
+                raise TypeError(f"gates for {path!r} must be a float tensor [B], got {type(gate).__name__}")
+            if gate.shape != (sel.rows,):
+                raise ValueError(
+                    f"gates for {path!r} must be [B] = [{sel.rows}] (one per selection row), got {list(gate.shape)}"
+                )
+            if not bool(torch.isfinite(gate.detach()).all()):
+                raise ValueError(f"gates for {path!r} must be finite (found NaN or inf)")
+            checked[path] = gate
+        self._gates[name] = checked
+        self._apply_gates(sel)
+
     # ------------------------------------------------------------------ internals
+    def _set_selection(self, selection: RowSelection | None) -> None:
+        self._routing.set(selection)
+        self._gates.clear()
+        self._apply_gates(selection)
+
+    def _apply_gates(self, sel: RowSelection | None) -> None:
+        """Give every layer its ``[S, P]`` per-row weights: the selection's, times the gates of its path."""
+        for path, layer in self._layers.items():
+            factor = None
+            for name, by_path in self._gates.items():
+                gate = by_path.get(path)
+                if gate is None:
+                    continue
+                k = self._names.index(name)
+                ids = sel.adapter_ids.to(gate.device)
+                f = torch.where(ids == k, gate[:, None].to(torch.float32), 1.0)
+                factor = f if factor is None else factor * f
+            if factor is None:
+                layer.row_weights = None
+            else:
+                device = layer.lora_a.device
+                weights = sel.adapter_weights.to(device) * factor.to(device)
+                layer.row_weights = torch.where(sel.adapter_ids.to(device) >= 0, weights, 0.0)
+
     def _check_attached(self) -> None:
         if not self._attached:
             raise RuntimeError("this MultiLoRA handle was detached; call dlplora_triton.attach again")
@@ -325,7 +388,7 @@ class MultiLoRA:
 
     def _rebase_selection(self, names: tuple[str, ...]) -> None:
         sel = self._routing.selection
-        self._routing.set(None if sel is None else sel.rebased(names))
+        self._set_selection(None if sel is None else sel.rebased(names))
 
     def _check_batch(self, module, args, kwargs) -> None:
         """Forward pre-hook on the model: the batch must have one row per selection row."""
