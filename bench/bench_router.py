@@ -8,7 +8,7 @@ its own stratified 10% held-out split for early stopping and the report. The lin
 were never seen in training: their accuracy is printed as "unseen", and 1,000 of them are the prompts
 whose routing is timed (median of 7 runs after a warm-up; ``route`` = features + MLP + top-p). Targets
 (2 CPU cores): held-out accuracy >= 98%, training < 2 minutes, routing 1,000 prompts < 1 s.
-The router runs its tensor ops on one thread (see dlplora_triton/router.py), so the machine's load
+The router runs its tensor ops on one thread (see dlplora_triton/routing/router.py), so the machine's load
 matters less than it would; the 1-minute load average is recorded with the results.
 """
 
@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy
 import torch
 
-from dlplora_triton.router import Router, format_report, read_labelled_jsonl
+from dlplora_triton.routing import Router, format_report, read_labelled_jsonl
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE.parent / "dlplora_triton" / "data" / "router_texts.jsonl"

@@ -14,7 +14,7 @@ from .ops import DTypeError, check_routing, fused_lora, fused_lora_planned
 from .patch import MultiLoRA, attach
 from .plan import LoRAPlan, build_plan
 from .reference import fused_lora_reference
-from .router import Router, top_p_select
+from .routing import Router, top_p_select
 
 __all__ = [
     "fused_lora",

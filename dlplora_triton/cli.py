@@ -96,7 +96,7 @@ def _generate(args) -> int:
     from .demo import _device
     from .generation import generate_routed
     from .patch import attach
-    from .router import Router
+    from .routing import Router
 
     adapters = {}
     for spec in args.adapter:
@@ -155,7 +155,7 @@ def _generate(args) -> int:
 def _route(args) -> int:
     import json
 
-    from .router import Router
+    from .routing import Router
 
     router = Router.load(args.router)
     selection = router.route(
@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return compile_check_main(args.arch, args.quick, args.json)
         if args.command == "train-router":
-            from .router import Router, read_labelled_jsonl
+            from .routing import Router, read_labelled_jsonl
 
             texts, tasks = read_labelled_jsonl(args.data)
             router = Router.train(

@@ -3,6 +3,7 @@ real text set (accuracy, save/load, determinism, errors) and the train-router / 
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ from hypothesis import strategies as st
 
 import dlplora_triton as dlp
 from dlplora_triton.cli import main
-from dlplora_triton.router import CONFIG_FILE, WEIGHTS_FILE, Router, read_labelled_jsonl, top_p_select
+from dlplora_triton.routing import CONFIG_FILE, WEIGHTS_FILE, Router, read_labelled_jsonl, top_p_select
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "dlplora_triton" / "data" / "router_texts.jsonl"
@@ -351,37 +352,143 @@ def test_predict_errors(router):
         router.route(["fine"], p=0)
 
 
-def test_load_errors(router, tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        Router.load(tmp_path / "nowhere")
-    saved = router.save(tmp_path / "r")
-    config = json.loads((saved / CONFIG_FILE).read_text())
+def _edit_config(change):
+    def edit(saved: Path):
+        config = json.loads((saved / CONFIG_FILE).read_text())
+        change(config)
+        (saved / CONFIG_FILE).write_text(json.dumps(config))
 
-    (saved / CONFIG_FILE).write_text("{not json")
-    with pytest.raises(ValueError, match=f"{CONFIG_FILE} is not valid JSON"):
+    return edit
+
+
+def _set(*keys_and_value):
+    *keys, value = keys_and_value
+
+    def change(config):
+        for k in keys[:-1]:
+            config = config[k]
+        if value is _DELETE:
+            del config[keys[-1]]
+        else:
+            config[keys[-1]] = value(config[keys[-1]]) if callable(value) else value
+
+    return change
+
+
+_DELETE = object()
+
+
+def _write(name: str, data: bytes):
+    return lambda saved: (saved / name).write_bytes(data)
+
+
+def _cut(name: str, keep):
+    return lambda saved: (saved / name).write_bytes(
+        (saved / name).read_bytes()[: keep((saved / name).stat().st_size)]
+    )
+
+
+def _nan_weights(saved: Path):
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(saved / WEIGHTS_FILE))
+    state["norm.weight"][0] = float("nan")
+    save_file(state, str(saved / WEIGHTS_FILE))
+
+
+C, W = CONFIG_FILE, WEIGHTS_FILE
+# (case id, how to break the saved router, expected exception, words in the message)
+ROUTER_CASES = [
+    ("no-directory", lambda saved: shutil.rmtree(saved), FileNotFoundError, ["does not exist"]),
+    ("no-config", lambda saved: (saved / C).unlink(), FileNotFoundError, [C, "not found"]),
+    ("no-weights", lambda saved: (saved / W).unlink(), FileNotFoundError, [W, "not found"]),
+    ("config-empty", _write(C, b""), ValueError, [C, "empty"]),
+    ("config-not-json", _write(C, b"{not json"), ValueError, [C, "not valid JSON"]),
+    ("config-truncated", _cut(C, lambda n: n // 2), ValueError, [C, "JSON"]),
+    ("config-not-utf8", _write(C, b"\xff\xfe{}"), ValueError, [C, "UTF-8"]),
+    ("config-a-list", _write(C, b"[]"), ValueError, [C, "JSON object"]),
+    ("not-a-router", _write(C, b'{"something": "else"}'), ValueError, [C, "not a dlplora router config"]),
+    ("format-version", _edit_config(_set("format_version", 99)), ValueError, [C, "format_version 99"]),
+    ("features-empty", _edit_config(_set("features", {})), ValueError, [C, "features.char_ngrams"]),
+    ("features-a-list", _edit_config(_set("features", [])), ValueError, [C, "features"]),
+    ("buckets-a-string", _edit_config(_set("features", "num_buckets", "4")), ValueError, [C, "num_buckets"]),
+    ("buckets-negative", _edit_config(_set("features", "num_buckets", -4)), ValueError, [C, "num_buckets"]),
+    ("buckets-float", _edit_config(_set("features", "num_buckets", 16384.0)), ValueError, [C, "num_buckets"]),
+    (
+        "buckets-vs-weights",
+        _edit_config(_set("features", "num_buckets", 2**40)),
+        ValueError,
+        [W, C, "embedding.weight"],
+    ),
+    (
+        "embed-vs-weights",
+        _edit_config(_set("features", "embed_dim", 8)),
+        ValueError,
+        [W, C, "does not match"],
+    ),
+    ("unknown-source", _edit_config(_set("features", "source", "magic")), ValueError, [C, "source"]),
+    ("char-ngrams", _edit_config(_set("features", "char_ngrams", [4, 2])), ValueError, [C, "char_ngrams"]),
+    ("names-missing", _edit_config(_set("names", _DELETE)), ValueError, [C, "names"]),
+    ("names-one", _edit_config(_set("names", ["a"])), ValueError, [C, "names"]),
+    ("names-repeated", _edit_config(_set("names", lambda n: [n[0]] * len(n))), ValueError, [C, "names"]),
+    ("names-not-str", _edit_config(_set("names", lambda n: [1] + n[1:])), ValueError, [C, "names"]),
+    (
+        "names-vs-weights",
+        _edit_config(_set("names", lambda n: n[:-1])),
+        ValueError,
+        [W, C, "does not match", "mlp.3"],
+    ),
+    ("hidden-vs-weights", _edit_config(_set("mlp", "hidden", [32])), ValueError, [W, "does not match"]),
+    ("hidden-bad", _edit_config(_set("mlp", "hidden", [0])), ValueError, [C, "mlp.hidden"]),
+    ("dropout-bad", _edit_config(_set("mlp", "dropout", 1.5)), ValueError, [C, "mlp.dropout"]),
+    ("report-a-list", _edit_config(_set("report", [1])), ValueError, [C, "report"]),
+    ("weights-empty", _write(W, b""), ValueError, [W, "empty"]),
+    ("weights-garbage", _write(W, b"\x00" * 50), ValueError, [W, "not a readable safetensors file"]),
+    ("weights-truncated", _cut(W, lambda n: n - 100), ValueError, [W, "truncated or corrupt"]),
+    ("weights-not-finite", _nan_weights, ValueError, [W, "norm.weight", "not finite"]),
+]
+
+
+@pytest.mark.parametrize("case, breakage, error, words", ROUTER_CASES, ids=[c[0] for c in ROUTER_CASES])
+def test_broken_router_is_named_before_anything_is_built(
+    case, breakage, error, words, router, tmp_path, monkeypatch
+):
+    saved = router.save(tmp_path / "r")
+    breakage(saved)
+    built = []
+    monkeypatch.setattr(Router, "__init__", lambda self, *a, **k: built.append(a))
+    with pytest.raises(error) as info:
         Router.load(saved)
-    (saved / CONFIG_FILE).write_text(json.dumps({**config, "format_version": 99}))
-    with pytest.raises(ValueError, match="format_version 99"):
-        Router.load(saved)
-    (saved / CONFIG_FILE).write_text(json.dumps({"something": "else"}))
-    with pytest.raises(ValueError, match="not a dlplora router config"):
-        Router.load(saved)
-    (saved / CONFIG_FILE).write_text(json.dumps({**config, "features": {}}))
-    with pytest.raises(ValueError, match="malformed"):
-        Router.load(saved)
-    (saved / CONFIG_FILE).write_text(json.dumps({**config, "names": config["names"][:-1]}))
-    with pytest.raises(ValueError, match="does not match"):
-        Router.load(saved)
-    (saved / CONFIG_FILE).write_text(json.dumps(config))
-    (saved / WEIGHTS_FILE).write_bytes(b"\x00" * 50)
-    with pytest.raises(ValueError, match=f"{WEIGHTS_FILE} is not a readable safetensors file"):
-        Router.load(saved)
-    (saved / WEIGHTS_FILE).unlink()
-    with pytest.raises(FileNotFoundError, match=WEIGHTS_FILE):
-        Router.load(saved)
+    assert not built  # raised before a net (4M parameters, or 2^40 rows) was allocated
+    for word in words:
+        assert word in str(info.value), (case, str(info.value))
+
+
+def test_save_into_a_file_raises(router, tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="not a directory"):
         router.save(tmp_path / "file")
+
+
+def test_router_saved_by_an_earlier_version_loads_with_identical_probabilities():
+    # tests/data/router_v1: saved by dlplora_triton/router.py before the routing/ split (format_version 1).
+    expected = json.loads((ROOT / "tests" / "data" / "router_v1_probs.json").read_text(encoding="utf-8"))
+    router = Router.load(ROOT / "tests" / "data" / "router_v1")
+    assert router.names == expected["names"]
+    assert torch.equal(router.predict_proba(expected["texts"]), torch.tensor(expected["probs"]))
+
+
+@pytest.mark.parametrize("hidden", [(), (7,), (5, 3)])
+@pytest.mark.parametrize(
+    "inputs", [{"num_buckets": 11, "embed_dim": 4}, {"input_dim": 6}], ids=["hash", "model"]
+)
+def test_state_shapes_match_the_built_net(hidden, inputs):
+    from dlplora_triton.routing.router import _RouterNet
+
+    net = _RouterNet(3, list(hidden), 0.1, **inputs)
+    assert _RouterNet.state_shapes(3, list(hidden), inputs) == {
+        k: list(v.shape) for k, v in net.state_dict().items()
+    }
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -487,11 +594,14 @@ def test_cli_train_and_route(split, tmp_path, capsys):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["train-router", "--data", "{tmp}/missing.jsonl", "--out", "{tmp}/r"], "missing.jsonl' not found"),
+        (
+            ["train-router", "--data", "{tmp}/missing.jsonl", "--out", "{tmp}/r"],
+            "missing.jsonl' does not exist",
+        ),
         (["train-router", "--data", "{tmp}/bad.jsonl", "--out", "{tmp}/r"], "bad.jsonl:2: not valid JSON"),
         (
             ["train-router", "--data", "{tmp}/wrong.jsonl", "--out", "{tmp}/r"],
-            'wrong.jsonl:1: expected {"text"',
+            "wrong.jsonl:1: the object has no 'task'",
         ),
         (["train-router", "--data", "{tmp}/one.jsonl", "--out", "{tmp}/r"], "at least two distinct tasks"),
         (["route", "--router", "{tmp}/nowhere", "hello"], "does not exist"),

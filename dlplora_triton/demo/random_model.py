@@ -116,9 +116,9 @@ def demo_system(seed: int, max_new_tokens: int = 12, quick: bool = False) -> boo
 
     warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' deprecation notes, not ours
 
+    from ..routing import Router
     from .generation import generate_routed
     from .patch import attach
-    from .router import Router
     from .toy import build_llama, build_tokenizer, load_router_texts, make_peft_adapters, peft_mixed_batch
 
     texts, tasks = load_router_texts()

@@ -1,0 +1,27 @@
+"""Routing: the DLP-LoRA sentence router and top-p / top-k adapter selection (docs/routing.md).
+
+- :mod:`.select`: :func:`top_p_select`, probabilities ``[B, L]`` -> routing tensors ``[B, P]``;
+- :mod:`.features`: text normalisation, hashed n-grams (:func:`featurize`), :func:`pooled_hidden_states`;
+- :mod:`.router`: :class:`Router` (inference, ``route``, save / load);
+- :mod:`.train`: :func:`train_router` (what ``Router.train`` runs) and :func:`format_report`.
+"""
+
+from ..readers import read_labelled_jsonl
+from .features import featurize, pooled_hidden_states
+from .router import CONFIG_FILE, FORMAT_VERSION, WEIGHTS_FILE, Router
+from .select import WEIGHTINGS, top_p_select
+from .train import format_report, train_router
+
+__all__ = [
+    "top_p_select",
+    "Router",
+    "train_router",
+    "format_report",
+    "featurize",
+    "pooled_hidden_states",
+    "read_labelled_jsonl",
+    "FORMAT_VERSION",
+    "CONFIG_FILE",
+    "WEIGHTS_FILE",
+    "WEIGHTINGS",
+]

@@ -1,0 +1,360 @@
+"""Training the sentence router: argument checks, stratified split, AdamW with early stopping, the report.
+
+:func:`train_router` is what :meth:`Router.train <dlplora_triton.routing.Router.train>` runs; the
+choices behind its defaults are in docs/routing.md ("Training").
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .features import featurize, pooled_hidden_states
+from .router import Router, _check_number, _check_texts, _one_thread
+
+__all__ = ["train_router", "format_report"]
+
+
+def train_router(
+    texts: Sequence[str],
+    tasks: Sequence[str],
+    *,
+    router_cls: type[Router] | None = None,
+    features: str = "hash",
+    num_buckets: int = 2**18,
+    embed_dim: int = 16,
+    char_ngrams: tuple[int, int] = (2, 4),
+    word_ngrams: int = 2,
+    max_chars: int = 2048,
+    model=None,
+    tokenizer=None,
+    max_length: int = 256,
+    hidden: Sequence[int] = (256, 256),
+    dropout: float = 0.1,
+    heldout: float = 0.1,
+    epochs: int = 30,
+    patience: int = 3,
+    batch_size: int = 128,
+    lr: float = 3e-3,
+    weight_decay: float = 1e-4,
+    label_smoothing: float = 0.1,
+    balance: str = "weight",
+    seed: int = 0,
+    verbose: bool = False,
+) -> Router:
+    """Train a router on labelled texts (what ``Router.train`` does); returns it with ``report`` filled in.
+
+    Args:
+        texts, tasks: lists of str of equal length; each text is labelled with its task name (the
+            adapter it should route to). At least two distinct tasks; no empty or blank text.
+        features: ``"hash"`` (default): hashed word 1-2-grams and character n-grams, nothing to
+            download, any language; ``"model"``: mean-pooled last hidden states of ``model``
+            (a transformers model, with its ``tokenizer``), texts cut to ``max_length`` tokens.
+        num_buckets, embed_dim: the hashed feature table (default 2^18 x 16: 4.2M of the ~4.3M
+            parameters). char_ngrams: (min, max) character n-gram lengths of the lower-cased text
+            padded with spaces (word boundaries); word_ngrams: word n-grams up to this length
+            (1: unigrams, 0: none); max_chars: a text is cut to this many characters before hashing.
+        hidden, dropout: the MLP's hidden widths and dropout.
+        heldout: the fraction of each task held out (stratified) for early stopping and the report.
+        epochs, patience: at most ``epochs`` passes; stop after ``patience`` epochs without a better
+            held-out (accuracy, then loss); the best epoch's weights are kept.
+        batch_size, lr, weight_decay: AdamW's settings.
+        label_smoothing: of the cross-entropy; keeps probabilities off 0 and 1 so top-p can mix
+            (docs/routing.md).
+        balance: ``"weight"`` (loss weighted by inverse task frequency) or ``"sample"`` (batches
+            drawn with probability inverse to task frequency).
+        seed: the same data and seed give the same router, bit for bit.
+        verbose: show a tqdm progress bar and print the report at the end.
+    """
+    texts = _check_texts(texts)
+    if isinstance(tasks, str) or not isinstance(tasks, Sequence):
+        raise TypeError(f"tasks must be a list of str, got {type(tasks).__name__}")
+    tasks = list(tasks)
+    if len(texts) != len(tasks):
+        raise ValueError(
+            f"texts and tasks must have the same length, got {len(texts)} texts and {len(tasks)} tasks"
+        )
+    for i, t in enumerate(tasks):
+        if not isinstance(t, str) or not t:
+            raise ValueError(f"tasks[{i}] must be a non-empty str, got {t!r}")
+    names = sorted(set(tasks))
+    if len(names) < 2:
+        raise ValueError(f"training needs at least two distinct tasks, got {names}")
+    if features not in ("hash", "model"):
+        raise ValueError(f"features must be 'hash' or 'model', got {features!r}")
+    if features == "model" and (model is None or tokenizer is None):
+        raise ValueError("features='model' needs model= (a transformers model) and tokenizer=")
+    if not (
+        isinstance(char_ngrams, Sequence) and len(char_ngrams) == 2 and 1 <= char_ngrams[0] <= char_ngrams[1]
+    ):
+        raise ValueError(f"char_ngrams must be (min, max) with 1 <= min <= max, got {char_ngrams!r}")
+    for name, value, low in (
+        ("num_buckets", num_buckets, 1),
+        ("embed_dim", embed_dim, 1),
+        ("word_ngrams", word_ngrams, 0),
+        ("max_chars", max_chars, 1),
+        ("max_length", max_length, 1),
+        ("epochs", epochs, 1),
+        ("patience", patience, 1),
+        ("batch_size", batch_size, 1),
+    ):
+        _check_number(name, value, low, 2**62, integer=True)
+    if isinstance(hidden, (str, int)) or any(
+        isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in hidden
+    ):
+        raise ValueError(f"hidden must list positive integer widths (empty: a linear layer), got {hidden!r}")
+    _check_number("dropout", dropout, 0, 1, high_open=True)
+    _check_number("heldout", heldout, 0, 1, low_open=True, high_open=True)
+    _check_number("label_smoothing", label_smoothing, 0, 1, high_open=True)
+    _check_number("lr", lr, 0, math.inf, low_open=True, high_open=True)
+    _check_number("weight_decay", weight_decay, 0, math.inf, high_open=True)
+    if balance not in ("weight", "sample"):
+        raise ValueError(f"balance must be 'weight' or 'sample', got {balance!r}")
+
+    start_time = time.perf_counter()
+    index_of = {n: i for i, n in enumerate(names)}
+    labels = torch.tensor([index_of[t] for t in tasks], dtype=torch.int64)
+    mlp = {"hidden": list(hidden), "dropout": dropout}
+    if features == "hash":
+        config = {
+            "source": "hash",
+            "num_buckets": num_buckets,
+            "embed_dim": embed_dim,
+            "char_ngrams": list(char_ngrams),
+            "word_ngrams": word_ngrams,
+            "max_chars": max_chars,
+        }
+        indices, offsets = featurize(texts, config)
+        take = lambda rows: _gather(indices, offsets, rows)  # noqa: E731
+        encoder = None
+    else:
+        vectors = pooled_hidden_states(texts, model, tokenizer, max_length)  # frozen: computed once
+        config = {
+            "source": "model",
+            "hidden_size": vectors.shape[1],
+            "max_length": max_length,
+            "model_name": str(getattr(getattr(model, "config", None), "_name_or_path", "") or ""),
+        }
+        take = lambda rows: (vectors[rows],)  # noqa: E731
+        encoder = (model, tokenizer)
+
+    # fork_rng: training draws from the global RNG (init, dropout) under our seed, and leaves the
+    # caller's RNG state as it was.
+    with _one_thread(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        gen = torch.Generator().manual_seed(seed)
+        router = (router_cls or Router)(names, config, mlp, encoder=encoder)
+        train_rows, held_rows = _stratified_split(labels, heldout, gen)
+        history, best_epoch = _fit(
+            router.net,
+            take,
+            labels,
+            train_rows,
+            held_rows,
+            len(names),
+            gen,
+            epochs=epochs,
+            patience=patience,
+            batch_size=batch_size,
+            lr=lr,
+            weight_decay=weight_decay,
+            label_smoothing=label_smoothing,
+            balance=balance,
+            verbose=verbose,
+        )
+        held_loss, held_acc, predicted = _evaluate(router.net, take(held_rows), labels[held_rows])
+
+    router.report = _report(
+        names,
+        labels[held_rows],
+        predicted,
+        held_loss,
+        held_acc,
+        train_seconds=round(time.perf_counter() - start_time, 3),
+        epochs_run=len(history),
+        best_epoch=best_epoch,
+        num_train=len(train_rows),
+        num_heldout=len(held_rows),
+        num_parameters=router.num_parameters,
+        history=history,
+    )
+    if verbose:
+        print(format_report(router.report))
+    return router
+
+
+def _stratified_split(
+    labels: torch.Tensor, fraction: float, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices (train, held-out): about ``fraction`` of every task held out, at least one of a task
+    with two or more texts, never its last one."""
+    train, held = [], []
+    for c in range(int(labels.max()) + 1):
+        members = (labels == c).nonzero().flatten()
+        members = members[torch.randperm(len(members), generator=gen)]
+        n_held = 0 if len(members) < 2 else min(len(members) - 1, max(1, round(fraction * len(members))))
+        held.append(members[:n_held])
+        train.append(members[n_held:])
+    return torch.sort(torch.cat(train)).values, torch.sort(torch.cat(held)).values
+
+
+def _gather(
+    indices: torch.Tensor, offsets: torch.Tensor, rows: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The EmbeddingBag inputs ``(indices, offsets)`` of the texts ``rows`` (a vectorized slice gather)."""
+    lens = torch.diff(offsets, append=torch.tensor([indices.numel()]))[rows]
+    starts = offsets[rows]
+    new_offsets = torch.cumsum(lens, 0) - lens
+    flat = torch.repeat_interleave(starts - new_offsets, lens) + torch.arange(int(lens.sum()))
+    return indices[flat], new_offsets
+
+
+@torch.no_grad()
+def _evaluate(net, inputs, labels) -> tuple[float | None, float | None, torch.Tensor]:
+    """(mean cross-entropy, accuracy, predictions) of ``net`` on prepared inputs; None without texts."""
+    net.eval()
+    if labels.numel() == 0:
+        return None, None, labels
+    logits = net(*inputs)
+    predicted = logits.argmax(dim=1)
+    return F.cross_entropy(logits, labels).item(), (predicted == labels).double().mean().item(), predicted
+
+
+def _fit(
+    net,
+    take,
+    labels,
+    train_rows,
+    held_rows,
+    num_tasks,
+    gen,
+    *,
+    epochs,
+    patience,
+    batch_size,
+    lr,
+    weight_decay,
+    label_smoothing,
+    balance,
+    verbose,
+) -> tuple[list[dict], int]:
+    """AdamW epochs with early stopping on the held-out rows; leaves the best epoch's weights in ``net``.
+
+    ``take(rows)`` gives the net's inputs for a set of texts. Returns (per-epoch history, best epoch).
+    Without held-out rows (every task has one text) it runs all ``epochs`` and keeps the last.
+    """
+    counts = torch.bincount(labels[train_rows], minlength=num_tasks).clamp(min=1).double()
+    inverse = (counts.sum() / (num_tasks * counts)).float()  # per-task weight; all 1 for a balanced set
+    loss_weight = inverse if balance == "weight" else None
+    held_x, held_y = take(held_rows), labels[held_rows]
+    # fused: one kernel per step instead of ~10 passes over the 4M-row table (20x faster on CPU).
+    optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay, fused=True)
+    best, best_key, best_epoch, stale, history = None, None, 0, 0, []
+    bar = None
+    if verbose:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=epochs, desc="training router", unit="epoch")
+    try:
+        for epoch in range(1, epochs + 1):
+            net.train()
+            if balance == "sample":
+                order = train_rows[
+                    torch.multinomial(inverse[labels[train_rows]], len(train_rows), True, generator=gen)
+                ]
+            else:
+                order = train_rows[torch.randperm(len(train_rows), generator=gen)]
+            total = 0.0
+            for rows in torch.split(order, batch_size):
+                logits = net(*take(rows))
+                loss = F.cross_entropy(
+                    logits, labels[rows], weight=loss_weight, label_smoothing=label_smoothing
+                )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                total += loss.item() * len(rows)
+            held_loss, held_acc, _ = _evaluate(net, held_x, held_y)
+            train_loss = total / len(train_rows)
+            history.append(
+                {
+                    "epoch": epoch,
+                    "train_loss": train_loss,
+                    "heldout_loss": held_loss,
+                    "heldout_accuracy": held_acc,
+                }
+            )
+            if bar is not None:
+                bar.set_postfix(
+                    loss=f"{train_loss:.4f}", heldout_acc="n/a" if held_acc is None else f"{held_acc:.4f}"
+                )
+                bar.update(1)
+            if held_acc is None:
+                continue
+            key = (held_acc, -held_loss)  # accuracy first; among equal accuracies the lower loss
+            if best_key is None or key > best_key:
+                best_key, best_epoch, stale = key, epoch, 0
+                best = {k: v.detach().clone() for k, v in net.state_dict().items()}
+            else:
+                stale += 1
+                if stale >= patience:
+                    break
+    finally:
+        if bar is not None:
+            bar.close()
+    if best is None:
+        return history, len(history)
+    net.load_state_dict(best)
+    net.eval()
+    return history, best_epoch
+
+
+def _report(names, truth, predicted, loss, accuracy, **extra) -> dict:
+    """The training report: held-out accuracy and loss, per-task accuracy, the 5 most confused pairs."""
+    num = len(names)
+    confusion = torch.zeros(num, num, dtype=torch.int64)
+    confusion.index_put_((truth, predicted), torch.ones_like(truth), accumulate=True)
+    per_task = {}
+    for i, name in enumerate(names):
+        n = int(confusion[i].sum())
+        per_task[name] = {"accuracy": (int(confusion[i, i]) / n) if n else None, "count": n}
+    off = confusion.clone()
+    off.fill_diagonal_(0)
+    pairs = []
+    for flat in torch.argsort(off.flatten(), descending=True, stable=True)[:5].tolist():
+        t, q = divmod(flat, num)
+        if off[t, q] > 0:
+            rate = int(off[t, q]) / int(confusion[t].sum())
+            pairs.append({"true": names[t], "predicted": names[q], "count": int(off[t, q]), "rate": rate})
+    return {
+        "heldout_accuracy": accuracy,
+        "heldout_loss": loss,
+        "per_task": per_task,
+        "confused_pairs": pairs,
+        **extra,
+    }
+
+
+def format_report(report: dict) -> str:
+    """The training report as text (what ``Router.train(verbose=True)`` and ``dlplora train-router`` print)."""
+    if not report:
+        return "no training report"
+    accuracy = report["heldout_accuracy"]
+    lines = [
+        f"held-out accuracy {'n/a' if accuracy is None else f'{accuracy:.4f}'} on {report.get('num_heldout', '?')} texts "
+        f"(trained on {report.get('num_train', '?')}; {report.get('epochs_run', '?')} epochs, best "
+        f"{report.get('best_epoch', '?')}; {report.get('train_seconds', 0):.1f} s; "
+        f"{report.get('num_parameters', 0):,} parameters)",
+        "per task:",
+    ]
+    for name, row in report["per_task"].items():
+        acc = "   n/a" if row["accuracy"] is None else f"{row['accuracy']:.4f}"
+        lines.append(f"  {name:20s} {acc}  ({row['count']} held out)")
+    pairs = report["confused_pairs"]
+    confused = ", ".join(f"{p['true']} -> {p['predicted']} ({p['count']}, {p['rate']:.1%})" for p in pairs)
+    lines.append("most confused: " + (confused or "none"))
+    return "\n".join(lines)
