@@ -23,36 +23,11 @@ import torch
 from torch import nn
 
 from .backends.torch_path import TorchPathCache
+from .modules import linear_features
 from .ops import fused_lora_planned
 from .plan import LoRAPlan
 
-__all__ = ["MultiLoRALinear", "PlanSource", "FixedPlan", "stack_factors", "linear_features"]
-
-
-def linear_features(module: nn.Module) -> tuple[int, int] | None:
-    """``(in_features, out_features)`` of a module a LoRA can wrap, or None.
-
-    Handles ``nn.Linear`` (weight ``[N, K]``) and transformers' GPT-2 ``Conv1D`` (weight ``[K, N]``),
-    recognised by type, with a floating-point 2-D weight (quantised layers are not handled).
-    """
-    weight = getattr(module, "weight", None)
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.is_floating_point():
-        return None
-    if isinstance(module, nn.Linear):
-        if tuple(weight.shape) != (module.out_features, module.in_features):
-            return None
-        return module.in_features, module.out_features
-    if _is_conv1d(module):
-        return weight.shape[0], weight.shape[1]
-    return None
-
-
-def _is_conv1d(module: nn.Module) -> bool:
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:  # transformers is a dependency, but the loader works on plain torch models too
-        return False
-    return isinstance(module, Conv1D)
+__all__ = ["MultiLoRALinear", "PlanSource", "FixedPlan", "stack_factors"]
 
 
 class PlanSource:

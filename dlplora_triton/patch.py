@@ -28,6 +28,7 @@ from torch import nn
 from .adapters import AdapterInfo, LoadedAdapter, load_adapter
 from .backends.torch_path import TorchPathCache
 from .layers import MultiLoRALinear, PlanSource, stack_factors
+from .modules import set_child
 from .plan import LoRAPlan, build_plan
 from .selection import RowSelection, Selection, check_name, normalize_selection
 
@@ -118,12 +119,6 @@ def _module_table(model: nn.Module) -> dict[str, nn.Module]:
         else:
             table[path] = module
     return table
-
-
-def _set_child(model: nn.Module, path: str, module: nn.Module) -> None:
-    parent_path, _, child = path.rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
-    setattr(parent, child, module)
 
 
 def _factor(adapter: LoadedAdapter, path: str):
@@ -242,7 +237,7 @@ class MultiLoRA:
         # Everything computed: now change the model.
         for path in unwrap:
             layer = self._layers.pop(path)
-            _set_child(self.model, path, layer.base)
+            set_child(self.model, path, layer.base)
             layer.plan_source = None
         for path, stacks in updates.items():
             self._layers[path].set_stacks(*stacks)
@@ -255,7 +250,7 @@ class MultiLoRA:
         """Put the original modules back: the model is exactly as before :func:`attach`."""
         self._check_attached()
         for path, layer in self._layers.items():
-            _set_child(self.model, path, layer.base)
+            set_child(self.model, path, layer.base)
             layer.plan_source = None
         self._layers.clear()
         if self._hook is not None:
@@ -378,7 +373,7 @@ class MultiLoRA:
         for path, stacks in updates.items():
             self._layers[path].set_stacks(*stacks)
         for path, layer in created.items():
-            _set_child(self.model, path, layer)
+            set_child(self.model, path, layer)
             self._layers[path] = layer
         for a in adapters:
             self._names.append(a.info.name)
