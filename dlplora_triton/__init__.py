@@ -5,11 +5,13 @@
 - Model level: :func:`attach` PEFT adapters to a transformers model, then ``select`` per-row mixes.
 - Routing: :class:`Router` (DLP-LoRA's sentence router), :func:`top_p_select`, and
   :func:`generate_routed` (route once at prefill, reuse through decode).
+- MiLoRA: :class:`MiLoRA` trains per-layer module routers with their LoRAs; ``attach`` serves it.
 """
 
 from ._version import __version__  # noqa: F401  (re-exported)
 from .generation import RoutedGeneration, generate_routed
 from .layers import MultiLoRALinear
+from .milora import MiLoRA
 from .ops import DTypeError, check_routing, fused_lora, fused_lora_planned
 from .patch import MultiLoRA, attach
 from .plan import LoRAPlan, build_plan
@@ -31,4 +33,5 @@ __all__ = [
     "Router",
     "generate_routed",
     "RoutedGeneration",
+    "MiLoRA",
 ]
