@@ -67,7 +67,8 @@ def static_readme(path: Path) -> str:
             f"`dlplora compile-check --json bench/results/static/compile_check.json` (triton {env['triton']}, "
             f"torch {env['torch']}, {env['date'][:10]}, commit {env['commit']}, kernels {env['source_sha']}): "
             f"{len(report['shapes'])} (shape, kernel, arch) points, {len(report['variants'])} distinct variants, "
-            f"{len(report['failures'])} failures. What it checks and the sweep: docs/kernels.md.",
+            f"{len(report['failures'])} failures. What it checks and the sweep: docs/kernels.md. "
+            "fp32 variants multiply in IEEE fp32 on the FMA units (no tf32), by design.",
             "",
             main_table(report),
             "",

@@ -46,7 +46,7 @@ def cubin_resources(cubin: Path) -> dict:
     ops = Counter()
     for line in sass.splitlines():
         # "        /*0fa0*/                   HMMA.16816.F32.BF16 R16, R16, R8, R12 ;   /* 0x... */"
-        m = re.match(r"\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", line)
+        m = re.match(r"\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Za-z0-9_.]*)", line)
         if m and _TENSOR_CORE.match(m.group(1)):
             ops[m.group(1)] += 1
     return {

@@ -426,7 +426,7 @@ def main_table(report: dict) -> str:
         decode_max[key] = max(decode_max[key], c["variants"])
     lines = [
         "| kernel | arch | dtype | variants | decode variants (max per layer) | registers | spill bytes | "
-        "shared KB | tensor-core instructions | programs/SM (occupancy) |",
+        "shared KB | tensor-core opcodes (in how many variants) | programs/SM (occupancy) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for (kernel, arch, dtype), vs in sorted(by.items()):
@@ -439,8 +439,7 @@ def main_table(report: dict) -> str:
             f"| {kernel} | {arch} | {dtype} | {len(vs)}{f' ({len(vs) - len(ok)} failed)' if len(ok) < len(vs) else ''} "
             f"| {decode_max[(kernel, arch, dtype)]} | {min(v['registers'] for v in ok)}-{max(v['registers'] for v in ok)} "
             f"| {max(v['spill_bytes'] for v in ok)} | {max(v['shared_bytes'] for v in ok) / 1024:.0f} "
-            f"| {', '.join(f'{op} in {n} variants' for op, n in _variants_with(ok).items())}"
-            f"{f'; {no_tc} without' if no_tc else ''} "
+            f"| {', '.join([f'{op} in {n}' for op, n in _variants_with(ok).items()] + ([f'none in {no_tc}'] if no_tc else []))} "
             f"| {min(v['occupancy']['programs_per_sm'] for v in ok)}-{max(v['occupancy']['programs_per_sm'] for v in ok)} |"
         )  # fmt: skip
     lines += ["", "Design decode shape (S = 64, K = N = 4096, r = 16, L = 32, P = 3, zipf):", ""]
