@@ -11,6 +11,8 @@
 #   bash bench/run_gpu.sh 2   # ~4 min: the rest of the kernel sweep (kernels-rest.json), generation at
 #                             #   batch 1 and 8 (generation.json)
 #
+# Step limits add up to 30 + 120 + 45 + 90 = 285 s (stage 1) and 30 + 200 + 60 = 290 s (stage 2), so a
+# stage never passes 5 minutes; with the machine's start (1-2 minutes) both fit 15 minutes of device time.
 # Run stage 1 first. Each step has its own time limit (timeout) and prints its elapsed time; every
 # benchmark rewrites its JSON after each row, so a step cut off still leaves what it measured. Results
 # land in bench/results/<gpu>/ and, when the device tool's $OUT is set, are copied there as they come.
@@ -34,21 +36,21 @@ step() {  # step <seconds> <label> <command...>: run with a time limit, print it
     if [ -n "${OUT:-}" ]; then mkdir -p "$OUT/results" && cp -r bench/results/. "$OUT/results/" 2>/dev/null; fi
 }
 
-step 60 install python -m pip install --quiet --no-deps --no-build-isolation -e .
+step 30 install python -m pip install --quiet --no-deps --no-build-isolation -e .
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 gpu_dir=$(python -c "import sys; sys.path.insert(0, 'bench'); import common; print(common.results_dir('cuda'))")
 
 case "$stage" in
 1)
-    step 150 "GPU tests" python -m pytest tests/test_gpu.py -q -p no:cacheprovider
+    step 120 "GPU tests" python -m pytest tests/test_gpu.py -q -p no:cacheprovider
     step 45 "kernels: headline" python bench/bench_kernels.py --device cuda --stage headline
-    step 75 "generation: batch 32" python bench/bench_generation.py --device cuda --batches 32 \
+    step 90 "generation: batch 32" python bench/bench_generation.py --device cuda --quick --batches 32 \
         --out "$gpu_dir/generation-headline.json"
     ;;
 2)
     step 200 "kernels: the rest of the sweep" python bench/bench_kernels.py --device cuda --stage rest
-    step 60 "generation: batch 1, 8" python bench/bench_generation.py --device cuda --batches 1,8
+    step 60 "generation: batch 1, 8" python bench/bench_generation.py --device cuda --quick --batches 1,8
     ;;
 *)
     echo "usage: bash bench/run_gpu.sh 1|2" >&2
