@@ -96,7 +96,6 @@ class PunicaWrapperDLP(PunicaWrapperBase):
         self._tokens: _Routing | None = None
         self._samples: _Routing | None = None
         self._route_active = False
-        self._lora_index_to_id: list[int | None] = []
         self._eye: dict[tuple, torch.Tensor] = {}
 
     # -- metadata -------------------------------------------------------------------------------------
@@ -112,7 +111,6 @@ class PunicaWrapperDLP(PunicaWrapperBase):
     ) -> None:
         self._update_base_metadata(mapping, lora_index_to_id, max_loras, vocab_size)
         self.is_prefill = mapping.is_prefill
-        self._lora_index_to_id = list(lora_index_to_id)
         L = len(lora_index_to_id)
         if route is None:
             slots = self.token_lora_indices.to("cpu").unsqueeze(1)
