@@ -48,7 +48,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported:
 
 import torch  # noqa: E402
 
-from dlplora_triton.dynamic import DynamicLoRA, read_jsonl  # noqa: E402
+from dlplora_triton.finetune import DynamicLoRA  # noqa: E402
+from dlplora_triton.readers import read_labelled_jsonl  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 TARGETS = ["query", "key", "value", "attention.output.dense"]
@@ -69,9 +70,9 @@ def model_dir() -> str:
 def load_data(max_len: int):
     from transformers import AutoTokenizer
 
-    train_texts, train_labels = read_jsonl(HERE / "data" / "manpages_train.jsonl")
+    train_texts, train_labels = read_labelled_jsonl(HERE / "data" / "manpages_train.jsonl", "label")
     names = sorted(set(train_labels))
-    test_texts, test_labels = read_jsonl(HERE / "data" / "manpages_test.jsonl", names)
+    test_texts, test_labels = read_labelled_jsonl(HERE / "data" / "manpages_test.jsonl", "label", names)
     tok = AutoTokenizer.from_pretrained(model_dir(), local_files_only=True)
     ids = {n: i for i, n in enumerate(names)}
     enc = lambda texts: tok(texts, truncation=True, max_length=max_len)["input_ids"]  # noqa: E731

@@ -38,7 +38,7 @@ def _build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--epochs", type=int, default=30, help="at most this many epochs (default 30; early stopping)"
     )
-    # finetune keeps its own parser (dlplora_triton.dynamic.finetune_main); listed here for --help.
+    # finetune keeps its own parser (dlplora_triton.finetune.finetune_main); listed here for --help.
     sub.add_parser(
         "finetune",
         add_help=False,
@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status (2 for bad input, with one line on stderr)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["finetune"]:
-        from .dynamic import finetune_main
+        from .finetune import finetune_main
 
         try:
             return finetune_main(argv[1:])

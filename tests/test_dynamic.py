@@ -1,4 +1,4 @@
-"""Dynamic LoRA (dlplora_triton.dynamic): budget, grow/shrink exactness, optimizer state, PEFT export,
+"""Dynamic LoRA (dlplora_triton.finetune): budget, grow/shrink exactness, optimizer state, PEFT export,
 resumable fine-tuning, Trainer callback, bad arguments. Tiny random BERT models built from a config."""
 
 import importlib.util
@@ -13,15 +13,15 @@ from torch import nn
 from transformers import BertConfig, BertForSequenceClassification
 
 import dlplora_triton
-from dlplora_triton.dynamic import (
+from dlplora_triton.finetune import (
     GATE_FILE,
     DynamicLoRA,
     DynamicLoRALinear,
     RankSchedule,
     finetune_main,
     match_target_modules,
-    read_jsonl,
 )
+from dlplora_triton.readers import read_labelled_jsonl
 
 TARGETS = ["query", "value", "attention.output.dense"]
 
@@ -450,7 +450,7 @@ def test_finetune_resumes_to_the_same_result(tiny_model_dir, tmp_path, capsys):
 
 def test_finetune_bad_paths_and_data(tiny_model_dir, tmp_path):
     data = _write_data(tmp_path)
-    with pytest.raises(FileNotFoundError, match="data file"):
+    with pytest.raises(FileNotFoundError, match="--train data: .*nope.jsonl' does not exist"):
         finetune_main(_finetune_args(tiny_model_dir, tmp_path / "nope.jsonl", tmp_path / "o"))
     with pytest.raises(FileNotFoundError, match="model directory"):
         finetune_main(_finetune_args(tmp_path / "no_model", data, tmp_path / "o"))
@@ -458,11 +458,11 @@ def test_finetune_bad_paths_and_data(tiny_model_dir, tmp_path):
         finetune_main(_finetune_args(tiny_model_dir, data, tmp_path / "fresh", "--resume"))
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "a b", "label": "x"}\n{"text": "c"}\n')
-    with pytest.raises(ValueError, match=r"bad.jsonl:2: .*\"label\""):
-        read_jsonl(bad)
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: the object has no 'label'"):
+        read_labelled_jsonl(bad, "label")
     bad.write_text('{"text": "a b", "label": "x"}\nnot json\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:2: not valid JSON"):
-        read_jsonl(bad)
+        read_labelled_jsonl(bad, "label")
     with pytest.raises(ValueError, match="--budget must be positive"):
         finetune_main(_finetune_args(tiny_model_dir, data, tmp_path / "o") + ["--budget", "0"])
     with pytest.raises(ValueError, match="below the number of adapted modules"):
