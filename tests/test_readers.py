@@ -335,3 +335,146 @@ def test_readers_return_what_was_written(tmp_path):
     assert torch.equal(state["a"], torch.ones(2)) and state["b"] == [1, "x"]
     (tmp_path / "j").write_text('{"a": [1]}')
     assert read_json_object(tmp_path / "j", "x") == {"a": [1]}
+
+
+# ------------------------------------------------------------------- fine-tuning: resume state
+def _tiny_dynamic():
+    from dlplora_triton.finetune import DynamicLoRA
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    return DynamicLoRA(model, ["0", "2"], budget=6, total_steps=10, interval=2)
+
+
+def _state_edit(key, value):
+    def edit(state):
+        if value is _DROP:
+            del state[key]
+        else:
+            state[key] = value(state[key]) if callable(value) else value
+        return state
+
+    return edit
+
+
+_DROP = object()
+STATE_CASES = [
+    ("not-a-dict", lambda s: [s], ["expected a dict", "list"]),
+    ("no-ranks", _state_edit("ranks", _DROP), ["no ranks"]),
+    ("other-modules", _state_edit("paths", ["0", "1"]), ["other modules"]),
+    ("other-budget", _state_edit("budget", 7), ["another budget"]),
+    ("ranks-short", _state_edit("ranks", [6]), ["ranks [6]"]),
+    ("ranks-off-budget", _state_edit("ranks", [1, 1]), ["summing to 6"]),
+    ("rank-over-module", _state_edit("ranks", [1, 5]), ["ranks [1, 5]"]),
+    ("ranks-strings", _state_edit("ranks", ["3", "3"]), ["ranks"]),
+    ("ipt-shape", _state_edit("ipt", torch.zeros(3, dtype=torch.float64)), ["'ipt'", "shape [2]"]),
+    ("ipt-nan", _state_edit("ipt", torch.tensor([0.0, float("nan")])), ["'ipt'", "finite"]),
+    ("unc-ints", _state_edit("unc", torch.zeros(2, dtype=torch.long)), ["'unc'"]),
+    ("step-negative", _state_edit("global_step", -1), ["global_step"]),
+    ("step-a-string", _state_edit("global_step", "3"), ["global_step"]),
+    ("generator-garbage", _state_edit("generator", torch.tensor([1, 2], dtype=torch.uint8)), ["generator"]),
+    ("history-not-json", _state_edit("history", "{"), ["history"]),
+    ("history-not-list", _state_edit("history", "{}"), ["history must be a JSON list"]),
+    ("schedule-bad", _state_edit("schedule", {"total_steps": 0}), ["schedule"]),
+]
+
+
+@pytest.mark.parametrize("case, edit, words", STATE_CASES, ids=[c[0] for c in STATE_CASES])
+def test_broken_resume_state_changes_nothing(case, edit, words):
+    dyn = _tiny_dynamic()
+    saved = dyn.state_dict()
+    dyn.set_rank("0", 4), dyn.set_rank("2", 2)  # the state to keep: ranks 4 / 2, not the saved 3 / 3
+    dyn.global_step = 5
+    before = {k: v.clone() for k, v in dyn.model.state_dict().items()}
+    with pytest.raises(ValueError) as info:
+        dyn.load_state_dict(edit(saved), source="ckpt.pt")
+    for word in ["ckpt.pt", *words]:
+        assert word in str(info.value), (case, str(info.value))
+    assert dyn.ranks == {"0": 4, "2": 2} and dyn.global_step == 5
+    after = dyn.model.state_dict()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_resume_state_round_trips():
+    dyn = _tiny_dynamic()
+    dyn.set_rank("0", 4), dyn.set_rank("2", 2)
+    state = dyn.state_dict()
+    other = _tiny_dynamic()
+    other.load_state_dict(state)
+    assert other.ranks == {"0": 4, "2": 2} and other.schedule.as_dict() == dyn.schedule.as_dict()
+
+
+def _valid_checkpoint():
+    from dlplora_triton.finetune.command import CHECKPOINT_FORMAT
+
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "args": {},
+        "labels": ["a", "b"],
+        "step": 3,
+        "trainable": {"w": torch.ones(2)},
+        "dynamic": {},
+        "optimizer": {},
+        "scheduler": {},
+        "rng": {"torch": torch.get_rng_state(), "python": [3, [1, 2], None]},
+        "metrics": [],
+    }
+
+
+def _ckpt(change):
+    def make(p: Path):
+        state = _valid_checkpoint()
+        change(state)
+        torch.save(state, p)
+
+    return make
+
+
+CHECKPOINT_CASES = [
+    ("missing", lambda p: None, FileNotFoundError, ["does not exist"]),
+    ("empty", _jsonl(b""), ValueError, ["empty"]),
+    ("garbage", _jsonl(b"PK\x03\x04 not a zip"), ValueError, ["not a readable torch checkpoint"]),
+    ("truncated", _torch_save_and_cut, ValueError, ["not a readable torch checkpoint"]),
+    ("other-format", _ckpt(lambda s: s.update(format="something/2")), ValueError, ["not a dlplora finetune"]),
+    ("no-args", _ckpt(lambda s: s.pop("args")), ValueError, ["'args'"]),
+    ("step-a-string", _ckpt(lambda s: s.update(step="3")), ValueError, ["'step'"]),
+    ("step-bool", _ckpt(lambda s: s.update(step=True)), ValueError, ["'step'"]),
+    ("trainable-not-tensors", _ckpt(lambda s: s.update(trainable={"w": [1.0]})), ValueError, ["'trainable'"]),
+    (
+        "rng-incomplete",
+        _ckpt(lambda s: s.update(rng={"torch": torch.get_rng_state()})),
+        ValueError,
+        ["'rng'"],
+    ),
+]
+
+
+@pytest.mark.parametrize("case, make, error, words", CHECKPOINT_CASES, ids=[c[0] for c in CHECKPOINT_CASES])
+def test_broken_finetune_checkpoint_is_named(case, make, error, words, tmp_path):
+    from dlplora_triton.finetune import read_checkpoint
+
+    path = tmp_path / "checkpoint.pt"
+    make(path)
+    with pytest.raises(error) as info:
+        read_checkpoint(path)
+    for word in ["finetune checkpoint", "checkpoint.pt", *words]:
+        assert word in str(info.value), (case, str(info.value))
+
+
+def test_valid_finetune_checkpoint_reads(tmp_path):
+    from dlplora_triton.finetune import read_checkpoint
+
+    _ckpt(lambda s: None)(tmp_path / "c.pt")
+    assert read_checkpoint(tmp_path / "c.pt")["step"] == 3
+
+
+def test_trainer_checkpoint_folder_missing_or_broken(tmp_path):
+    dyn = _tiny_dynamic()
+    callback = dyn.callback()
+    with pytest.raises(FileNotFoundError, match="dlplora_dynamic.pt"):
+        callback.load_checkpoint(tmp_path)
+    (tmp_path / callback.STATE_FILE).write_bytes(b"\x00" * 10)
+    with pytest.raises(ValueError, match="DynamicLoRA checkpoint.*dlplora_dynamic.pt"):
+        callback.load_checkpoint(tmp_path)
+    torch.save(dyn.state_dict(), tmp_path / callback.STATE_FILE)
+    callback.load_checkpoint(tmp_path)  # the state it wrote loads
