@@ -373,15 +373,27 @@ def make_resolver(adapter_dir: str, mix_dir: str | None = None):
 # Worker hooks (vLLM's LRUCacheWorkerLoRAManager), installed once per process.
 
 
+_MIX_DIRS: dict[str, list] = {}  # mix directory -> its component requests (the files never change)
+
+
 def _component_requests(lora_request) -> list:
+    """The components' LoRARequests of a mix request (read once per directory), registering the mix."""
     from vllm.lora.request import LoRARequest
 
-    comps = read_mix_dir(lora_request.lora_path)
-    for c in comps:
-        if is_mix_dir(c["lora_path"]):
-            raise ValueError(f"mix {lora_request.lora_name!r}: component {c['name']!r} is itself a mix")
-    register_mix(lora_request.lora_int_id, [(c["lora_int_id"], c["weight"]) for c in comps])
-    return [LoRARequest(c["name"], int(c["lora_int_id"]), c["lora_path"]) for c in comps]
+    path = lora_request.lora_path
+    if path not in _MIX_DIRS:
+        comps = read_mix_dir(path)
+        for c in comps:
+            if is_mix_dir(c["lora_path"]):
+                raise ValueError(f"mix {lora_request.lora_name!r}: component {c['name']!r} is itself a mix")
+        _MIX_DIRS[path] = [
+            (LoRARequest(c["name"], int(c["lora_int_id"]), c["lora_path"]), float(c["weight"])) for c in comps
+        ]
+    pairs = _MIX_DIRS[path]
+    spec = tuple((r.lora_int_id, w) for r, w in pairs)
+    if _MIXES.get(lora_request.lora_int_id) != spec:
+        register_mix(lora_request.lora_int_id, spec)
+    return [r for r, _ in pairs]
 
 
 def install_worker_hooks() -> bool:
