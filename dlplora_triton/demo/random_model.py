@@ -6,9 +6,9 @@ import time
 
 import torch
 
-from .ops import fused_lora, fused_lora_planned
-from .plan import build_plan
-from .reference import fused_lora_reference
+from ..ops import fused_lora, fused_lora_planned
+from ..plan import build_plan
+from ..reference import fused_lora_reference
 
 
 def _median_ms(fn, repeats: int = 20) -> float:
@@ -87,7 +87,7 @@ def demo_fused_lora(device: str, seed: int) -> bool:
 
 def _adapter_specs(names: list[str]) -> dict[str, dict]:
     """PEFT LoraConfig arguments per task: ranks, targets and rsLoRA differ, as real adapters do."""
-    from .toy import ALL_PROJECTIONS
+    from ..toy import ALL_PROJECTIONS
 
     targets = [
         list(ALL_PROJECTIONS),
@@ -116,10 +116,10 @@ def demo_system(seed: int, max_new_tokens: int = 12, quick: bool = False) -> boo
 
     warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' deprecation notes, not ours
 
+    from ..generation import generate_routed
+    from ..patch import attach
     from ..routing import Router
-    from .generation import generate_routed
-    from .patch import attach
-    from .toy import build_llama, build_tokenizer, load_router_texts, make_peft_adapters, peft_mixed_batch
+    from ..toy import build_llama, build_tokenizer, load_router_texts, make_peft_adapters, peft_mixed_batch
 
     texts, tasks = load_router_texts()
     by_task: dict[str, list[int]] = {}

@@ -1,0 +1,54 @@
+"""The SmolLM2 tasks: which texts of the package's text set train the adapters and the router, which are held out.
+
+Each task is one label of ``dlplora_triton/data/router_texts.jsonl`` (Debian's translated man pages,
+licence texts, Python source, shell help). Per task, the last ``HELD_OUT`` texts in file order are held
+out (evaluation, demo prompts); everything before them trains the adapter and the router.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+__all__ = ["TASKS", "HELD_OUT", "ADAPTERS_DIR", "TEXTS_PATH", "load_texts", "task_split", "adapter_paths"]
+
+TASKS = ("de", "fr", "ru", "ja", "zh", "code")
+HELD_OUT = 100
+# The committed adapters, at the repository root (a checkout: the demo and the tests run from one).
+ADAPTERS_DIR = Path(__file__).resolve().parents[2] / "adapters" / "smollm2"
+
+TEXTS_PATH = Path(__file__).resolve().parents[1] / "data" / "router_texts.jsonl"
+
+
+def load_texts() -> tuple[list[str], list[str]]:
+    """``(texts, tasks)`` of the package's text set (bench/data/build_router_data.py made it; data/NOTICE)."""
+    from ..readers import read_labelled_jsonl
+
+    return read_labelled_jsonl(TEXTS_PATH, owner="the package's text set")
+
+
+def task_split(texts: list[str], tasks: list[str]) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """``(train, held)``: task name -> its texts, for every name of ``TASKS``; ``ValueError`` if one is short."""
+    by_task: dict[str, list[str]] = {name: [] for name in TASKS}
+    for text, task in zip(texts, tasks):
+        if task in by_task:
+            by_task[task].append(text)
+    for name, members in by_task.items():
+        if len(members) < 2 * HELD_OUT:
+            raise ValueError(f"task {name!r}: {len(members)} texts in the text set, need {2 * HELD_OUT}")
+    return (
+        {name: members[:-HELD_OUT] for name, members in by_task.items()},
+        {name: members[-HELD_OUT:] for name, members in by_task.items()},
+    )
+
+
+def adapter_paths(directory: str | Path = ADAPTERS_DIR) -> dict[str, Path]:
+    """Task name -> adapter folder of the committed SmolLM2 adapters; ``FileNotFoundError`` naming a missing one."""
+    directory = Path(directory)
+    paths = {name: directory / name for name in TASKS}
+    for name, path in paths.items():
+        if not (path / "adapter_config.json").is_file():
+            raise FileNotFoundError(
+                f"SmolLM2 adapter {name!r}: {str(path)!r} has no adapter_config.json "
+                "(the adapters live in a checkout of the repository; bench/train_task_adapters.py makes them)"
+            )
+    return paths
