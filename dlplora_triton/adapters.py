@@ -12,8 +12,9 @@ names say which modules are adapted (``base_model.model.<module path>.lora_A.wei
 - ``fan_in_fan_out`` only says how the base weight is stored (GPT-2's ``Conv1D``: ``[K, N]``); PEFT
   keeps ``lora_A`` / ``lora_B`` in ``nn.Linear`` layout either way, so it changes no tensor here.
 
-Everything is checked before anything is returned, so callers can validate all adapters first and
-only then change a model. Nothing here imports peft.
+Everything is checked before anything is returned (files through :mod:`dlplora_triton.readers`, tensors
+for shape, dtype, pairing and finiteness; each error names the adapter and the file), so callers can
+validate all adapters first and only then change a model. Nothing here imports peft.
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ __all__ = [
     "LoadedAdapter",
     "read_adapter_config",
     "load_adapter",
-    "linear_features",
 ]
 
 CONFIG_NAME = "adapter_config.json"

@@ -12,7 +12,7 @@ import torch
 from peft_helpers import save_adapter
 from torch import nn
 
-from dlplora_triton.adapters import _matches_target, linear_features, load_adapter, read_adapter_config
+from dlplora_triton.adapters import _matches_target, load_adapter, read_adapter_config
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -276,17 +276,3 @@ def test_bad_config_values(changes, match, tmp_path):
     (tmp_path / "bad" / "adapter_config.json").write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         read_adapter_config(tmp_path / "bad", "bad")
-
-
-def test_linear_features():
-    from transformers.pytorch_utils import Conv1D
-
-    assert linear_features(nn.Linear(5, 7)) == (5, 7)
-    assert linear_features(Conv1D(7, 5)) == (5, 7)  # Conv1D(nf=out, nx=in), weight [in, out]
-    assert linear_features(nn.Embedding(5, 7)) is None
-    assert linear_features(nn.Conv2d(3, 4, 3)) is None
-    packed = nn.Linear(8, 8)
-    packed.weight = nn.Parameter(
-        torch.zeros(32, 1, dtype=torch.uint8), requires_grad=False
-    )  # like a 4-bit layer
-    assert linear_features(packed) is None
