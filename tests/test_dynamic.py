@@ -602,6 +602,9 @@ def test_bad_arguments_raise_clear_errors():
 
 def test_regex_target_modules_match_like_peft():
     model, _ = tiny_bert()
+    assert match_target_modules(model, "all-linear") == [
+        p for p, m in model.named_modules() if type(m) is nn.Linear
+    ]
     paths = match_target_modules(model, r".*layer\.1\.attention\.self\.(query|key)")
     assert paths == ["bert.encoder.layer.1.attention.self.query", "bert.encoder.layer.1.attention.self.key"]
     with warnings.catch_warnings():

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from ..modules import matches_target
+from ..modules import ALL_LINEAR, matches_target
 from .layers import DynamicLoRALinear
 
 __all__ = ["match_target_modules", "match_saved_modules"]
@@ -18,13 +18,15 @@ def match_target_modules(model: nn.Module, target_modules: Sequence[str] | str) 
     """Paths of the modules PEFT would adapt for ``target_modules``, in model order.
 
     A list entry matches a path equal to it or ending in ``"." + entry``; a string is a regex that must
-    match the whole path. Raises ValueError for an entry that matches no module, for a match that is not
+    match the whole path; ``"all-linear"`` picks every ``nn.Linear``. Raises ValueError for an entry that matches no module, for a match that is not
     an ``nn.Linear`` (the only type handled), and for an empty selection.
     """
     paths = [p for p, _ in model.named_modules() if p]
     modules = dict(model.named_modules())
     linear_examples = sorted({p.rsplit(".", 1)[-1] for p in paths if type(modules[p]) is nn.Linear})
-    if isinstance(target_modules, str):
+    if target_modules == ALL_LINEAR:  # PEFT's shorthand (PEFT also leaves out an output layer; we do not)
+        chosen = [p for p in paths if type(modules[p]) is nn.Linear]
+    elif isinstance(target_modules, str):
         if not target_modules:
             raise ValueError("target_modules is an empty string")
         try:
