@@ -88,13 +88,8 @@ class _RouterNet(nn.Module):
 
 @contextlib.contextmanager
 def _one_thread():
-    """Run the router's tensor ops on one intra-op thread, restoring the caller's setting afterwards.
-
-    Its ops are small (a 16-wide bag, two 256-wide layers): threads gain little on an idle CPU, and on
-    a busy one OpenMP's barriers make them up to 30x slower (measured: 16 ms -> 430 ms per training
-    step on 2 oversubscribed cores). One thread also fixes the reduction order, so probabilities do not
-    depend on the calling process's thread count.
-    """
+    """Run the router's tensor ops on one intra-op thread, restoring the caller's setting afterwards:
+    faster on a busy CPU, and a fixed reduction order (docs/routing.md, "Identical probabilities")."""
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
