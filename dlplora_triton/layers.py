@@ -24,10 +24,10 @@ from torch import nn
 
 from .backends.torch_path import TorchPathCache
 from .modules import linear_features
-from .ops import fused_lora_planned
+from .ops import expand_shared, fused_lora_planned, shrink_shared
 from .plan import LoRAPlan
 
-__all__ = ["MultiLoRALinear", "PlanSource", "FixedPlan", "stack_factors"]
+__all__ = ["MultiLoRALinear", "PlanSource", "FixedPlan", "ShrinkGroup", "stack_factors"]
 
 
 class PlanSource:
@@ -141,6 +141,7 @@ class MultiLoRALinear(nn.Module):
         self.plan_source = plan_source
         # [S, P] float fusion weights replacing the plan's in this layer (MultiLoRA.set_module_gates), or None.
         self.row_weights: torch.Tensor | None = None
+        self.shrink_group: ShrinkGroup | None = None  # layers reading the same input (one shrink for all)
         self.register_buffer("lora_a", lora_a, persistent=False)
         self.register_buffer("lora_b", lora_b, persistent=False)
         self.register_buffer("ranks", torch.zeros(0, dtype=torch.int32), persistent=False)
@@ -179,6 +180,10 @@ class MultiLoRALinear(nn.Module):
             )
         if any(r < 0 or r > R for r in ranks):
             raise ValueError(f"ranks must lie in 0..R = 0..{R}, got {ranks}")
+        with torch.no_grad():  # zeros beyond each rank, so a shared shrink may read whole stacks
+            for i, r in enumerate(ranks):
+                lora_a[i, r:].zero_()
+                lora_b[i, :, r:].zero_()
         self.lora_a, self.lora_b = lora_a, lora_b
         self.ranks = torch.tensor(ranks, dtype=torch.int32, device=lora_a.device)
         self.scales = torch.tensor(scales, dtype=torch.float32, device=lora_a.device)
@@ -223,6 +228,21 @@ class MultiLoRALinear(nn.Module):
         plan, cache = source.batch_for(x)
         if not y.is_contiguous():
             y = y.contiguous()
+        group = self.shrink_group
+        if group is not None and cache is not None and not x.is_cuda and not torch.compiler.is_compiling():
+            shrunk = group.shrink(self, x, plan, cache)
+            if shrunk is not None:
+                expand_shared(
+                    shrunk,
+                    group.offset(self),
+                    self.lora_b,
+                    plan,
+                    cache,
+                    y.view(-1, self.out_features),
+                    self.scales,
+                    self.row_weights,
+                )
+                return y
         # ranks / scales as the tensors held here: fused_lora_planned takes them as they are on every
         # backend, where host lists would be converted to tensors on each call.
         fused_lora_planned(
@@ -241,3 +261,71 @@ class MultiLoRALinear(nn.Module):
     def extra_repr(self) -> str:
         ranks = ",".join(map(str, self._rank_list))
         return f"in_features={self.in_features}, out_features={self.out_features}, adapters={self.num_adapters}, ranks=[{ranks}]"
+
+
+class ShrinkGroup:
+    """Layers that read the same input tensor (q/k/v, gate/up): their A stacked along the rank axis so
+    one shrink matmul on the PyTorch path serves all of them.
+
+    The first member called with an input computes the shrink of the stacked A and keeps it; the
+    others called with that same tensor (same object, unchanged since) expand their columns of it;
+    it is dropped once every member has used it. Any other input, a change of a member's stacks, or
+    a member whose A requires grad makes the member run alone, so results never depend on the
+    grouping. On CUDA and under torch.compile members run alone.
+    """
+
+    def __init__(self, members: Sequence[MultiLoRALinear]):
+        if len(members) < 2:
+            raise ValueError(f"a shrink group needs at least two layers, got {len(members)}")
+        K = members[0].in_features
+        if any(m.in_features != K or m.num_adapters != members[0].num_adapters for m in members):
+            raise ValueError("the layers of a shrink group must share K and the adapter count L")
+        self.members = list(members)
+        self._stacked: torch.Tensor | None = None
+        self._sources: list[tuple[torch.Tensor, int]] = []
+        self._offsets: dict[int, int] = {}
+        self._pending: tuple | None = None
+        for m in self.members:
+            m.shrink_group = self
+
+    def offset(self, layer: MultiLoRALinear) -> int:
+        return self._offsets[self.members.index(layer)]
+
+    def _stacks(self) -> torch.Tensor | None:
+        """``[L, R_tot, K]``: the members' A side by side (rebuilt when one of them changed)."""
+        current = [(m.lora_a, m.lora_a._version) for m in self.members]
+        if any(a.requires_grad for a, _ in current):
+            return None
+        fresh = len(current) == len(self._sources) and all(
+            a is b and va == vb for (a, va), (b, vb) in zip(current, self._sources)
+        )
+        if not fresh:
+            self._stacked = torch.cat([m.lora_a for m in self.members], dim=1)
+            offsets, total = {}, 0
+            for i, m in enumerate(self.members):
+                offsets[i], total = total, total + m.lora_a.shape[1]
+            self._offsets, self._sources, self._pending = offsets, current, None
+        return self._stacked
+
+    def shrink(self, layer: MultiLoRALinear, x: torch.Tensor, plan: LoRAPlan, cache: TorchPathCache):
+        """The shared shrink for ``layer``'s input ``x``, or None when ``layer`` must run alone."""
+        pending = self._pending
+        if (
+            pending is None
+            or pending[0] is not x
+            or pending[1] != x._version
+            or pending[2] is not plan
+            or layer in pending[4]
+        ):
+            stacked = self._stacks()
+            if stacked is None or stacked.dtype != x.dtype or stacked.device != x.device:
+                return None
+            shrunk = shrink_shared(x.reshape(-1, x.shape[-1]), stacked, plan, cache)
+            if shrunk is None:
+                self._pending = None
+                return None
+            pending = self._pending = (x, x._version, plan, shrunk, [])
+        pending[4].append(layer)
+        if len(pending[4]) == len(self.members):
+            self._pending = None
+        return pending[3]

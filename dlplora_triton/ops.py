@@ -18,10 +18,19 @@ from collections.abc import Sequence
 import torch
 
 from .backends.grad import factor_grads
-from .backends.torch_path import TorchPathCache, fused_lora_torch, token_weights
+from .backends.torch_path import TorchPathCache, expand_shared, fused_lora_torch, shrink_shared, token_weights
 from .plan import LoRAPlan, build_plan, plan_from_args, plan_to_args
 
-__all__ = ["fused_lora", "fused_lora_planned", "check_routing", "workspace_bytes", "DTypeError", "BACKENDS"]
+__all__ = [
+    "fused_lora",
+    "fused_lora_planned",
+    "shrink_shared",
+    "expand_shared",
+    "check_routing",
+    "workspace_bytes",
+    "DTypeError",
+    "BACKENDS",
+]
 
 BACKENDS = ("auto", "triton", "torch")
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)

@@ -27,7 +27,8 @@ from torch import nn
 
 from .adapters import AdapterInfo, LoadedAdapter, load_adapter
 from .backends.torch_path import TorchPathCache
-from .layers import MultiLoRALinear, PlanSource, stack_factors
+from .layers import MultiLoRALinear, PlanSource, ShrinkGroup, stack_factors
+from .milora.serving import MiServing, prepare_milora
 from .modules import set_child
 from .plan import LoRAPlan, build_plan
 from .selection import RowSelection, Selection, check_name, normalize_selection
@@ -35,6 +36,9 @@ from .selection import RowSelection, Selection, check_name, normalize_selection
 __all__ = ["attach", "MultiLoRA"]
 
 _MAX_CACHED_PLANS = 16
+# Sibling projections that transformers models call on the same input tensor: each set found adapted
+# under one parent shares one shrink (layers.ShrinkGroup checks the input is the same tensor).
+SHARED_INPUT = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("query", "key", "value"))
 
 
 class _Routing(PlanSource):
@@ -145,6 +149,7 @@ class MultiLoRA:
         self._hook = None
         self._attached = False
         self._gates: dict[str, dict[str, torch.Tensor]] = {}  # adapter name -> module path -> [B] gates
+        self._milora: dict[str, MiServing] = {}  # MiLoRA adapter name -> its router hooks (milora/serving.py)
 
     # ------------------------------------------------------------------ public API
     @property
@@ -165,6 +170,15 @@ class MultiLoRA:
     @property
     def attached(self) -> bool:
         return self._attached
+
+    def gates(self, name: str) -> torch.Tensor | None:
+        """``[B, num_layers, num_modules]`` gates of MiLoRA adapter ``name`` at the last prefill (None before
+        one; 0 outside a row's top-k and for rows that do not select ``name``). KeyError if not MiLoRA."""
+        if name not in self._milora:
+            raise KeyError(
+                f"{name!r} is not an attached MiLoRA adapter; MiLoRA adapters: {sorted(self._milora)}"
+            )
+        return self._milora[name].gates
 
     def select(self, selection: Selection, seq_offsets: torch.Tensor | None = None) -> None:
         """Set the adapter mix of each batch row for the following forward passes.
@@ -208,7 +222,10 @@ class MultiLoRA:
         if name in self._infos:
             raise ValueError(f"an adapter named {name!r} is already attached")
         adapter = load_adapter(name, path, _module_table(self.model))
+        prepared = prepare_milora(adapter, self.model)  # None unless a MiLoRA directory
         self._install([adapter])
+        if prepared is not None:
+            self._milora[name] = prepared.install(self)
 
     def remove(self, name: str) -> None:
         """Drop one adapter; modules no remaining adapter adapts get their original module back."""
@@ -241,9 +258,12 @@ class MultiLoRA:
             layer.plan_source = None
         for path, stacks in updates.items():
             self._layers[path].set_stacks(*stacks)
+        if name in self._milora:
+            self._milora.pop(name).remove()
         self._names.remove(name)
         del self._infos[name]
         self._routing.num_adapters = len(self._names)
+        self._group_shrinks()
         self._rebase_selection(new_names)
 
     def detach(self) -> None:
@@ -251,8 +271,11 @@ class MultiLoRA:
         self._check_attached()
         for path, layer in self._layers.items():
             set_child(self.model, path, layer.base)
-            layer.plan_source = None
+            layer.plan_source = layer.shrink_group = None
         self._layers.clear()
+        for served in self._milora.values():
+            served.remove()
+        self._milora.clear()
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
@@ -379,7 +402,22 @@ class MultiLoRA:
             self._names.append(a.info.name)
             self._infos[a.info.name] = a.info
         self._routing.num_adapters = len(self._names)
+        self._group_shrinks()
         self._rebase_selection(tuple(self._names))
+
+    def _group_shrinks(self) -> None:
+        """Give sibling projections that read the same input one shared shrink (SHARED_INPUT)."""
+        for layer in self._layers.values():
+            layer.shrink_group = None
+        for names in SHARED_INPUT:
+            parents: dict[str, list[MultiLoRALinear]] = {}
+            for path, layer in self._layers.items():
+                parent, _, child = path.rpartition(".")
+                if child in names:
+                    parents.setdefault(parent, []).append(layer)
+            for members in parents.values():
+                if len(members) > 1:
+                    ShrinkGroup(members)
 
     def _rebase_selection(self, names: tuple[str, ...]) -> None:
         sel = self._routing.selection
@@ -435,8 +473,10 @@ def attach(model: nn.Module, adapters: Mapping[str, str | os.PathLike]) -> Multi
         )
     table = _module_table(model)
     loaded = [load_adapter(check_name(name), path, table) for name, path in adapters.items()]
+    milora = {a.info.name: prepare_milora(a, model) for a in loaded}  # MiLoRA directories: their routers
     handle = MultiLoRA(model)
     handle._attached = True
     handle._install(loaded)
+    handle._milora = {name: m.install(handle) for name, m in milora.items() if m is not None}
     handle._hook = model.register_forward_pre_hook(handle._check_batch, with_kwargs=True)
     return handle

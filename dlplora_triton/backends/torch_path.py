@@ -285,3 +285,74 @@ def _seq_bmm(x, lora_a, lora_b, plan, out, scales, cache, keep, adapter_weights)
     v = _scaled(v, coef.repeat_interleave(R).view(S, 1, P * R))
     out.view(S, seq_len, N).baddbmm_(v, b_sel.view(S, P * R, N))
     return out
+
+
+# One shrink for layers that read the same input (q/k/v, gate/up): their A stacked along the rank axis
+# ("cat_a" [L, R_tot, K], zero beyond each layer's ranks), shrunk once; each layer expands its columns.
+
+
+def shrink_shared(
+    x: torch.Tensor, cat_a: torch.Tensor, plan: LoRAPlan, cache: TorchPathCache
+) -> tuple[str, torch.Tensor] | None:
+    """The raw shrink ``x @ A^T`` of a stacked ``cat_a``, for the methods that can share it:
+    ``("dense", v [T, U*R_tot])`` over the used adapters or ``("seq_bmm", v [S, len, P, R_tot])``;
+    None where the grouped method serves the batch (each layer then runs alone)."""
+    L, Rt, K = cat_a.shape
+    T = plan.num_tokens
+    used = cache.used_adapters()
+    if T * Rt * max(len(used), 1) <= DENSE_MAX_TOKEN_RANKS:
+        rows, _ = cache.rank_rows([Rt] * L, Rt)
+        a_rows = cat_a.reshape(L * Rt, K)
+        if rows is not None:
+            a_rows = a_rows.index_select(0, rows)
+        return "dense", torch.mm(x, a_rows.t())
+    seq_len = cache.uniform_seq_len()
+    few = plan.seq_adapter.numel() <= SEQ_BMM_MAX_PAIRS and not cache.has_empty_slots()
+    if seq_len >= SEQ_BMM_MIN_TOKENS or (seq_len > 0 and few):
+        S, P = plan.seq_adapter.shape
+        a_sel = cat_a.index_select(0, plan.seq_adapter.clamp(min=0).reshape(-1))  # [S*P, R_tot, K]
+        v = torch.bmm(x.view(S, seq_len, K), a_sel.view(S, P * Rt, K).transpose(1, 2))
+        return "seq_bmm", v.view(S, seq_len, P, Rt)
+    return None
+
+
+def expand_shared(
+    shrunk: tuple[str, torch.Tensor],
+    offset: int,
+    lora_b: torch.Tensor,
+    plan: LoRAPlan,
+    cache: TorchPathCache,
+    out: torch.Tensor,
+    scales: torch.Tensor | None = None,
+    adapter_weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Add one layer's delta into ``out`` from a :func:`shrink_shared` result: its ``R`` columns start
+    at ``offset``; ``lora_b`` ``[L, N, R]`` must hold zeros beyond each rank (the layers' stacks do)."""
+    kind, v = shrunk
+    L, N, R = lora_b.shape
+    if kind == "dense":
+        T = v.shape[0]
+        rows, row_adapter = cache.rank_rows([R] * L, R)
+        if row_adapter.numel() == 0:
+            return out
+        v_m = v.view(T, row_adapter.numel() // R, -1)[:, :, offset : offset + R].reshape(T, -1)
+        b_rows = lora_b.transpose(1, 2).reshape(L * R, N)
+        if rows is not None:
+            b_rows = b_rows.index_select(0, rows)
+        if adapter_weights is None:
+            coef = cache.token_coefficients()
+        else:
+            coef = _coefficients(plan, token_weights(plan, adapter_weights)[1])
+        coef = coef.index_select(1, row_adapter).to(v.dtype)
+        if scales is not None:
+            coef = coef * scales.to(v.dtype).index_select(0, row_adapter)
+        return out.addmm_(v_m * coef, b_rows)
+    S, seq_len, P, _ = v.shape
+    flat_ids = plan.seq_adapter.clamp(min=0).reshape(-1)
+    coef = token_weights(plan, adapter_weights)[0].to(v.dtype).reshape(-1)
+    if scales is not None:
+        coef = coef * scales.to(v.dtype).index_select(0, flat_ids)
+    v_m = (v[..., offset : offset + R] * coef.view(S, 1, P, 1)).reshape(S, seq_len, P * R)
+    b_sel = lora_b.transpose(1, 2).index_select(0, flat_ids)  # [S*P, R, N]
+    out.view(S, seq_len, N).baddbmm_(v_m, b_sel.view(S, P * R, N))
+    return out
