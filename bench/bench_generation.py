@@ -27,8 +27,9 @@ import common
 import torch
 
 import dlplora_triton as dlp
+from dlplora_triton.demo.peft_baseline import peft_mixed_batch
+from dlplora_triton.demo.toy_model import ALL_PROJECTIONS, build_llama, make_peft_adapters
 from dlplora_triton.generation import _FirstTokenClock
-from dlplora_triton.toy import ALL_PROJECTIONS, build_llama, make_peft_adapters, peft_mixed_batch
 
 
 def model_for(device: str):

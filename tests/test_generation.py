@@ -5,7 +5,8 @@ import torch
 
 import dlplora_triton as dlp
 from dlplora_triton import patch as patch_module
-from dlplora_triton.toy import build_llama, build_tokenizer, load_router_texts, make_peft_adapters
+from dlplora_triton.demo.tasks import load_texts as load_router_texts
+from dlplora_triton.demo.toy_model import build_llama, build_tokenizer, make_peft_adapters
 
 TASKS = ("de", "ja", "code")
 

@@ -497,7 +497,7 @@ def test_state_shapes_match_the_built_net(hidden, inputs):
 
 @pytest.fixture(scope="module")
 def encoder(split):
-    from dlplora_triton.toy import build_llama, build_tokenizer
+    from dlplora_triton.demo.toy_model import build_llama, build_tokenizer
 
     (texts, _), _ = split
     tokenizer = build_tokenizer(texts, vocab_size=400)
@@ -543,7 +543,7 @@ def test_model_features(split, encoder, tmp_path):
         Router.load(tmp_path / "r")
     with pytest.raises(ValueError, match="needs model="):
         Router.train(texts[:4], ["a", "b", "a", "b"], features="model")
-    from dlplora_triton.toy import build_llama
+    from dlplora_triton.demo.toy_model import build_llama
 
     other = build_llama(len(tokenizer), hidden=16, intermediate=32, layers=1, heads=2)
     with pytest.raises(ValueError, match="hidden states of size 16"):

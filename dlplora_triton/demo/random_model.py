@@ -87,7 +87,7 @@ def demo_fused_lora(device: str, seed: int) -> bool:
 
 def _adapter_specs(names: list[str]) -> dict[str, dict]:
     """PEFT LoraConfig arguments per task: ranks, targets and rsLoRA differ, as real adapters do."""
-    from ..toy import ALL_PROJECTIONS
+    from .toy_model import ALL_PROJECTIONS
 
     targets = [
         list(ALL_PROJECTIONS),
@@ -119,9 +119,11 @@ def demo_system(seed: int, max_new_tokens: int = 12, quick: bool = False) -> boo
     from ..generation import generate_routed
     from ..patch import attach
     from ..routing import Router
-    from ..toy import build_llama, build_tokenizer, load_router_texts, make_peft_adapters, peft_mixed_batch
+    from .peft_baseline import peft_mixed_batch
+    from .tasks import load_texts
+    from .toy_model import build_llama, build_tokenizer, make_peft_adapters
 
-    texts, tasks = load_router_texts()
+    texts, tasks = load_texts()
     by_task: dict[str, list[int]] = {}
     for i, task in enumerate(tasks):
         by_task.setdefault(task, []).append(i)

@@ -1,4 +1,4 @@
-"""Small offline models, tokenizers and PEFT adapters for the demo, the benchmarks and the tests.
+"""The random-weight demo's model, tokenizer and adapters (the tests and bench_generation use them too).
 
 Nothing is downloaded: the model is built from a config with random weights, the tokenizer is a
 byte-level BPE trained in a second on the texts at hand, and the adapters are PEFT LoRAs with random
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["build_tokenizer", "build_llama", "make_peft_adapters", "peft_mixed_batch", "load_router_texts"]
+__all__ = ["ALL_PROJECTIONS", "build_tokenizer", "build_llama", "make_peft_adapters"]
 
 ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -86,53 +86,3 @@ def make_peft_adapters(model, specs: dict[str, dict], out_dir: str | Path, seed:
         paths[name] = out_dir / name
         peft_model.save_pretrained(paths[name])
     return paths
-
-
-def peft_mixed_batch(model, adapter_paths: dict[str, Path], selection: Sequence[Sequence[tuple[str, float]]]):
-    """PEFT serving the same per-row mixes: each distinct mix merged with ``add_weighted_adapter``
-    ("cat", the exact equivalent of a weighted sum of LoRA outputs) and run as a mixed batch.
-
-    Returns ``(peft_model, adapter_names)``: pass ``adapter_names`` to the PEFT model's forward or
-    ``generate``; rows with an empty mix get ``"__base__"``.
-    """
-    from peft import PeftModel
-    from peft.tuners.lora import LoraLayer
-
-    names = list(adapter_paths)
-    peft_model = PeftModel.from_pretrained(
-        copy.deepcopy(model), str(adapter_paths[names[0]]), adapter_name=names[0]
-    )
-    for name in names[1:]:
-        peft_model.load_adapter(str(adapter_paths[name]), adapter_name=name)
-    mixes: dict[tuple, str] = {}
-    row_names = []
-    for row in selection:
-        if not row:
-            row_names.append("__base__")
-            continue
-        key = tuple(row)
-        if key not in mixes:
-            mixes[key] = f"mix{len(mixes)}"
-            peft_model.add_weighted_adapter(
-                [n for n, _ in row], [w for _, w in row], adapter_name=mixes[key], combination_type="cat"
-            )
-            # peft copies use_rslora of the first adapter onto the merged one; the "cat" factors
-            # already carry each adapter's scale, so the merged adapter's own scaling must be 1.
-            for module in peft_model.modules():
-                if isinstance(module, LoraLayer) and mixes[key] in module.scaling:
-                    module.scaling[mixes[key]] = 1.0
-        row_names.append(mixes[key])
-    return peft_model.eval(), row_names
-
-
-def load_router_texts() -> tuple[list[str], list[str]]:
-    """The multi-language, multi-topic text set shipped with the package: (texts, task names).
-
-    Built by bench/data/build_router_data.py from Debian's translated man pages, license texts and
-    Python's standard library on the machine; see that script for sources and licenses.
-    """
-    import json
-
-    path = Path(__file__).resolve().parent / "data" / "router_texts.jsonl"
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return [r["text"] for r in rows], [r["task"] for r in rows]

