@@ -43,6 +43,10 @@ def read_jsonl(path: str | os.PathLike, owner: str, keys: Sequence[str] = ()) ->
     Raises FileNotFoundError for a missing file, ValueError naming ``owner``, the file and the line for
     a line that is not a JSON object or lacks a key, and for a file without any line.
     """
+    return [row for _, row in _numbered_rows(path, owner, keys)]
+
+
+def _numbered_rows(path: str | os.PathLike, owner: str, keys: Sequence[str]) -> list[tuple[int, dict]]:
     path = _existing_file(path, owner)
     rows = []
     for number, line in enumerate(_read_text(path, owner).splitlines(), 1):
@@ -60,7 +64,7 @@ def read_jsonl(path: str | os.PathLike, owner: str, keys: Sequence[str] = ()) ->
                 f"{owner}: {path}:{number}: the object has no {', '.join(repr(k) for k in missing)} "
                 f"(each line needs {', '.join(repr(k) for k in keys)})"
             )
-        rows.append(row)
+        rows.append((number, row))
     if not rows:
         raise ValueError(f"{owner}: {str(path)!r} holds no lines of data")
     return rows
@@ -77,11 +81,10 @@ def read_labelled_jsonl(
     Texts must be non-empty strings; labels strings or integers, returned as strings; with ``labels``
     given, every label must be one of them. Errors as :func:`read_jsonl`, naming file and line.
     """
-    rows = read_jsonl(path, owner, ("text", label_key))
     texts, out = [], []
-    for number, row in enumerate(rows, 1):
+    for number, row in _numbered_rows(path, owner, ("text", label_key)):
         text, label = row["text"], row[label_key]
-        where = f"{owner}: {path}: example {number}"
+        where = f"{owner}: {path}:{number}"
         if not isinstance(text, str) or not text.strip():
             raise ValueError(f'{where}: "text" must be a non-empty string, got {text!r}')
         if isinstance(label, bool) or not isinstance(label, (str, int)) or label == "":
