@@ -93,6 +93,18 @@ def _build_parser() -> argparse.ArgumentParser:
         "--device", default="cuda" if _cuda() else "cpu", help="torch device (default: cuda if present)"
     )
     generate.add_argument("--json", action="store_true", help="print one JSON document instead of text")
+    gates = sub.add_parser(
+        "milora-gates", help="print the LoRA modules a saved MiLoRA picks in each layer for each prompt"
+    )
+    gates.add_argument(
+        "--model", required=True, help="a local transformers causal-LM folder (model + tokenizer)"
+    )
+    gates.add_argument("--milora", required=True, help="a folder written by MiLoRA.save")
+    gates.add_argument("prompts", nargs="+", help="one or more prompts")
+    gates.add_argument(
+        "--device", default="cuda" if _cuda() else "cpu", help="torch device (default: cuda if present)"
+    )
+    gates.add_argument("--json", action="store_true", help="print one JSON document instead of text")
     return parser
 
 
@@ -222,6 +234,10 @@ def main(argv: list[str] | None = None) -> int:
             return _route(args)
         if args.command == "generate":
             return _generate(args)
+        if args.command == "milora-gates":
+            from .milora.show import gates_main
+
+            return gates_main(args.model, args.milora, args.prompts, args.device, args.json)
     except (FileNotFoundError, ValueError, KeyError, TypeError) as err:
         print(f"dlplora {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -7,8 +7,9 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from peft_helpers import make_model
+from peft_helpers import make_model, save_adapter
 
+import dlplora_triton as dlp
 from dlplora_triton.milora import POOLINGS, LayerRouter, MiLoRA, balance_loss
 from dlplora_triton.milora.files import CONFIG_NAME, PEFT_WEIGHTS, ROUTERS_NAME
 
@@ -347,3 +348,225 @@ def test_broken_directories_raise_naming_the_file(tmp_path, edit, error, match):
 def test_missing_directory():
     with pytest.raises(FileNotFoundError, match="no-such-dir"):
         MiLoRA.load(make_model("llama"), "no-such-dir")
+
+
+# ---------------------------------------------------------------------------------------------- serving
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """pooling -> (trained MiLoRA, its directory)."""
+    out = {}
+    for pooling in POOLINGS:
+        mi = trained(pooling=pooling, steps=4, seed=POOLINGS.index(pooling))
+        path = tmp_path_factory.mktemp(f"mi-{pooling}")
+        mi.save(path)
+        out[pooling] = (mi, path)
+    return out
+
+
+def served(path, **adapters):
+    model = make_model("llama", seed=POOLINGS.index(json.loads((path / CONFIG_NAME).read_text())["pooling"]))
+    return model, dlp.attach(model, {"mi": path, **adapters})
+
+
+@pytest.mark.parametrize("pooling", POOLINGS)
+def test_served_prefill_equals_the_training_forward(saved, pooling):
+    mi, path = saved[pooling]
+    model, lora = served(path)
+    ids, mask, _ = batch(2)
+    lora.select([[("mi", 1.0)]] * B)
+    with torch.no_grad():
+        ref = mi(ids, attention_mask=mask).logits  # prompt_mask defaults to attention_mask, as served
+        got = model(ids, attention_mask=mask).logits
+    assert rel(got, ref) < 1e-5
+    assert lora.gates("mi").shape == (B, 2, 7)
+    torch.testing.assert_close(lora.gates("mi"), mi.gates, rtol=0, atol=1e-6)
+    assert isinstance(lora.layers["model.layers.0.self_attn.q_proj"], dlp.MultiLoRALinear)  # fused path
+
+
+def test_routers_run_once_per_request_and_decode_reuses_the_prompt_gates(saved, monkeypatch):
+    mi, path = saved["attention"]
+    model, lora = served(path)
+    calls = []
+    forward = LayerRouter.forward
+    monkeypatch.setattr(
+        LayerRouter, "forward", lambda self, h, m: calls.append(h.shape) or forward(self, h, m)
+    )
+    ids = batch(3)[0]
+    new = 6
+    with lora.selection([[("mi", 1.0)]] * B), torch.no_grad():
+        out = model.generate(
+            ids,
+            max_new_tokens=new,
+            min_new_tokens=new,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+    assert len(calls) == mi.num_layers  # one router call per layer for the whole request
+    assert all(shape[1] == T for shape in calls)  # at prefill, on the prompt
+    # Every decode step used the prompt's gates: the training forward over prompt + generated tokens,
+    # pooling only the prompt, gives the same logits at every generated position.
+    full = out.sequences
+    prompt = torch.zeros_like(full, dtype=torch.bool)
+    prompt[:, :T] = True
+    calls.clear()
+    with torch.no_grad():
+        ref = mi(full, prompt_mask=prompt).logits[:, T - 1 : -1]
+    got = torch.stack(out.logits, dim=1)
+    assert rel(got, ref) < 1e-5
+
+
+def test_a_batch_equals_each_prompt_alone(saved):
+    _, path = saved["mean"]
+    model, lora = served(path)
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(3, 97, (n,), generator=g) for n in (5, 9, 7)]
+    ids = torch.zeros(3, 9, dtype=torch.long)
+    mask = torch.zeros(3, 9, dtype=torch.long)
+    for i, p in enumerate(prompts):  # left padding
+        ids[i, 9 - len(p) :], mask[i, 9 - len(p) :] = p, 1
+    with lora.selection([[("mi", 1.0)]] * 3), torch.no_grad():
+        together = model.generate(
+            ids, attention_mask=mask, max_new_tokens=5, min_new_tokens=5, do_sample=False
+        )
+        gates = lora.gates("mi").clone()
+    for i, p in enumerate(prompts):
+        with lora.selection([[("mi", 1.0)]]), torch.no_grad():
+            alone = model.generate(p[None], max_new_tokens=5, min_new_tokens=5, do_sample=False)
+        assert together[i, 9:].tolist() == alone[0, len(p) :].tolist(), i
+        torch.testing.assert_close(gates[i], lora.gates("mi")[0], rtol=0, atol=1e-5)
+
+
+def _peft_factors(path) -> dict:
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path / "adapter_model.safetensors"))
+    out = {}
+    for key, t in tensors.items():
+        module, part = key.removeprefix("base_model.model.").rsplit(".lora_", 1)
+        out.setdefault(module, {})[part.split(".")[0]] = t
+    return out
+
+
+def test_a_row_mixes_milora_with_an_ordinary_adapter(saved, tmp_path):
+    mi, path = saved["last"]
+    de = save_adapter(
+        make_model("llama"),
+        tmp_path / "de",
+        seed=5,
+        scale=0.3,
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "down_proj"],
+    )
+    model, lora = served(path, de=de)
+    rows = [[("de", 0.6), ("mi", 0.4)], [("mi", 1.0)], [("de", 1.0)], []]
+    ids = batch(5)[0][:1].repeat(4, 1)
+    with lora.selection(rows), torch.no_grad():
+        got = model(ids).logits
+        gates = lora.gates("mi").clone()
+    assert (gates[2:] == 0).all() and (gates[:2] > 0).sum(-1).eq(2).all()  # rows without "mi": no gates
+
+    factors = _peft_factors(tmp_path / "de")
+    for i, row in enumerate(rows):
+        weights = dict(row)
+        ref_model = make_model("llama", seed=POOLINGS.index("last"))
+        ref = MiLoRA.load(ref_model, path)
+        with torch.no_grad():
+            for layer in ref.lora:
+                for f in layer:
+                    f.lora_B.mul_(weights.get("mi", 0.0))
+        hooks = [
+            ref_model.get_submodule(m).register_forward_hook(
+                lambda mod, a, y, f=f: y + weights.get("de", 0.0) * 2.0 * (a[0] @ f["A"].t()) @ f["B"].t()
+            )
+            for m, f in factors.items()
+        ]
+        with torch.no_grad():
+            expected = ref(ids[i : i + 1]).logits
+        for h in hooks:
+            h.remove()
+        assert rel(got[i : i + 1], expected) < 1e-5, row
+        if "mi" in weights:
+            torch.testing.assert_close(gates[i], ref.gates[0], rtol=0, atol=1e-6)
+
+
+def test_token_level_mode_reruns_the_routers_every_step(saved):
+    mi, path = saved["max"]
+    model, lora = served(path)
+    server = lora._milora["mi"]
+    server.every_step = True
+    with lora.selection([[("mi", 1.0)]] * B), torch.no_grad():
+        model.generate(batch()[0], max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    assert server.router_calls == mi.num_layers * 4  # prefill + 3 decode steps
+
+
+def test_attach_checks_the_directory_and_detach_removes_every_hook(saved, tmp_path):
+    import shutil
+
+    _, path = saved["attention"]
+    broken = tmp_path / "broken"
+    shutil.copytree(path, broken)
+    config = json.loads((broken / CONFIG_NAME).read_text())
+    config["modules"] = config["modules"][:6]  # the LoRA files adapt 7 modules per layer
+    (broken / CONFIG_NAME).write_text(json.dumps(config))
+    model = make_model("llama")
+    with pytest.raises(ValueError, match=r"milora_routers.safetensors.*expected \[6, 32\]"):
+        dlp.attach(model, {"mi": broken})
+    assert not any(isinstance(m, dlp.MultiLoRALinear) for m in model.modules())
+    assert not any(m._forward_pre_hooks for m in model.modules())
+
+    lora = dlp.attach(model, {"mi": path})
+    assert lora.gates("mi") is None
+    with pytest.raises(KeyError, match="not an attached MiLoRA adapter"):
+        lora.gates("nope")
+    lora.detach()
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
+    lora = dlp.attach(model, {})
+    lora.add("mi", path)
+    lora.select([[("mi", 1.0)]])
+    with torch.no_grad():
+        model(batch()[0][:1])
+    assert lora.gates("mi").shape == (1, 2, 7)
+    lora.select(None)
+    lora.remove("mi")
+    with pytest.raises(KeyError):
+        lora.gates("mi")
+    lora.detach()
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
+
+
+def test_cli_prints_the_modules_chosen_per_layer(saved, tmp_path, capsys):
+    from transformers import BertTokenizerFast
+
+    from dlplora_triton.cli import main
+
+    _, path = saved["mean"]
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text(
+        "\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "fox", "hello", "world"])
+    )
+    tokenizer = BertTokenizerFast(vocab_file=str(vocab))
+    model = make_model("llama", seed=POOLINGS.index("mean"))
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    argv = [
+        "milora-gates",
+        "--model",
+        str(tmp_path / "model"),
+        "--milora",
+        str(path),
+        "the fox",
+        "hello world",
+    ]
+    assert main(argv + ["--device", "cpu"]) == 0
+    text = capsys.readouterr().out
+    assert "'the fox':" in text and text.count("layer  1:") == 2
+    assert main(argv + ["--device", "cpu", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert len(doc["modules"]) == 7 and len(doc["prompts"]) == 2
+    assert all(sum(g > 0 for g in layer) == 2 for p in doc["prompts"] for layer in p["gates"])
+    assert main(["milora-gates", "--model", str(tmp_path / "nope"), "--milora", str(path), "x"]) == 2
+    assert "does not exist" in capsys.readouterr().err
