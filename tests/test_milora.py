@@ -570,3 +570,21 @@ def test_cli_prints_the_modules_chosen_per_layer(saved, tmp_path, capsys):
     assert all(sum(g > 0 for g in layer) == 2 for p in doc["prompts"] for layer in p["gates"])
     assert main(["milora-gates", "--model", str(tmp_path / "nope"), "--milora", str(path), "x"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_packed_sequences_are_routed_each_alone(saved):
+    _, path = saved["attention"]
+    model, lora = served(path)
+    g = torch.Generator().manual_seed(6)
+    seqs = [torch.randint(3, 97, (n,), generator=g) for n in (4, 7)]
+    with (
+        lora.selection([[("mi", 1.0)], [("mi", 1.0)]], seq_offsets=torch.tensor([0, 4, 11])),
+        torch.no_grad(),
+    ):
+        model(torch.cat(seqs)[None])
+        packed = lora.gates("mi").clone()
+    for i, s in enumerate(seqs):
+        with lora.selection([[("mi", 1.0)]]), torch.no_grad():
+            model(s[None])
+        # layer 0 reads the embeddings, which packing does not change (later layers see the packed attention)
+        torch.testing.assert_close(packed[i, 0], lora.gates("mi")[0, 0], rtol=0, atol=1e-6)
