@@ -293,7 +293,7 @@ class ShrinkGroup:
 
     def _stacks(self) -> torch.Tensor | None:
         """``[L, R_tot, K]``: the members' A side by side (rebuilt when one of them changed)."""
-        current = [(m.lora_a, m.lora_a._version) for m in self.members]
+        current = [(m.lora_a, _version(m.lora_a)) for m in self.members]
         if any(a.requires_grad for a, _ in current):
             return None
         fresh = len(current) == len(self._sources) and all(
@@ -313,7 +313,7 @@ class ShrinkGroup:
         if (
             pending is None
             or pending[0] is not x
-            or pending[1] != x._version
+            or pending[1] != _version(x)
             or pending[2] is not plan
             or layer in pending[4]
         ):
@@ -324,8 +324,13 @@ class ShrinkGroup:
             if shrunk is None:
                 self._pending = None
                 return None
-            pending = self._pending = (x, x._version, plan, shrunk, [])
+            pending = self._pending = (x, _version(x), plan, shrunk, [])
         pending[4].append(layer)
         if len(pending[4]) == len(self.members):
             self._pending = None
         return pending[3]
+
+
+def _version(t: torch.Tensor) -> int:
+    """The tensor's in-place version counter (inference tensors have none: -1, identity alone counts)."""
+    return -1 if t.is_inference() else t._version
