@@ -289,16 +289,18 @@ def fused_lora_planned(
     if out is None:
         out = torch.zeros(T, N, dtype=x.dtype, device=x.device)
     compiling = torch.compiler.is_compiling()
-    if backend == "torch" and not compiling:
-        # Plain tensor ops, recorded by autograd as they run: gradients need nothing more.
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, lora_a, lora_b, scales, adapter_weights)
+    )
+    if not compiling and (backend == "torch" or not needs_grad):
+        # Eager: the PyTorch path's tensor ops are recorded by autograd as they run, and the Triton
+        # kernels without grad need no op dispatch (which would only add host time per layer).
         _run(x, lora_a, lora_b, plan, ranks, scales, out, backend, cache, adapter_weights)
         return out
     tensors, sizes = plan_to_args(plan)
     if scales is not None and not scales.is_floating_point():
         scales = scales.to(torch.float32)
-    if torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, lora_a, lora_b, scales, adapter_weights)
-    ):
+    if needs_grad:
         delta = torch.ops.dlplora_triton.fused_lora_planned_delta(
             x, lora_a, lora_b, tensors, sizes, ranks, scales, adapter_weights, backend
         )
