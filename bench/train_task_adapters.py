@@ -158,6 +158,7 @@ def train_task(name: str, base, tokenizer, train: list[str], held: list[str], ar
     cfg = json.loads(cfg_path.read_text())
     cfg["base_model_name_or_path"] = MODEL_NAME
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    (out / "README.md").unlink(missing_ok=True)  # PEFT's blank model card, naming the local cache folder
     model.unload()  # the LoRA layers leave the shared base model untouched for the next task
     log = {
         "task": name,
