@@ -24,7 +24,7 @@ from torch import nn
 
 from .backends.torch_path import TorchPathCache
 from .modules import linear_features
-from .ops import expand_shared, fused_lora_planned, shrink_shared
+from .ops import dense_layer_delta, expand_shared, fused_lora_planned, shrink_shared
 from .plan import LoRAPlan
 
 __all__ = ["MultiLoRALinear", "PlanSource", "FixedPlan", "ShrinkGroup", "stack_factors"]
@@ -190,6 +190,7 @@ class MultiLoRALinear(nn.Module):
         # Host copies (for factors() and repr) and the bit set of the adapters this layer has.
         self._rank_list = ranks
         self._scale_list = scales
+        self._rank_tuple, self._scale_tuple = tuple(ranks), tuple(scales)
         self._adapter_mask = sum(1 << i for i, r in enumerate(ranks) if r > 0)
 
     def factors(self) -> list[tuple[torch.Tensor, torch.Tensor, float] | None]:
@@ -229,7 +230,20 @@ class MultiLoRALinear(nn.Module):
         if not y.is_contiguous():
             y = y.contiguous()
         group = self.shrink_group
-        if group is not None and cache is not None and not x.is_cuda and not torch.compiler.is_compiling():
+        eager_cpu = cache is not None and not x.is_cuda and not torch.compiler.is_compiling()
+        if eager_cpu and group is None and self.row_weights is None and x.dtype == self.lora_a.dtype:
+            # Views taken per call: .to() and set_stacks replace the stacks.
+            a, b_t = self.lora_a, self.lora_b.transpose(1, 2)
+            fits = x.numel() == plan.num_tokens * self.in_features and plan.num_adapters == a.shape[0]
+            if a.is_contiguous() and b_t.is_contiguous() and fits:
+                L, R = a.shape[:2]
+                flat = (a.view(L * R, self.in_features), b_t.view(L * R, self.out_features))
+                out = y.view(-1, self.out_features)
+                if dense_layer_delta(
+                    x.reshape(-1, self.in_features), *flat, cache, out, self._rank_tuple, self._scale_tuple
+                ):
+                    return y
+        if group is not None and eager_cpu:
             shrunk = group.shrink(self, x, plan, cache)
             if shrunk is not None:
                 expand_shared(
@@ -241,6 +255,7 @@ class MultiLoRALinear(nn.Module):
                     y.view(-1, self.out_features),
                     self.scales,
                     self.row_weights,
+                    self._scale_tuple,
                 )
                 return y
         # ranks / scales as the tensors held here: fused_lora_planned takes them as they are on every

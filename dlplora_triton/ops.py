@@ -18,7 +18,14 @@ from collections.abc import Sequence
 import torch
 
 from .backends.grad import factor_grads
-from .backends.torch_path import TorchPathCache, expand_shared, fused_lora_torch, shrink_shared, token_weights
+from .backends.torch_path import (
+    TorchPathCache,
+    dense_layer_delta,
+    expand_shared,
+    fused_lora_torch,
+    shrink_shared,
+    token_weights,
+)
 from .plan import LoRAPlan, build_plan, plan_from_args, plan_to_args
 
 __all__ = [
@@ -26,6 +33,7 @@ __all__ = [
     "fused_lora_planned",
     "shrink_shared",
     "expand_shared",
+    "dense_layer_delta",
     "check_routing",
     "workspace_bytes",
     "DTypeError",

@@ -58,6 +58,9 @@ class TorchPathCache:
     dense_rows: dict[tuple[int, tuple[int, ...]], tuple[torch.Tensor | None, torch.Tensor]] = field(
         default_factory=dict
     )
+    # (R, ranks, scales, dtype) of a layer -> None (not dense) or (rows, [T, n] coefficients): layers
+    # with one rank pattern and scales (most of a model) share the dense method's coefficients.
+    dense_coef: dict[tuple, object] = field(default_factory=dict)
 
     def uniform_seq_len(self) -> int:
         if self.seq_len is None:
@@ -101,6 +104,47 @@ class TorchPathCache:
                 row_adapter,
             )
         return self.dense_rows[key]
+
+
+def dense_layer_delta(
+    x: torch.Tensor,
+    a_rows: torch.Tensor,
+    b_rows: torch.Tensor,
+    cache: TorchPathCache,
+    out: torch.Tensor,
+    rank_tuple: tuple[int, ...],
+    scale_tuple: tuple[float, ...],
+) -> bool:
+    """The dense method for a layer with host ranks and scales, its coefficients shared through
+    ``cache`` by layers of the same pattern: adds into ``out`` and returns True, or returns False
+    (changing nothing) where the batch is too large for the dense method.
+
+    ``a_rows`` ``[L*R, K]`` and ``b_rows`` ``[L*R, N]``: the stacks flattened, zero beyond each rank.
+    """
+    R = a_rows.shape[0] // max(len(rank_tuple), 1)
+    key = (R, rank_tuple, scale_tuple, x.dtype)
+    entry = cache.dense_coef.get(key, False)
+    if entry is False:
+        T = cache.plan.num_tokens
+        used = cache.used_adapters()
+        entry = None
+        if T * R <= DENSE_MAX_TOKEN_RANKS and T * sum(rank_tuple[a] for a in used) <= DENSE_MAX_TOKEN_RANKS:
+            rows, row_adapter = cache.rank_rows(list(rank_tuple), R)
+            scale = torch.tensor(scale_tuple, device=x.device, dtype=torch.float32)
+            coef = cache.token_coefficients().index_select(1, row_adapter) * scale.index_select(
+                0, row_adapter
+            )
+            entry = (rows, coef.to(x.dtype))
+        cache.dense_coef[key] = entry
+    if entry is None:
+        return False
+    rows, coef = entry
+    if coef.shape[1] == 0:
+        return True
+    if rows is not None:
+        a_rows, b_rows = a_rows.index_select(0, rows), b_rows.index_select(0, rows)
+    out.addmm_(torch.mm(x, a_rows.t()).mul_(coef), b_rows)
+    return True
 
 
 def _host_groups(plan: LoRAPlan) -> list[HostGroup]:
@@ -325,9 +369,11 @@ def expand_shared(
     out: torch.Tensor,
     scales: torch.Tensor | None = None,
     adapter_weights: torch.Tensor | None = None,
+    scale_tuple: tuple[float, ...] | None = None,
 ) -> torch.Tensor:
     """Add one layer's delta into ``out`` from a :func:`shrink_shared` result: its ``R`` columns start
-    at ``offset``; ``lora_b`` ``[L, N, R]`` must hold zeros beyond each rank (the layers' stacks do)."""
+    at ``offset``; ``lora_b`` ``[L, N, R]`` must hold zeros beyond each rank (the layers' stacks do).
+    ``scale_tuple``: ``scales`` on the host, to share the dense coefficients through ``cache``."""
     kind, v = shrunk
     L, N, R = lora_b.shape
     if kind == "dense":
@@ -339,13 +385,18 @@ def expand_shared(
         b_rows = lora_b.transpose(1, 2).reshape(L * R, N)
         if rows is not None:
             b_rows = b_rows.index_select(0, rows)
-        if adapter_weights is None:
-            coef = cache.token_coefficients()
-        else:
-            coef = _coefficients(plan, token_weights(plan, adapter_weights)[1])
-        coef = coef.index_select(1, row_adapter).to(v.dtype)
-        if scales is not None:
-            coef = coef * scales.to(v.dtype).index_select(0, row_adapter)
+        key = ("shared", R, scale_tuple, v.dtype)
+        coef = cache.dense_coef.get(key) if adapter_weights is None and scale_tuple is not None else None
+        if coef is None:
+            if adapter_weights is None:
+                coef = cache.token_coefficients()
+            else:
+                coef = _coefficients(plan, token_weights(plan, adapter_weights)[1])
+            coef = coef.index_select(1, row_adapter).to(v.dtype)
+            if scales is not None:
+                coef = coef * scales.to(v.dtype).index_select(0, row_adapter)
+            if adapter_weights is None and scale_tuple is not None:
+                cache.dense_coef[key] = coef
         return out.addmm_(v_m * coef, b_rows)
     S, seq_len, P, _ = v.shape
     flat_ids = plan.seq_adapter.clamp(min=0).reshape(-1)
