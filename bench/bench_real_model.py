@@ -398,6 +398,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument(
+        "--speed-only", action="store_true", help="redo the speed part of an existing result file"
+    )
     parser.add_argument("--adapters", default=None, help="adapter folder (default: adapters/smollm2/)")
     parser.add_argument("--out", default=None, help="JSON path (default: bench/results/cpu/real_model.json)")
     args = parser.parse_args(argv)
@@ -424,7 +427,10 @@ def main(argv: list[str] | None = None) -> int:
     def save():
         common.write_json(path, out)
 
-    quality(model, tokenizer, paths, router, held, args.eval_texts, out, save)
+    if args.speed_only:
+        out = {**json.loads(path.read_text()), "env": out["env"]}
+    else:
+        quality(model, tokenizer, paths, router, held, args.eval_texts, out, save)
     if not args.skip_speed:
         speed(model, tokenizer, paths, router, out, save, args.new_tokens, args.rounds)
     out["goals"] = goals(out)
