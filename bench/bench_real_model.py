@@ -401,9 +401,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--speed-only", action="store_true", help="redo the speed part of an existing result file"
     )
+    parser.add_argument(
+        "--tables", action="store_true", help="print the Markdown tables of the result file and stop"
+    )
     parser.add_argument("--adapters", default=None, help="adapter folder (default: adapters/smollm2/)")
     parser.add_argument("--out", default=None, help="JSON path (default: bench/results/cpu/real_model.json)")
     args = parser.parse_args(argv)
+    if args.tables:
+        print(
+            tables(
+                json.loads(
+                    (
+                        Path(args.out) if args.out else common.results_dir("cpu") / "real_model.json"
+                    ).read_text()
+                )
+            )
+        )
+        return 0
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", category=FutureWarning)
     torch.manual_seed(0)
@@ -436,8 +450,40 @@ def main(argv: list[str] | None = None) -> int:
     out["goals"] = goals(out)
     save()
     plot(out, path.with_suffix(".png"))
+    print(tables(out))
     print(json.dumps(out["goals"], indent=1))
     return 0
+
+
+def tables(out: dict) -> str:
+    """The README / docs tables (Markdown) of a result file."""
+    lines = []
+    for label, groups in (("single", list(TASKS)), ("composite", out["eval"]["pairs"])):
+        lines += [
+            f"| {label}-task texts | "
+            + " | ".join(groups)
+            + " | all (ppl) | all (next-token acc) | adapters per text |"
+        ]
+        lines += ["|---" * (len(groups) + 4) + "|"]
+        for cond, res in out.get(label, {}).items():
+            if "refused" in res:
+                lines.append(f"| {cond} | " + " | ".join("-" for _ in groups) + " | refused by PEFT | | |")
+                continue
+            cells = " | ".join(f"{res[g]['ppl']:.2f}" for g in groups)
+            per = f"{res['mean_adapters']:.2f}" if "mean_adapters" in res else "merged"
+            lines.append(
+                f"| {cond} | {cells} | **{res['all']['ppl']:.2f}** | {res['all']['acc']:.3f} | {per} |"
+            )
+        lines.append("")
+    sp = out.get("speed")
+    if sp:
+        lines += [
+            f"| {sp['prompts']} prompts x {sp['new_tokens']} new tokens, CPU fp32 | seconds (best of {sp['rounds']}) | x base |",
+            "|---|---|---|",
+        ]
+        for name, sec in sp["best_seconds"].items():
+            lines.append(f"| {name} | {sec:.2f} | {sp['ratio_to_base'][name]:.2f} |")
+    return "\n".join(lines)
 
 
 def goals(out: dict) -> dict:

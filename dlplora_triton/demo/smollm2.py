@@ -116,8 +116,15 @@ def smollm2_folder(verbose: bool = False) -> Path:
 def load_smollm2(verbose: bool = False):
     """``(model, tokenizer)``: SmolLM2-135M-Instruct in float32, eval mode, on the CPU."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging
 
-    folder = smollm2_folder(verbose)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    bars = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()  # transformers' per-tensor bars; the conversion prints one line instead
+    try:
+        folder = smollm2_folder(verbose)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    finally:
+        if bars:
+            logging.enable_progress_bar()
     return model, tokenizer
