@@ -45,5 +45,11 @@ def test_wheel_ships_the_kernels(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     for module in ("lora_shrink.py", "lora_expand.py", "configs.py", "_common.py", "__init__.py"):
         assert f"dlplora_triton/kernels/{module}" in names
+    # Every subpackage of the source tree is in the wheel (pyproject.toml lists them one by one).
+    for init in (ROOT / "dlplora_triton").glob("*/__init__.py"):
+        package = init.parent.relative_to(ROOT).as_posix()
+        for module in init.parent.glob("*.py"):
+            assert f"{package}/{module.name}" in names, f"{package}/{module.name} is not in the wheel"
     assert "dlplora_triton/ops.py" in names
     assert "dlplora_triton/data/router_texts.jsonl" in names
+    assert "dlplora_triton/data/NOTICE" in names
