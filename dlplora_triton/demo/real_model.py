@@ -56,7 +56,7 @@ def demo_prompts() -> tuple[list[str], list[str]]:
 
 
 def _short(text: str, width: int) -> str:
-    text = " ".join(text.split())
+    text = " ".join(text.replace("\ufffd", "").split())  # a character cut at the last token
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
@@ -88,8 +88,9 @@ def run_real_demo(device: str = "cpu", seed: int = 0, max_new_tokens: int = 16) 
     tokenizer.padding_side = "left"
     batch = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
 
-    start = time.perf_counter()
     with torch.no_grad():
+        model.generate(**batch, **{**gen, "max_new_tokens": 1})  # warm-up: first-call costs left out
+        start = time.perf_counter()
         model.generate(**batch, **gen)
     base_s = time.perf_counter() - start
     start = time.perf_counter()
