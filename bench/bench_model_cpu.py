@@ -33,22 +33,19 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
-import json
 import os
-import platform
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
+import common
 import torch
 
 import dlplora_triton as dlp
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-RESULTS = Path(__file__).resolve().parent / "results" / "cpu"
+RESULTS = common.RESULTS / "cpu"
 
 
 def build_base(seed: int = 0):
@@ -87,28 +84,13 @@ def save_adapters(base, directory: Path, count: int, rank: int) -> dict[str, str
     return paths
 
 
-def timed_rounds(providers: dict, repeats: int, warmup: int = 2) -> dict[str, list[float]]:
-    """Seconds per call for each provider, ``repeats`` samples each; providers run interleaved
-    (one call each per round), so a slow phase of the machine hits every provider of that round."""
-    for fn in providers.values():
-        for _ in range(warmup):
-            fn()
-    samples = {name: [] for name in providers}
-    for _ in range(repeats):
-        for name, fn in providers.items():
-            start = time.perf_counter()
-            fn()
-            samples[name].append(time.perf_counter() - start)
-    return samples
-
-
 def rounds_of(providers: dict, rounds: int, repeats: int, ratios: dict) -> tuple[dict, dict]:
     """``rounds`` interleaved rounds: median time per provider over all passes, and for each named
     ratio its median over the rounds plus the per-round values."""
     all_samples = {name: [] for name in providers}
     per_round = {name: [] for name in ratios}
     for _ in range(rounds):
-        samples = timed_rounds(providers, repeats, warmup=1)
+        samples = common.interleaved_seconds(providers, repeats, warmup=1)
         for name, values in samples.items():
             all_samples[name] += values
         for name, ratio in ratios.items():
@@ -126,36 +108,10 @@ def paired_median(samples: dict[str, list[float]], ratio) -> float:
 
 
 def environment() -> dict:
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=RESULTS
-        ).stdout.strip()
-    except OSError:
-        commit = ""
-    import peft
-    import transformers
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return {
-        "device": cpu,
-        "machine": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "load_average_1_5_15_min": [
-            round(v, 2) for v in os.getloadavg()
-        ],  # at the start: other processes inflate every ratio
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
-        "python": platform.python_version(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": commit,
-    }
+    """common's stamp plus transformers / peft, and the key the committed results used for the load."""
+    env = common.environment("cpu", packages=("transformers", "peft"))
+    env["load_average_1_5_15_min"] = env["load_average"]  # at the start: other processes inflate every ratio
+    return env
 
 
 def main(argv=None) -> dict:
@@ -318,8 +274,7 @@ def main(argv=None) -> dict:
             "decode_one_adapter_per_row": decode,
         }
     )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    common.write_json(args.out, results)
 
     ms = 1e3
     print(
@@ -396,7 +351,7 @@ def decode_case(base, lora, model, names: list[str], batch: int, args) -> dict:
     out = torch.empty(batch, layer.out_features)
     x2 = x.view(batch, -1)
     layer_s, base_s, bare_s = (
-        statistics.median(timed_rounds({"f": fn}, 200, warmup=20)["f"])
+        statistics.median(common.interleaved_seconds({"f": fn}, 200, warmup=20)["f"])
         for fn in (
             lambda: layer(x),
             lambda: layer.base(x),

@@ -15,44 +15,25 @@ matters less than it would; the 1-minute load average is recorded with the resul
 from __future__ import annotations
 
 import argparse
-import datetime
 import hashlib
-import json
-import os
-import platform
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
-import numpy
-import torch
+import common
 
 from dlplora_triton.routing import Router, format_report, read_labelled_jsonl
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE.parent / "dlplora_triton" / "data" / "router_texts.jsonl"
-RESULTS = HERE / "results" / "cpu"
+RESULTS = common.RESULTS / "cpu"
 
 
 def environment() -> dict:
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=HERE
-        ).stdout.strip()
-    except OSError:
-        commit = ""
-    return {
-        "device": platform.processor() or platform.machine(),
-        "machine": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "load_average_1min": os.getloadavg()[0],
-        "torch": torch.__version__,
-        "numpy": numpy.__version__,
-        "python": platform.python_version(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": commit,
-    }
+    """common's stamp plus numpy, and the key the committed results used for the 1-minute load."""
+    env = common.environment("cpu", packages=("numpy",))
+    env["load_average_1min"] = env["load_average"][0]
+    return env
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -78,12 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
     unseen_acc = sum(router.names[i] == y for i, y in zip(predicted, unseen_y)) / len(unseen_y)
 
     prompts = unseen_x[:1000]
-    router.route(prompts)  # warm-up
-    times = []
-    for _ in range(7):
-        t0 = time.perf_counter()
-        router.route(prompts)
-        times.append(time.perf_counter() - t0)
+    times = common.interleaved_seconds({"route": lambda: router.route(prompts)}, 7, warmup=1)["route"]
     route_s = statistics.median(times)
 
     report = {k: v for k, v in router.report.items() if k != "history"}
@@ -116,8 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"unseen lines: accuracy {unseen_acc:.4f} on {len(unseen_y)}")
     print(f"training on {len(train_x)} sentences: {train_s:.1f} s")
     print(f"routing {len(prompts)} prompts: {route_s * 1e3:.1f} ms (median of {len(times)})")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    common.write_json(args.out, results)
     print(f"wrote {args.out}")
     return results
 

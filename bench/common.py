@@ -1,5 +1,5 @@
-"""What every bench script shares: the environment stamp, the results folder, a median timer and a JSON
-writer that can be called after every row (so a run cut off still leaves what it measured).
+"""What every bench script shares: the environment stamp, the results folder, a median timer, an
+interleaved timer (several variants, one call each per round) and a JSON writer that can be called after every row (so a run cut off still leaves what it measured).
 
 Scripts in bench/ import it as ``import common`` (python puts the script's folder on sys.path).
 """
@@ -7,6 +7,7 @@ Scripts in bench/ import it as ``import common`` (python puts the script's folde
 from __future__ import annotations
 
 import datetime
+import importlib.metadata
 import json
 import os
 import platform
@@ -34,8 +35,16 @@ def device_name(device: str) -> str:
     return torch.cuda.get_device_name() if str(device).startswith("cuda") else _cpu_name()
 
 
-def environment(device: str) -> dict:
-    """Device, versions, commit, date, threads and load average, to stamp every result file with."""
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def environment(device: str, packages: tuple[str, ...] = ()) -> dict:
+    """Device, versions, commit, date, threads and load average (1, 5, 15 min), to stamp every result
+    file with; ``packages`` adds the installed version of each named distribution (None if absent)."""
     try:
         import triton
 
@@ -57,7 +66,10 @@ def environment(device: str) -> dict:
         "commit": commit,
         "threads": torch.get_num_threads(),
         "load_average": [round(v, 2) for v in os.getloadavg()],
+        "machine": platform.platform(),
+        "cpu_count": os.cpu_count(),
     }
+    env.update({name: _version(name) for name in packages})
     if str(device).startswith("cuda"):
         props = torch.cuda.get_device_properties(torch.cuda.current_device())
         env["sm_count"] = props.multi_processor_count
@@ -103,10 +115,26 @@ def median_ms(fn, device: str, quick: bool = False) -> tuple[float, float, float
     return pick(0.5), pick(0.2), pick(0.8)
 
 
+def interleaved_seconds(providers: dict, repeats: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Host-clock seconds per call of each provider, ``repeats`` samples each, after ``warmup`` calls
+    each. The providers run interleaved (one call each per round), so a slow phase of a shared machine
+    hits every provider of that round alike; compare them by per-round ratios."""
+    for fn in providers.values():
+        for _ in range(warmup):
+            fn()
+    samples = {name: [] for name in providers}
+    for _ in range(repeats):
+        for name, fn in providers.items():
+            start = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - start)
+    return samples
+
+
 def write_json(path: Path, result: dict) -> None:
     """Write ``result`` to ``path`` (folders created) through a temporary file, so a reader never
     sees half a file; call it after each row."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
+    tmp.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     tmp.replace(path)

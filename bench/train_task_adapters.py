@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import random
 import sys
 import time
@@ -25,6 +24,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+import common  # noqa: E402
 
 from dlplora_triton.demo.smollm2 import MODEL_NAME, load_smollm2  # noqa: E402
 from dlplora_triton.demo.tasks import ADAPTERS_DIR, TASKS, load_texts, task_split  # noqa: E402
@@ -162,6 +163,7 @@ def train_task(name: str, base, tokenizer, train: list[str], held: list[str], ar
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     (out / "README.md").unlink(missing_ok=True)  # PEFT's blank model card, naming the local cache folder
     model.unload()  # the LoRA layers leave the shared base model untouched for the next task
+    env = common.environment("cpu", packages=("transformers", "peft"))
     log = {
         "task": name,
         "base_model": MODEL_NAME,
@@ -185,15 +187,11 @@ def train_task(name: str, base, tokenizer, train: list[str], held: list[str], ar
             "base_perplexity": round(math.exp(base_nll), 3),
             "adapter_perplexity": round(math.exp(lora_nll), 3),
         },
-        "versions": {
-            "torch": torch.__version__,
-            "transformers": __import__("transformers").__version__,
-            "peft": __import__("peft").__version__,
-            "python": platform.python_version(),
-        },
-        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "environment": env,
+        "versions": {k: env[k] for k in ("torch", "transformers", "peft", "python")},  # older logs' keys
+        "date": env["date"],
     }
-    (out / "training_log.json").write_text(json.dumps(log, indent=1) + "\n")
+    common.write_json(out / "training_log.json", log)
     print(
         f"{name}: {train_s:.0f} s, held-out perplexity {log['heldout']['base_perplexity']:.2f} (base) -> "
         f"{log['heldout']['adapter_perplexity']:.2f} (adapter)",
