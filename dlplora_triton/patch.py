@@ -149,6 +149,7 @@ class MultiLoRA:
         self._hook = None
         self._attached = False
         self._gates: dict[str, dict[str, torch.Tensor]] = {}  # adapter name -> module path -> [B] gates
+        self._row_bases: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # see _row_base
         self._milora: dict[str, MiServing] = {}  # MiLoRA adapter name -> its router hooks (milora/serving.py)
 
     # ------------------------------------------------------------------ public API
@@ -311,63 +312,89 @@ class MultiLoRA:
 
         ``gates``: module path (a key of :attr:`layers`) -> ``[B]`` float tensor, one gate per row of
         the current selection; in that module, row ``b``'s fusion weight of ``name`` is multiplied by
-        ``gates[path][b]`` (modules not in the map are unchanged). None clears ``name``'s gates. The
-        gates hold for every forward of the selection (prefill and decode) and are dropped by the
-        next ``select`` / ``selection`` / ``add`` / ``remove``. Gates that require grad keep their
-        graph (they can be trained through the layers).
+        ``gates[path][b]``. Merges: the given paths are set (or overwritten), the other modules keep
+        the gates they have; only the given modules are re-weighted. None clears all of ``name``'s
+        gates. The gates hold for every forward of the selection (prefill and decode) and are dropped
+        by the next ``select`` / ``selection`` / ``add`` / ``remove``. Gates that require grad keep
+        their graph (they can be trained through the layers).
+
+        Raises KeyError for an unknown adapter, ValueError naming the path for a module that is not
+        adapted, a shape other than ``[B]`` or a NaN / inf gate, TypeError for a non-float gate; a
+        failed call changes nothing.
         """
         self._check_attached()
         if name not in self._infos:
             raise KeyError(f"unknown adapter {name!r}; attached adapters: {list(self._names)}")
         sel = self._routing.selection
         if gates is None:
-            self._gates.pop(name, None)
-            self._apply_gates(sel)
+            cleared = self._gates.pop(name, {})
+            self._apply_gates(sel, list(cleared))
             return
         if sel is None:
             raise ValueError("set_module_gates needs a selection: call select first")
         if not isinstance(gates, Mapping):
             raise TypeError(f"gates must map module paths to [B] tensors, got {type(gates).__name__}")
-        checked = {}
         for path, gate in gates.items():
             if path not in self._layers:
-                raise KeyError(f"gates for {path!r}: not an adapted module (see lora.layers)")
+                raise ValueError(f"gates for {path!r}: not an adapted module (see lora.layers)")
             if not isinstance(gate, torch.Tensor) or not gate.is_floating_point():
                 raise TypeError(f"gates for {path!r} must be a float tensor [B], got {type(gate).__name__}")
             if gate.shape != (sel.rows,):
                 raise ValueError(
                     f"gates for {path!r} must be [B] = [{sel.rows}] (one per selection row), got {list(gate.shape)}"
                 )
-            if not bool(torch.isfinite(gate.detach()).all()):
-                raise ValueError(f"gates for {path!r} must be finite (found NaN or inf)")
-            checked[path] = gate
-        self._gates[name] = checked
-        self._apply_gates(sel)
+        _check_finite(gates)
+        self._gates.setdefault(name, {}).update(gates)
+        self._apply_gates(sel, list(gates))
 
     # ------------------------------------------------------------------ internals
     def _set_selection(self, selection: RowSelection | None) -> None:
         self._routing.set(selection)
         self._gates.clear()
-        self._apply_gates(selection)
+        self._row_bases = {}
+        for layer in self._layers.values():
+            layer.row_weights = None
 
-    def _apply_gates(self, sel: RowSelection | None) -> None:
-        """Give every layer its ``[S, P]`` per-row weights: the selection's, times the gates of its path."""
-        for path, layer in self._layers.items():
+    def _apply_gates(self, sel: RowSelection | None, paths: list[str]) -> None:
+        """Give the layers at ``paths`` their ``[S, P]`` per-row weights: the selection's, times the gates
+        of every adapter at that path (None where no adapter has one). One stacked computation per device
+        for all of ``paths``: the cost does not grow with the number of other layers."""
+        by_device: dict[torch.device, list[str]] = {}
+        for path in paths:
+            layer = self._layers[path]
+            if any(path in by_path for by_path in self._gates.values()):
+                by_device.setdefault(layer.lora_a.device, []).append(path)
+            else:
+                layer.row_weights = None
+        for device, group in by_device.items():
+            ids, base = self._row_base(sel, device)
             factor = None
             for name, by_path in self._gates.items():
-                gate = by_path.get(path)
-                if gate is None:
+                if not any(p in by_path for p in group):
                     continue
-                k = self._names.index(name)
-                ids = sel.adapter_ids.to(gate.device)
-                f = torch.where(ids == k, gate[:, None].to(torch.float32), 1.0)
+                ones = None
+                rows = []
+                for p in group:
+                    gate = by_path.get(p)
+                    if gate is None:
+                        ones = torch.ones(sel.rows, device=device) if ones is None else ones
+                        gate = ones
+                    rows.append(gate.to(device=device, dtype=torch.float32))
+                stacked = torch.stack(rows)[:, :, None]  # [len(group), S, 1]
+                f = torch.where(ids == self._names.index(name), stacked, 1.0)  # [len(group), S, P]
                 factor = f if factor is None else factor * f
-            if factor is None:
-                layer.row_weights = None
-            else:
-                device = layer.lora_a.device
-                weights = sel.adapter_weights.to(device) * factor.to(device)
-                layer.row_weights = torch.where(sel.adapter_ids.to(device) >= 0, weights, 0.0)
+            for path, weights in zip(group, (base * factor).unbind(0)):
+                self._layers[path].row_weights = weights
+
+    def _row_base(self, sel: RowSelection, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``adapter_ids [S, P]`` and the selection's weights (0 in empty slots) on ``device``, made once
+        per selection and device."""
+        entry = self._row_bases.get(device)
+        if entry is None:
+            ids = sel.adapter_ids.to(device)
+            base = torch.where(ids >= 0, sel.adapter_weights.to(device=device, dtype=torch.float32), 0.0)
+            entry = self._row_bases[device] = (ids, base)
+        return entry
 
     def _check_attached(self) -> None:
         if not self._attached:
@@ -439,6 +466,18 @@ class MultiLoRA:
                 "select one list of (name, weight) per batch row"
             )
         return None
+
+
+def _check_finite(gates: Mapping[str, torch.Tensor]) -> None:
+    """ValueError naming the first path whose gates hold NaN or inf; one device sync per device."""
+    flags: dict[torch.device, list[torch.Tensor]] = {}
+    for gate in gates.values():
+        flags.setdefault(gate.device, []).append(torch.isfinite(gate.detach()).all())
+    if all(bool(torch.stack(f).all()) for f in flags.values()):
+        return
+    for path, gate in gates.items():
+        if not bool(torch.isfinite(gate.detach()).all()):
+            raise ValueError(f"gates for {path!r} must be finite (found NaN or inf)")
 
 
 def attach(model: nn.Module, adapters: Mapping[str, str | os.PathLike]) -> MultiLoRA:

@@ -385,6 +385,28 @@ def test_served_prefill_equals_the_training_forward(saved, pooling):
     assert isinstance(lora.layers["model.layers.0.self_attn.q_proj"], dlp.MultiLoRALinear)  # fused path
 
 
+def test_each_layer_sets_only_its_own_modules_and_a_new_request_replaces_them(saved, monkeypatch):
+    mi, path = saved["attention"]
+    model, lora = served(path)
+    calls = []
+    set_gates = dlp.MultiLoRA.set_module_gates
+    monkeypatch.setattr(
+        dlp.MultiLoRA,
+        "set_module_gates",
+        lambda self, name, gates: calls.append(sorted(gates)) or set_gates(self, name, gates),
+    )
+    lora.select([[("mi", 1.0)]] * B)
+    for seed in (5, 6):  # the second request (same selection) overwrites every layer's gates
+        ids, mask, _ = batch(seed)
+        calls.clear()
+        with torch.no_grad():
+            ref = mi(ids, attention_mask=mask).logits
+            got = model(ids, attention_mask=mask).logits
+        assert calls == [sorted(mi.module_paths(i)) for i in range(mi.num_layers)]
+        assert rel(got, ref) < 1e-5, seed
+        torch.testing.assert_close(lora.gates("mi"), mi.gates, rtol=0, atol=1e-6)
+
+
 def test_routers_run_once_per_request_and_decode_reuses_the_prompt_gates(saved, monkeypatch):
     mi, path = saved["attention"]
     model, lora = served(path)

@@ -106,10 +106,95 @@ def test_bad_gates_raise(setup):
     lora.select(SELECTION)
     with pytest.raises(KeyError, match="unknown adapter 'zz'"):
         lora.set_module_gates("zz", {GATED[0]: GATES})
-    with pytest.raises(KeyError, match="not an adapted module"):
+    with pytest.raises(ValueError, match="'model.embed_tokens': not an adapted module"):
         lora.set_module_gates("a", {"model.embed_tokens": GATES})
     with pytest.raises(ValueError, match=r"must be \[B\] = \[4\]"):
         lora.set_module_gates("a", {GATED[0]: GATES[:3]})
-    with pytest.raises(ValueError, match="finite"):
+    with pytest.raises(ValueError, match=f"gates for '{GATED[0]}' must be finite"):
         lora.set_module_gates("a", {GATED[0]: torch.tensor([1.0, float("nan"), 1.0, 1.0])})
+    lora.detach()
+
+
+def _outputs(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def test_calls_merge_per_path(setup):
+    """A call sets the given paths only; earlier gates elsewhere stay; None clears; a failed call changes
+    nothing (not even the valid entries it carries)."""
+    base, paths, _ = setup
+    model = copy.deepcopy(base)
+    lora = dlp.attach(model, paths)
+    lora.select(SELECTION)
+    ids = torch.randint(3, peft_helpers.VOCAB, (4, 5), generator=torch.Generator().manual_seed(3))
+    ungated = _outputs(model, ids)
+    other = torch.tensor([2.0, 0.25, 1.0, -1.0])
+    lora.set_module_gates("a", {GATED[0]: GATES})
+    only_first = _outputs(model, ids)
+    lora.set_module_gates("a", None)
+    assert torch.equal(_outputs(model, ids), ungated)
+    lora.set_module_gates("a", {GATED[0]: GATES, GATED[1]: other})
+    both = _outputs(model, ids)
+    assert rel_error(only_first, both) > 1e-4, "the second path's gates must matter"
+    # A call with only the first path again: the second keeps its gates.
+    lora.set_module_gates("a", {GATED[0]: GATES})
+    assert torch.equal(_outputs(model, ids), both)
+
+    # Path by path, in two calls: the same as one call with both.
+    lora.set_module_gates("a", None)
+    lora.set_module_gates("a", {GATED[0]: GATES})
+    assert torch.equal(_outputs(model, ids), only_first)
+    lora.set_module_gates("a", {GATED[1]: other})
+    assert torch.equal(_outputs(model, ids), both), "the second call kept the first call's gates"
+    # Overwriting one path leaves the other.
+    lora.set_module_gates("a", {GATED[1]: torch.ones(4)})
+    assert torch.allclose(_outputs(model, ids), only_first, rtol=1e-6, atol=1e-6)
+    lora.set_module_gates("a", {GATED[1]: other})
+
+    # A failed call changes nothing: its valid entries are not applied either.
+    nan = torch.tensor([1.0, float("nan"), 1.0, 1.0])
+    bad_calls = [
+        ({GATED[0]: torch.zeros(4), GATED[1]: nan}, ValueError, "finite"),
+        ({GATED[0]: torch.zeros(4), "model.embed_tokens": GATES}, ValueError, "not an adapted module"),
+        ({GATED[0]: torch.zeros(4), GATED[1]: GATES[:3]}, ValueError, r"\[B\] = \[4\]"),
+        ({GATED[0]: torch.zeros(4), GATED[1]: torch.ones(4, dtype=torch.int64)}, TypeError, "float tensor"),
+    ]
+    for gates, error, match in bad_calls:
+        with pytest.raises(error, match=match):
+            lora.set_module_gates("a", gates)
+        assert torch.equal(_outputs(model, ids), both), gates
+
+    # None clears every gate of the adapter: the layers take the plan's weights again.
+    lora.set_module_gates("a", None)
+    assert all(layer.row_weights is None for layer in lora.layers.values())
+    assert torch.equal(_outputs(model, ids), ungated)
+    # A new selection drops gates set path by path too.
+    lora.set_module_gates("a", {GATED[0]: GATES})
+    lora.set_module_gates("a", {GATED[1]: other})
+    lora.select(SELECTION)
+    assert all(layer.row_weights is None for layer in lora.layers.values())
+    assert torch.equal(_outputs(model, ids), ungated)
+    lora.detach()
+
+
+def test_gates_of_two_adapters_on_one_path_multiply_per_row(setup):
+    """Gates of ``a`` and ``b`` at the same module scale each adapter's slot; clearing one keeps the other."""
+    base, paths, _ = setup
+    model = copy.deepcopy(base)
+    lora = dlp.attach(model, paths)
+    mixed = [[("a", 0.7), ("b", 0.4)], [("b", 1.0)], [("a", 1.0)], []]
+    lora.select(mixed)
+    path = "model.layers.0.self_attn.q_proj"  # adapted by both
+    ga, gb = torch.tensor([0.5, 2.0, -1.0, 3.0]), torch.tensor([1.5, 0.25, 4.0, 2.0])
+    lora.set_module_gates("a", {path: ga})
+    lora.set_module_gates("b", {path: gb})
+    weights = lora.layers[path].row_weights
+    want = torch.tensor([[0.7 * 0.5, 0.4 * 1.5], [0.25, 0.0], [-1.0, 0.0], [0.0, 0.0]])
+    assert torch.allclose(weights, want), weights
+    lora.set_module_gates("a", None)
+    want = torch.tensor([[0.7, 0.4 * 1.5], [0.25, 0.0], [1.0, 0.0], [0.0, 0.0]])
+    assert torch.allclose(lora.layers[path].row_weights, want)
+    lora.set_module_gates("b", None)
+    assert lora.layers[path].row_weights is None
     lora.detach()

@@ -5,9 +5,10 @@
 routers. :class:`MiServing` then hooks the model: at a prefill forward (no KV cache yet, or a cache of
 length 0) each decoder layer's router pools that layer's input hidden states over the row's prompt
 (``attention_mask``; each packed sequence alone for a packed selection) and hands the gates to
-``MultiLoRA.set_module_gates("mi", {module path: gates [B]})``: in that module, row ``b``'s fusion
-weight for ``"mi"`` is multiplied by its gate. Decode steps run no router; the gates stay. Rows that
-do not select ``"mi"`` get gates 0 (they do not use it anyway).
+``MultiLoRA.set_module_gates("mi", {module path: gates [B]})`` for that layer's modules only (the call
+merges, so the earlier layers keep theirs): in that module, row ``b``'s fusion weight for ``"mi"`` is
+multiplied by its gate. Decode steps run no router; the gates stay. Rows that do not select ``"mi"``
+get gates 0 (they do not use it anyway).
 """
 
 from __future__ import annotations
@@ -92,7 +93,6 @@ class MiServing:
         self._mask: torch.Tensor | None = None  # [S, T] bool prompt tokens of each selection row
         self._keep: torch.Tensor | None = None  # [S, 1] float: 1 for rows that select this adapter
         self._packed = False
-        self._set: dict[str, torch.Tensor] = {}  # module path -> [S] gates set so far in this prefill
         layers = model.get_submodule(config.layers_path) if config.layers_path else model
         self._hooks = [model.register_forward_pre_hook(self._on_model, with_kwargs=True)]
         for i, layer in enumerate(layers):
@@ -138,7 +138,6 @@ class MiServing:
         keep = keep & mask.any(dim=1)  # a row without a prompt token gets no gate
         self.gates = torch.zeros(S, self.config.num_layers, len(self.config.modules), device=device)
         self._mask, self._keep = mask, keep.to(torch.float32).unsqueeze(1)
-        self._set = {}
         if not bool(keep.any()):
             self._prefill = False  # no row uses this adapter: no router work
         return None
@@ -159,9 +158,8 @@ class MiServing:
             self.router_calls += 1
             gates = torch.nan_to_num(gates) * self._keep
             self.gates[:, i] = gates
-            # The gates of every layer so far: set_module_gates takes the adapter's whole map per call.
-            self._set.update({p: gates[:, m] for m, p in enumerate(paths)})
-            self.handle.set_module_gates(self.name, dict(self._set))
+            # This layer's modules only: set_module_gates merges, the earlier layers keep their gates.
+            self.handle.set_module_gates(self.name, {p: gates[:, m] for m, p in enumerate(paths)})
             return None
 
         return hook
