@@ -68,11 +68,11 @@ def run_real_demo(device: str = "cpu", seed: int = 0, max_new_tokens: int = 16) 
 
     warnings.filterwarnings("ignore", category=FutureWarning)
     torch.manual_seed(seed)
+    paths = adapter_paths()  # before the model: a wheel install has no adapters (FileNotFoundError)
     start = time.perf_counter()
     model, tokenizer = load_smollm2(verbose=True)
     model = model.to(device)
     load_s = time.perf_counter() - start
-    paths = adapter_paths()
     start = time.perf_counter()
     router = train_task_router(seed)
     router_s = time.perf_counter() - start
