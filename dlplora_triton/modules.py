@@ -55,6 +55,17 @@ def set_child(model: nn.Module, path: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
+def forward_input(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """The token tensor a model's forward pre-hook sees: ``input_ids``, ``inputs_embeds`` or the first
+    positional tensor; ``None`` when there is none of at least two dimensions ``[B, T, ...]``."""
+    x = kwargs.get("input_ids")
+    if x is None:
+        x = kwargs.get("inputs_embeds")
+    if x is None and args and isinstance(args[0], torch.Tensor):
+        x = args[0]
+    return x if isinstance(x, torch.Tensor) and x.dim() >= 2 else None
+
+
 def matches_target(
     path: str,
     target_modules: Sequence[str] | str,

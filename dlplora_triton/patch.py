@@ -29,7 +29,7 @@ from .adapters import AdapterInfo, LoadedAdapter, load_adapter
 from .backends.torch_path import TorchPathCache
 from .layers import MultiLoRALinear, PlanSource, ShrinkGroup, stack_factors
 from .milora.serving import MiServing, prepare_milora
-from .modules import set_child
+from .modules import forward_input, set_child
 from .plan import LoRAPlan, build_plan
 from .selection import RowSelection, Selection, check_name, normalize_selection
 
@@ -455,12 +455,8 @@ class MultiLoRA:
         sel = self._routing.selection
         if sel is None or sel.seq_offsets is not None:
             return None
-        x = kwargs.get("input_ids")
-        if x is None:
-            x = kwargs.get("inputs_embeds")
-        if x is None and args and isinstance(args[0], torch.Tensor):
-            x = args[0]
-        if isinstance(x, torch.Tensor) and x.dim() >= 2 and x.shape[0] != sel.rows:
+        x = forward_input(args, kwargs)
+        if x is not None and x.shape[0] != sel.rows:
             raise ValueError(
                 f"the selection has {sel.rows} rows but the batch has {x.shape[0]}; "
                 "select one list of (name, weight) per batch row"

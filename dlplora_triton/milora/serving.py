@@ -18,6 +18,7 @@ import os
 import torch
 from torch import nn
 
+from ..modules import forward_input
 from .files import CONFIG_NAME, MiLoRAConfig, is_milora_dir, load_routers
 from .routers import LayerRouter
 
@@ -109,12 +110,8 @@ class MiServing:
         self._prefill = self.every_step or _cache_length(cache) == 0
         if not self._prefill:
             return None
-        x = kwargs.get("input_ids")
+        x = forward_input(args, kwargs)
         if x is None:
-            x = kwargs.get("inputs_embeds")
-        if x is None and args and isinstance(args[0], torch.Tensor):
-            x = args[0]
-        if not isinstance(x, torch.Tensor) or x.dim() < 2:
             self._prefill = False
             return None
         B, T = x.shape[:2]
