@@ -36,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import common  # noqa: E402
+from common import input_of_layer  # noqa: E402
 
 import dlplora_triton as dlp  # noqa: E402
 from dlplora_triton.demo.real_model import ROUTING, demo_prompts, train_task_router  # noqa: E402
@@ -57,29 +58,6 @@ def lowest_adapted_layer(paths: dict[str, Path]) -> int:
             )
         lows.append(min([layers] if isinstance(layers, int) else layers))
     return min(lows)
-
-
-class _Stop(Exception):
-    pass
-
-
-@torch.no_grad()
-def input_of_layer(model, index: int, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Hidden states entering decoder layer ``index``, ``[B, T, H]``; the layers above are not run."""
-    seen = []
-
-    def grab(module, args, kwargs):
-        seen.append(args[0] if args else kwargs["hidden_states"])
-        raise _Stop
-
-    handle = model.model.layers[index].register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        model(input_ids=ids, attention_mask=mask, use_cache=False)
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
-    return seen[0]
 
 
 @contextlib.contextmanager

@@ -138,3 +138,27 @@ def write_json(path: Path, result: dict) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     tmp.replace(path)
+
+
+class _Stop(Exception):
+    pass
+
+
+def input_of_layer(model, index: int, ids, mask):
+    """Hidden states entering decoder layer ``index`` of a transformers causal LM, ``[B, T, H]``;
+    the layers above it are not run (the real-model scripts train and evaluate only upper layers)."""
+    seen = []
+
+    def grab(module, args, kwargs):
+        seen.append(args[0] if args else kwargs["hidden_states"])
+        raise _Stop
+
+    handle = model.model.layers[index].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask, use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    return seen[0]

@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import common  # noqa: E402
+from common import input_of_layer  # noqa: E402
 
 from dlplora_triton.demo.smollm2 import MODEL_NAME, load_smollm2  # noqa: E402
 from dlplora_triton.demo.tasks import ADAPTERS_DIR, TASKS, load_texts, task_split  # noqa: E402
@@ -71,29 +72,6 @@ def heldout_nll(
         )
         total, count = total + float(nll), count + int((target != -100).sum())
     return total / count, count
-
-
-class _Stop(Exception):
-    pass
-
-
-@torch.no_grad()
-def input_of_layer(model, index: int, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The hidden states entering decoder layer ``index`` ``[B, T, H]``; the layers above it are not run."""
-    seen = []
-
-    def grab(module, args, kwargs):
-        seen.append(args[0] if args else kwargs["hidden_states"])
-        raise _Stop
-
-    handle = model.model.layers[index].register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        model(input_ids=ids, attention_mask=mask, use_cache=False)
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
-    return seen[0]
 
 
 def train_task(name: str, base, tokenizer, train: list[str], held: list[str], args) -> dict:
