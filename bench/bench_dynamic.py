@@ -45,7 +45,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported:
 import common  # noqa: E402
 import torch  # noqa: E402
 
-from dlplora_triton.finetune import DynamicLoRA  # noqa: E402
+from dlplora_triton.finetune import DynamicLoRA, pad_token_ids  # noqa: E402
 from dlplora_triton.readers import read_labelled_jsonl  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -79,16 +79,6 @@ def load_data(max_len: int):
         "test": (enc(test_texts), [ids[y] for y in test_labels]),
         "pad": tok.pad_token_id,
     }
-
-
-def pad(rows, pad_id):
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r)
-        mask[i, : len(r)] = 1
-    return {"input_ids": ids, "attention_mask": mask}
 
 
 def base_model(num_labels: int, seed: int):
@@ -185,7 +175,7 @@ def accuracy(model, data, pad_id, batch=64) -> float:
     correct = 0
     with torch.no_grad():
         for i in range(0, len(ids), batch):
-            logits = model(**pad(ids[i : i + batch], pad_id)).logits
+            logits = model(**pad_token_ids(ids[i : i + batch], pad_id)).logits
             correct += int((logits.argmax(-1) == torch.tensor(labels[i : i + batch])).sum())
     model.train()
     return correct / len(ids)
@@ -207,7 +197,7 @@ def gate_stats(dyn, data, pad_id, limit=128) -> dict:
     current_mask = [None]
     with torch.no_grad():
         for i in range(0, len(ids), 64):
-            batch = pad(ids[i : i + 64], pad_id)
+            batch = pad_token_ids(ids[i : i + 64], pad_id)
             current_mask[0] = batch["attention_mask"]
             dyn.model(**batch)
     for h in hooks:
@@ -232,7 +222,7 @@ def peft_export_check(dyn, method, num_labels, seed, data, pad_id) -> float:
         warnings.simplefilter("ignore")
         dyn.save_pretrained(tmp)
         peft_model = PeftModel.from_pretrained(base_model(num_labels, seed + 1), tmp).eval()
-        batch = pad(data[0][:64], pad_id)
+        batch = pad_token_ids(data[0][:64], pad_id)
         dyn.model.eval()
         with torch.no_grad(), dyn.gate_disabled():
             ours = dyn.model(**batch).logits
@@ -269,7 +259,7 @@ def run_one(method, seed, data, args) -> dict:
                 break
             idx = order[b * args.batch_size : (b + 1) * args.batch_size]
             loss = model(
-                **pad([train_ids[i] for i in idx], data["pad"]),
+                **pad_token_ids([train_ids[i] for i in idx], data["pad"]),
                 labels=torch.tensor([train_y[i] for i in idx]),
             ).loss
             loss.backward()

@@ -47,6 +47,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported:
 import common  # noqa: E402
 import torch  # noqa: E402
 
+from dlplora_triton.finetune import pad_token_ids  # noqa: E402
 from dlplora_triton.readers import read_labelled_jsonl  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -110,16 +111,6 @@ def encode(max_len: int) -> dict:
     return out
 
 
-def pad(rows: list[list[int]], pad_id: int) -> dict:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r)
-        mask[i, : len(r)] = 1
-    return {"input_ids": ids, "attention_mask": mask}
-
-
 # ---------------------------------------------------------------------------------------------- quality
 
 
@@ -170,7 +161,7 @@ def evaluate(model, data, milora: bool, batch: int = 64) -> tuple[dict, dict]:
             correct, counts = 0, None
             for i in range(0, len(rows), batch):
                 chunk = rows[i : i + batch]
-                logits = model(**pad([r[0] for r in chunk], data["pad"])).logits
+                logits = model(**pad_token_ids([r[0] for r in chunk], data["pad"])).logits
                 correct += int((logits.argmax(-1) == torch.tensor([r[1] for r in chunk])).sum())
                 if milora:
                     c = (model.gates > 0).float().sum(0)
@@ -202,7 +193,7 @@ def run_one(method: str, seed: int, data: dict, args) -> dict:
             if step >= total:
                 break
             idx = order[b * args.batch_size : (b + 1) * args.batch_size]
-            batch = pad([train[i][0] for i in idx], data["pad"])
+            batch = pad_token_ids([train[i][0] for i in idx], data["pad"])
             loss = model(**batch, labels=torch.tensor([train[i][1] for i in idx])).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -11,7 +11,7 @@
 """
 
 from .callback import DynamicLoRACallback
-from .command import finetune_main, read_checkpoint
+from .command import finetune_main, pad_token_ids, read_checkpoint
 from .dynamic import DynamicLoRA
 from .export import GATE_FILE, GATE_NOTE, plot_ranks, write_rank_csv
 from .importance import IMPORTANCE_KINDS, RankSchedule
@@ -29,6 +29,7 @@ __all__ = [
     "plot_ranks",
     "finetune_main",
     "read_checkpoint",
+    "pad_token_ids",
     "GATE_FILE",
     "GATE_NOTE",
     "IMPORTANCE_KINDS",

@@ -300,7 +300,7 @@ def finetune_main(argv: Sequence[str] | None = None) -> int:
         model.eval()
         with torch.no_grad(), contextlib.nullcontext() if gate else dyn.gate_disabled():
             for i in range(0, len(enc), 64):
-                batch = _pad(enc[i : i + 64], pad_id)
+                batch = pad_token_ids(enc[i : i + 64], pad_id)
                 pred = model(**batch).logits.argmax(-1)
                 correct += sum(int(p) == label_ids[y] for p, y in zip(pred.tolist(), labels[i : i + 64]))
         model.train()
@@ -320,7 +320,7 @@ def finetune_main(argv: Sequence[str] | None = None) -> int:
         ).tolist()
         for b in range(first, steps_per_epoch):
             idx = order[b * args.batch_size : (b + 1) * args.batch_size]
-            batch = _pad([train_enc[i] for i in idx], pad_id)
+            batch = pad_token_ids([train_enc[i] for i in idx], pad_id)
             labels = torch.tensor([train_y[i] for i in idx])
             loss = model(**batch, labels=labels).loss
             loss.backward()
@@ -386,7 +386,7 @@ def finetune_main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _pad(rows: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+def pad_token_ids(rows: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad token id lists into ``input_ids`` / ``attention_mask`` ``[B, longest]``."""
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
