@@ -15,7 +15,15 @@ from hypothesis import strategies as st
 
 import dlplora_triton as dlp
 from dlplora_triton.cli import main
-from dlplora_triton.routing import CONFIG_FILE, WEIGHTS_FILE, Router, read_labelled_jsonl, top_p_select
+from dlplora_triton.routing import (
+    CONFIG_FILE,
+    GENERAL,
+    WEIGHTS_FILE,
+    Router,
+    general_prompts,
+    read_labelled_jsonl,
+    top_p_select,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "dlplora_triton" / "data" / "router_texts.jsonl"
@@ -213,8 +221,10 @@ def test_trains_to_high_accuracy(router, split):
     predicted = router.predict_proba(unseen).argmax(dim=1).tolist()
     accuracy = sum(router.names[i] == t for i, t in zip(predicted, truth)) / len(truth)
     assert accuracy >= 0.9
-    assert set(report["per_task"]) == set(router.names)
-    assert report["num_train"] + report["num_heldout"] == 100 * len(router.names)
+    # The classes are the tasks and the general prompts Router.train adds by default (background).
+    assert router.classes == sorted([*router.names, GENERAL]) and router.background == [GENERAL]
+    assert set(report["per_task"]) == set(router.classes)
+    assert report["num_train"] + report["num_heldout"] == 100 * len(router.names) + len(general_prompts())
     for pair in report["confused_pairs"]:
         assert pair["true"] != pair["predicted"] and pair["count"] >= 1
 
@@ -249,11 +259,18 @@ def test_route_equals_top_p_select(router, split, kw):
     _, (unseen, _) = split
     texts = unseen[:40] + [unseen[0] + " " + unseen[-1]]  # two tasks in one prompt
     ids, weights = top_p_select(router.predict_proba(texts), **kw)
+    base = (router.base_proba(texts) >= router.base_threshold).tolist()
     expected = [
-        [(router.names[i], w) for i, w in zip(r_ids, r_w) if i >= 0]
-        for r_ids, r_w in zip(ids.tolist(), weights.tolist())
+        [] if to_base else [(router.names[i], w) for i, w in zip(r_ids, r_w) if i >= 0]
+        for r_ids, r_w, to_base in zip(ids.tolist(), weights.tolist(), base)
     ]
     assert router.route(texts, **kw) == expected
+    # route_tensors is the same decision as tensors: a row of -1 ids / 0 weights is the base model
+    t_ids, t_weights = router.route_tensors(texts, **kw)
+    assert [[router.names[i] for i in row if i >= 0] for row in t_ids.tolist()] == [
+        [name for name, _ in row] for row in expected
+    ]
+    assert all((t_weights[b] == 0).all() for b, to_base in enumerate(base) if to_base)
 
 
 def test_min_confidence_gives_base_model(router, split):
@@ -318,7 +335,9 @@ def test_balanced_sampling_and_uneven_tasks(split):
     # 100 "ja" against 10 "de": both balancing modes still learn the small task.
     keep = [i for i, t in enumerate(tasks) if t == "ja"] + [i for i, t in enumerate(tasks) if t == "de"][:10]
     for balance in ("weight", "sample"):
-        r = Router.train([texts[i] for i in keep], [tasks[i] for i in keep], balance=balance, **SMALL)
+        r = Router.train(
+            [texts[i] for i in keep], [tasks[i] for i in keep], balance=balance, background=None, **SMALL
+        )
         assert r.names == ["de", "ja"] and r.report["per_task"]["de"]["count"] == 1
         assert [
             row[0][0] for row in r.route(["Die Datei wird nicht gelöscht.", "ファイルは削除されません。"])
@@ -396,6 +415,14 @@ def _nan_weights(saved: Path):
     save_file(state, str(saved / WEIGHTS_FILE))
 
 
+def _drop_class(config):
+    """Drop the last adapter class from classes, adapter_of and names: a consistent config, one row short."""
+    last = config["names"][-1]
+    config["classes"].remove(last)
+    del config["adapter_of"][last]
+    config["names"].remove(last)
+
+
 C, W = CONFIG_FILE, WEIGHTS_FILE
 # (case id, how to break the saved router, expected exception, words in the message)
 ROUTER_CASES = [
@@ -433,11 +460,31 @@ ROUTER_CASES = [
     ("names-repeated", _edit_config(_set("names", lambda n: [n[0]] * len(n))), ValueError, [C, "names"]),
     ("names-not-str", _edit_config(_set("names", lambda n: [1] + n[1:])), ValueError, [C, "names"]),
     (
-        "names-vs-weights",
-        _edit_config(_set("names", lambda n: n[:-1])),
+        "classes-vs-weights",
+        _edit_config(_drop_class),
         ValueError,
         [W, C, "does not match", "mlp.3"],
     ),
+    ("classes-missing", _edit_config(_set("classes", _DELETE)), ValueError, [C, "classes"]),
+    ("classes-one", _edit_config(_set("classes", ["de"])), ValueError, [C, "classes"]),
+    ("adapter-of-missing", _edit_config(_set("adapter_of", _DELETE)), ValueError, [C, "adapter_of"]),
+    (
+        "adapter-of-a-class-short",
+        _edit_config(_set("adapter_of", "de", _DELETE)),
+        ValueError,
+        [C, "adapter_of"],
+    ),
+    ("adapter-of-empty-name", _edit_config(_set("adapter_of", "de", "")), ValueError, [C, "adapter_of"]),
+    (
+        "general-served",
+        _edit_config(_set("adapter_of", GENERAL, "de")),
+        ValueError,
+        [C, "adapter_of", GENERAL],
+    ),
+    ("names-vs-adapter-of", _edit_config(_set("names", lambda n: n[:-1])), ValueError, [C, "names"]),
+    ("threshold-zero", _edit_config(_set("base_threshold", 0)), ValueError, [C, "base_threshold"]),
+    ("threshold-string", _edit_config(_set("base_threshold", "0.5")), ValueError, [C, "base_threshold"]),
+    ("threshold-missing", _edit_config(_set("base_threshold", _DELETE)), ValueError, [C, "base_threshold"]),
     ("hidden-vs-weights", _edit_config(_set("mlp", "hidden", [32])), ValueError, [W, "does not match"]),
     ("hidden-bad", _edit_config(_set("mlp", "hidden", [0])), ValueError, [C, "mlp.hidden"]),
     ("dropout-bad", _edit_config(_set("mlp", "dropout", 1.5)), ValueError, [C, "mlp.dropout"]),
@@ -531,9 +578,10 @@ def test_model_features(split, encoder, tmp_path):
     # Right padding: a text's probabilities do not depend on the other texts of its batch.
     assert torch.allclose(router.predict_proba(probe[:1]), probs[:1], atol=1e-5)
     ids, weights = top_p_select(probs, p=0.9)
+    base = (router.base_proba(probe) >= router.base_threshold).tolist()
     assert router.route(probe, p=0.9) == [
-        [(router.names[i], w) for i, w in zip(r_ids, r_w) if i >= 0]
-        for r_ids, r_w in zip(ids.tolist(), weights.tolist())
+        [] if to_base else [(router.names[i], w) for i, w in zip(r_ids, r_w) if i >= 0]
+        for r_ids, r_w, to_base in zip(ids.tolist(), weights.tolist(), base)
     ]
     router.save(tmp_path / "r")
     assert torch.equal(

@@ -2,21 +2,25 @@
 
 - :mod:`.select`: :func:`top_p_select`, probabilities ``[B, L]`` -> routing tensors ``[B, P]``;
 - :mod:`.features`: text normalisation, hashed n-grams (:func:`featurize`), :func:`pooled_hidden_states`;
-- :mod:`.router`: :class:`Router` (inference, ``route``, save / load);
-- :mod:`.train`: :func:`train_router` (what ``Router.train`` runs) and :func:`format_report`.
+- :mod:`.router`: :class:`Router` (inference, abstention, ``route``, save / load);
+- :mod:`.train`: :func:`train_router` (what ``Router.train`` runs), :func:`format_report` and
+  :func:`general_prompts` (the default background texts).
 """
 
 from ..readers import read_labelled_jsonl
 from .features import featurize, pooled_hidden_states
-from .router import CONFIG_FILE, FORMAT_VERSION, WEIGHTS_FILE, Router
+from .router import BASE_THRESHOLD, CONFIG_FILE, FORMAT_VERSION, GENERAL, WEIGHTS_FILE, Router
 from .select import WEIGHTINGS, top_p_select
-from .train import format_report, train_router
+from .train import format_report, general_prompts, train_router
 
 __all__ = [
     "top_p_select",
     "Router",
     "train_router",
     "format_report",
+    "general_prompts",
+    "GENERAL",
+    "BASE_THRESHOLD",
     "featurize",
     "pooled_hidden_states",
     "read_labelled_jsonl",

@@ -9,14 +9,34 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from .features import featurize, pooled_hidden_states
-from .router import Router, _check_number, _check_texts, _one_thread
+from .router import (
+    BASE_THRESHOLD,
+    GENERAL,
+    Router,
+    _check_number,
+    _check_texts,
+    _one_thread,
+    _resolve_adapters,
+)
 
-__all__ = ["train_router", "format_report"]
+__all__ = ["train_router", "format_report", "general_prompts", "GENERAL_PROMPTS"]
+
+GENERAL_PROMPTS = Path(__file__).resolve().parents[1] / "data" / "general_prompts.jsonl"
+
+
+def general_prompts() -> list[str]:
+    """The package's general chat prompts (dlplora_triton/data/general_prompts.jsonl, written by hand:
+    greetings, small talk, trivia, requests, in 20 languages): ``Router.train``'s default background."""
+    from ..readers import read_labelled_jsonl
+
+    texts, _ = read_labelled_jsonl(GENERAL_PROMPTS, label_key="lang", owner="the package's general prompts")
+    return texts
 
 
 def train_router(
@@ -24,6 +44,9 @@ def train_router(
     tasks: Sequence[str],
     *,
     router_cls: type[Router] | None = None,
+    adapters=None,
+    background: str | Sequence[str] | None = "builtin",
+    base_threshold: float = BASE_THRESHOLD,
     features: str = "hash",
     num_buckets: int = 2**18,
     embed_dim: int = 16,
@@ -49,8 +72,18 @@ def train_router(
     """Train a router on labelled texts (what ``Router.train`` does); returns it with ``report`` filled in.
 
     Args:
-        texts, tasks: lists of str of equal length; each text is labelled with its task name (the
-            adapter it should route to). At least two distinct tasks; no empty or blank text.
+        texts, tasks: lists of str of equal length; each text is labelled with its task name. At
+            least two distinct tasks; no empty or blank text. Every task is a class of the net.
+        adapters: which tasks an adapter serves: ``None`` (default) every task; a list of task names
+            (the other tasks become background: their texts go to the base model); or a dict
+            ``{task: adapter name or None}`` (several tasks may map to one adapter). Training does not
+            depend on it: ``train(..., adapters=a)`` equals ``train(...).with_adapters(a)``.
+        background: texts added as the background class ``GENERAL`` ("none of these"): ``"builtin"``
+            (default) the package's general chat prompts (:func:`general_prompts`); a list of str your
+            own; ``None`` none (then only tasks left out of ``adapters`` are background, and with
+            neither the router never abstains).
+        base_threshold: in (0, 1]; a text whose background probability is at least this is served by
+            the base model (saved with the router; ``route`` can override it per call).
         features: ``"hash"`` (default): hashed word 1-2-grams and character n-grams, nothing to
             download, any language; ``"model"``: mean-pooled last hidden states of ``model``
             (a transformers model, with its ``tokenizer``), texts cut to ``max_length`` tokens.
@@ -81,9 +114,19 @@ def train_router(
     for i, t in enumerate(tasks):
         if not isinstance(t, str) or not t:
             raise ValueError(f"tasks[{i}] must be a non-empty str, got {t!r}")
-    names = sorted(set(tasks))
-    if len(names) < 2:
-        raise ValueError(f"training needs at least two distinct tasks, got {names}")
+    if len(set(tasks)) < 2:
+        raise ValueError(f"training needs at least two distinct tasks, got {sorted(set(tasks))}")
+    if isinstance(background, str):
+        if background != "builtin":
+            raise ValueError(f"background must be 'builtin', a list of str or None, got {background!r}")
+        background = general_prompts()
+    elif background is not None:
+        background = _check_texts(background, "background")
+    if background:
+        texts, tasks = texts + list(background), tasks + [GENERAL] * len(background)
+    names = sorted(set(tasks))  # the classes: the net's columns
+    _resolve_adapters(names, adapters)  # a bad mapping fails before any work
+    _check_number("base_threshold", base_threshold, 0, 1, low_open=True)
     if features not in ("hash", "model"):
         raise ValueError(f"features must be 'hash' or 'model', got {features!r}")
     if features == "model" and (model is None or tokenizer is None):
@@ -147,7 +190,9 @@ def train_router(
     with _one_thread(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         gen = torch.Generator().manual_seed(seed)
-        router = (router_cls or Router)(names, config, mlp, encoder=encoder)
+        router = (router_cls or Router)(
+            names, config, mlp, encoder=encoder, adapters=adapters, base_threshold=base_threshold
+        )
         train_rows, held_rows = _stratified_split(labels, heldout, gen)
         history, best_epoch = _fit(
             router.net,
@@ -167,6 +212,7 @@ def train_router(
             verbose=verbose,
         )
         held_loss, held_acc, predicted = _evaluate(router.net, take(held_rows), labels[held_rows])
+        served = _served(router, take(held_rows), labels[held_rows])
 
     router.report = _report(
         names,
@@ -180,6 +226,7 @@ def train_router(
         num_train=len(train_rows),
         num_heldout=len(held_rows),
         num_parameters=router.num_parameters,
+        served=served,
         history=history,
     )
     if verbose:
@@ -313,6 +360,34 @@ def _fit(
     return history, best_epoch
 
 
+@torch.no_grad()
+def _served(router: Router, inputs, labels: torch.Tensor) -> dict:
+    """How the held-out texts are served at the router's base threshold: the fraction of texts of
+    adapter-served classes whose top adapter is theirs and that the base model does not take, and the
+    fraction of background texts the base model takes."""
+    if labels.numel() == 0:
+        return {"base_threshold": router.base_threshold, "adapter_accuracy": None, "base_rate": None}
+    router.net.eval()
+    logits = router.net(*inputs).float()
+    to_base = router._base_probs(logits) >= router.base_threshold
+    top = router._adapter_probs(logits).argmax(dim=1).tolist()
+    adapter_hits, background_hits = [], []
+    for label, base, j in zip(labels.tolist(), to_base.tolist(), top):
+        want = router.adapter_of[router.classes[label]]
+        if want is None:
+            background_hits.append(base)
+        else:
+            adapter_hits.append(not base and router.names[j] == want)
+    rate = lambda hits: sum(hits) / len(hits) if hits else None  # noqa: E731
+    return {
+        "base_threshold": router.base_threshold,
+        "adapter_accuracy": rate(adapter_hits),
+        "adapter_texts": len(adapter_hits),
+        "base_rate": rate(background_hits),
+        "background_texts": len(background_hits),
+    }
+
+
 def _report(names, truth, predicted, loss, accuracy, **extra) -> dict:
     """The training report: held-out accuracy and loss, per-task accuracy, the 5 most confused pairs."""
     num = len(names)
@@ -357,4 +432,16 @@ def format_report(report: dict) -> str:
     pairs = report["confused_pairs"]
     confused = ", ".join(f"{p['true']} -> {p['predicted']} ({p['count']}, {p['rate']:.1%})" for p in pairs)
     lines.append("most confused: " + (confused or "none"))
+    served = report.get("served")
+    if served and served.get("adapter_accuracy") is not None:
+        base = served.get("base_rate")
+        lines.append(
+            f"served at base_threshold {served['base_threshold']}: {served['adapter_accuracy']:.4f} of "
+            f"{served['adapter_texts']} adapter-task texts to their adapter, "
+            + (
+                f"{base:.4f} of {served['background_texts']} background texts to the base model"
+                if base is not None
+                else "no background texts held out"
+            )
+        )
     return "\n".join(lines)
