@@ -45,6 +45,25 @@ def _build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--epochs", type=int, default=30, help="at most this many epochs (default 30; early stopping)"
     )
+    train.add_argument(
+        "--adapters",
+        default=None,
+        metavar="TASK,...",
+        help="the tasks an adapter serves (default: every task); texts of the other tasks teach the router "
+        "what the base model should serve",
+    )
+    train.add_argument(
+        "--no-general",
+        action="store_true",
+        help="do not add the package's general chat prompts as background (then only tasks left out of "
+        "--adapters are background)",
+    )
+    train.add_argument(
+        "--base-threshold",
+        type=float,
+        default=0.5,
+        help="background probability at or above which the base model serves a prompt (default 0.5; saved)",
+    )
     # finetune keeps its own parser (dlplora_triton.finetune.finetune_main); listed here for --help.
     sub.add_parser(
         "finetune",
@@ -63,6 +82,12 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     route.add_argument(
         "--min-confidence", type=float, default=None, help="below this top probability: the base model"
+    )
+    route.add_argument(
+        "--base-threshold",
+        type=float,
+        default=None,
+        help="background probability at or above which the base model serves a prompt (default: the router's)",
     )
     route.add_argument("--json", action="store_true", help="print one JSON document instead of text")
     generate = sub.add_parser(
@@ -178,12 +203,19 @@ def _route(args) -> int:
 
     router = Router.load(args.router)
     selection = router.route(
-        args.prompts, p=args.p, top_k=args.top_k, weighting=args.weighting, min_confidence=args.min_confidence
+        args.prompts,
+        p=args.p,
+        top_k=args.top_k,
+        weighting=args.weighting,
+        min_confidence=args.min_confidence,
+        base_threshold=args.base_threshold,
     )
     if args.json:
+        # "adapters": [] is the base model; "base_proba" the router's probability that no adapter fits
+        base = router.base_proba(args.prompts).tolist()
         rows = [
-            {"prompt": t, "adapters": [{"name": n, "weight": w} for n, w in s]}
-            for t, s in zip(args.prompts, selection)
+            {"prompt": t, "adapters": [{"name": n, "weight": w} for n, w in s], "base_proba": b}
+            for t, s, b in zip(args.prompts, selection, base)
         ]
         print(json.dumps(rows, ensure_ascii=False))
         return 0
@@ -225,9 +257,25 @@ def main(argv: list[str] | None = None) -> int:
             from .routing import Router, read_labelled_jsonl
 
             texts, tasks = read_labelled_jsonl(args.data)
-            router = Router.train(
-                texts, tasks, seed=args.seed, epochs=args.epochs, verbose=True
-            )  # bar + report
+            adapters = None
+            if args.adapters is not None:
+                adapters = [a.strip() for a in args.adapters.split(",") if a.strip()]
+                unknown = sorted(set(adapters) - set(tasks))
+                if unknown or not adapters:
+                    raise ValueError(
+                        f"--adapters names tasks not in {args.data}: {unknown or '(none given)'}; "
+                        f"its tasks are {sorted(set(tasks))}"
+                    )
+            router = Router.train(  # bar + report
+                texts,
+                tasks,
+                adapters=adapters,
+                background=None if args.no_general else "builtin",
+                base_threshold=args.base_threshold,
+                seed=args.seed,
+                epochs=args.epochs,
+                verbose=True,
+            )
             print(f"saved to {router.save(args.out)}/")
             return 0
         if args.command == "route":

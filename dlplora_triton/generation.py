@@ -20,7 +20,8 @@ __all__ = ["RoutedGeneration", "generate_routed"]
 
 @dataclass
 class RoutedGeneration:
-    """One prompt's result: the generated text, its adapter mix and the batch's timings (seconds)."""
+    """One prompt's result: the generated text, its adapter mix (``[]``: the base model served it) and
+    the batch's timings (seconds)."""
 
     prompt: str
     text: str
@@ -55,6 +56,7 @@ def generate_routed(
     top_k: int | None = None,
     weighting: str = "renorm",
     min_confidence: float | None = None,
+    base_threshold: float | None = None,
     **generate_kwargs,
 ) -> list[RoutedGeneration]:
     """Route every prompt once, then generate the whole batch in one ``model.generate`` call.
@@ -65,8 +67,10 @@ def generate_routed(
         router: a trained :class:`dlplora_triton.Router`.
         tokenizer: the model's tokenizer; prompts are left-padded (its padding side is restored).
         prompts: the batch, a list of strings.
-        p, top_k, weighting, min_confidence: routing options (see ``Router.route``); a prompt below
-            ``min_confidence`` runs on the base model.
+        p, top_k, weighting, min_confidence, base_threshold: routing options (see ``Router.route``).
+            A prompt the router abstains on (its background probability at least ``base_threshold``,
+            default the router's; or its top adapter probability below ``min_confidence``) runs on the
+            base model, in the same batch: its result has ``adapters == []``.
         **generate_kwargs: passed to ``model.generate`` (``max_new_tokens``, ``do_sample``, ...).
 
     Returns one :class:`RoutedGeneration` per prompt, in order.
@@ -79,7 +83,14 @@ def generate_routed(
         raise KeyError(f"router tasks {missing} have no attached adapter (attached: {list(lora.names)})")
 
     start = time.perf_counter()
-    selection = router.route(prompts, p=p, top_k=top_k, weighting=weighting, min_confidence=min_confidence)
+    selection = router.route(
+        prompts,
+        p=p,
+        top_k=top_k,
+        weighting=weighting,
+        min_confidence=min_confidence,
+        base_threshold=base_threshold,
+    )
     route_s = time.perf_counter() - start
 
     padding_side = tokenizer.padding_side
