@@ -18,6 +18,7 @@ files or routers.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -27,7 +28,22 @@ from .modules import linear_features
 from .ops import dense_layer_delta, expand_shared, fused_lora_planned, shrink_shared
 from .plan import LoRAPlan
 
-__all__ = ["MultiLoRALinear", "PlanSource", "FixedPlan", "ShrinkGroup", "stack_factors"]
+__all__ = ["MultiLoRALinear", "ModuleRoute", "PlanSource", "FixedPlan", "ShrinkGroup", "stack_factors"]
+
+
+@dataclass(frozen=True, eq=False)
+class ModuleRoute:
+    """The slots of the selection that one layer drops (MiLoRA: a module whose gate is 0 for a row).
+
+    ``key``: the flat indices ``s * P + p`` of the dropped slots, sorted (layers with the same key get
+    the same plan); ``dropped``: ``[S, P]`` bool on the layers' device; ``adapter_mask``: bit ``i`` set
+    when adapter ``i`` is still used by some slot that is not dropped (0: the layer does no LoRA work).
+    Made by ``MultiLoRA.set_module_gates`` once per gate update (at MiLoRA's prefill), never per step.
+    """
+
+    key: tuple[int, ...]
+    dropped: torch.Tensor
+    adapter_mask: int
 
 
 class PlanSource:
@@ -45,8 +61,15 @@ class PlanSource:
     def plan_for(self, x: torch.Tensor) -> LoRAPlan:
         raise NotImplementedError(f"{type(self).__name__} must implement plan_for(x)")
 
-    def batch_for(self, x: torch.Tensor) -> tuple[LoRAPlan, TorchPathCache | None]:
-        """The plan for ``x`` and the PyTorch path's cache of it (None: none kept)."""
+    def batch_for(
+        self, x: torch.Tensor, route: ModuleRoute | None = None
+    ) -> tuple[LoRAPlan, TorchPathCache | None]:
+        """The plan for ``x`` and the PyTorch path's cache of it (None: none kept).
+
+        ``route``: slots this layer drops (a layer with a :class:`ModuleRoute` calls with it). A source
+        may return a plan without those slots (no work for them) or ignore ``route``: the layer's
+        per-row weights are 0 there, so either is exact.
+        """
         return self.plan_for(x), None
 
 
@@ -62,7 +85,7 @@ class FixedPlan(PlanSource):
     def plan_for(self, x: torch.Tensor) -> LoRAPlan:
         return self.plan
 
-    def batch_for(self, x: torch.Tensor) -> tuple[LoRAPlan, TorchPathCache]:
+    def batch_for(self, x: torch.Tensor, route: ModuleRoute | None = None) -> tuple[LoRAPlan, TorchPathCache]:
         return self.plan, self.cache
 
 
@@ -141,6 +164,11 @@ class MultiLoRALinear(nn.Module):
         self.plan_source = plan_source
         # [S, P] float fusion weights replacing the plan's in this layer (MultiLoRA.set_module_gates), or None.
         self.row_weights: torch.Tensor | None = None
+        # Slots of the selection this layer skips (their row_weights are 0), or None: every slot.
+        self.route: ModuleRoute | None = None
+        # "auto": Triton on CUDA tensors, the PyTorch path on CPU; "triton" runs the kernels on CPU
+        # tensors too (under TRITON_INTERPRET=1: the tests); "torch" the PyTorch path everywhere.
+        self.backend = "auto"
         self.shrink_group: ShrinkGroup | None = None  # layers reading the same input (one shrink for all)
         self.register_buffer("lora_a", lora_a, persistent=False)
         self.register_buffer("lora_b", lora_b, persistent=False)
@@ -219,19 +247,29 @@ class MultiLoRALinear(nn.Module):
         source = self.plan_source
         if source is None:
             return y
+        route = self.route
         if torch.compiler.is_compiling():
             # Under torch.compile read only whether some adapter is used: the mask differs between
-            # routings, and a value read here would make every new routing compile again.
+            # routings, and a value read here would make every new routing compile again. A route is
+            # not followed there (the row weights, 0 in its dropped slots, keep the result exact).
             if not source.active:
                 return y
-        elif not (source.adapter_mask & self._adapter_mask):
-            return y
-        plan, cache = source.batch_for(x)
+            route = None
+        elif not ((source.adapter_mask if route is None else route.adapter_mask) & self._adapter_mask):
+            return y  # no row uses an adapter of this layer (or every row that does dropped it here)
+        plan, cache = source.batch_for(x) if route is None else source.batch_for(x, route)
         if not y.is_contiguous():
             y = y.contiguous()
         group = self.shrink_group
-        eager_cpu = cache is not None and not x.is_cuda and not torch.compiler.is_compiling()
-        if eager_cpu and group is None and self.row_weights is None and x.dtype == self.lora_a.dtype:
+        eager_cpu = (
+            cache is not None
+            and not x.is_cuda
+            and self.backend != "triton"
+            and not torch.compiler.is_compiling()
+        )
+        weights = self.row_weights
+        trusted_weights = weights is None or not (weights.requires_grad and torch.is_grad_enabled())
+        if eager_cpu and group is None and trusted_weights and x.dtype == self.lora_a.dtype:
             # Views taken per call: .to() and set_stacks replace the stacks.
             a, b_t = self.lora_a, self.lora_b.transpose(1, 2)
             fits = x.numel() == plan.num_tokens * self.in_features and plan.num_adapters == a.shape[0]
@@ -240,10 +278,16 @@ class MultiLoRALinear(nn.Module):
                 flat = (a.view(L * R, self.in_features), b_t.view(L * R, self.out_features))
                 out = y.view(-1, self.out_features)
                 if dense_layer_delta(
-                    x.reshape(-1, self.in_features), *flat, cache, out, self._rank_tuple, self._scale_tuple
+                    x.reshape(-1, self.in_features),
+                    *flat,
+                    cache,
+                    out,
+                    self._rank_tuple,
+                    self._scale_tuple,
+                    weights,
                 ):
                     return y
-        if group is not None and eager_cpu:
+        if group is not None and eager_cpu and group.shares(self):
             shrunk = group.shrink(self, x, plan, cache)
             if shrunk is not None:
                 expand_shared(
@@ -254,7 +298,7 @@ class MultiLoRALinear(nn.Module):
                     cache,
                     y.view(-1, self.out_features),
                     self.scales,
-                    self.row_weights,
+                    weights,
                     self._scale_tuple,
                 )
                 return y
@@ -268,7 +312,8 @@ class MultiLoRALinear(nn.Module):
             ranks=self.ranks,
             scales=self.scales,
             out=y.view(-1, self.out_features),
-            adapter_weights=self.row_weights,
+            backend=self.backend,
+            adapter_weights=weights,
             cache=cache,
         )
         return y
@@ -305,6 +350,20 @@ class ShrinkGroup:
 
     def offset(self, layer: MultiLoRALinear) -> int:
         return self._offsets[self.members.index(layer)]
+
+    def shares(self, layer: MultiLoRALinear) -> bool:
+        """Whether ``layer`` may take the shared shrink: every member keeps the same slots (the same
+        :class:`ModuleRoute` key, so the same plan), and none skips its LoRA work. Members that drop
+        different rows (MiLoRA rows picking different members) each run alone on their own plan."""
+        route = layer.route
+        key = None if route is None else route.key
+        for m in self.members:
+            r = m.route
+            if (None if r is None else r.key) != key or (
+                r is not None and not (r.adapter_mask & m._adapter_mask)
+            ):
+                return False
+        return True
 
     def _stacks(self) -> torch.Tensor | None:
         """``[L, R_tot, K]``: the members' A side by side (rebuilt when one of them changed)."""

@@ -27,7 +27,8 @@ from torch import nn
 
 from .adapters import AdapterInfo, LoadedAdapter, load_adapter
 from .backends.torch_path import TorchPathCache
-from .layers import MultiLoRALinear, PlanSource, ShrinkGroup, stack_factors
+from .layers import ModuleRoute, MultiLoRALinear, PlanSource, ShrinkGroup, stack_factors
+from .milora.model import milora_wrapped_modules
 from .milora.serving import MiServing, prepare_milora
 from .modules import forward_input, set_child
 from .plan import LoRAPlan, build_plan
@@ -36,6 +37,9 @@ from .selection import RowSelection, Selection, check_name, normalize_selection
 __all__ = ["attach", "MultiLoRA"]
 
 _MAX_CACHED_PLANS = 16
+# Plans of layers that drop slots (MiLoRA's per-module routes): one per distinct route and input shape,
+# at most a few per adapted module and request (prefill and decode shapes).
+_MAX_ROUTE_PLANS = 1024
 # Sibling projections that transformers models call on the same input tensor: each set found adapted
 # under one parent shares one shrink (layers.ShrinkGroup checks the input is the same tensor).
 SHARED_INPUT = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("query", "key", "value"))
@@ -51,23 +55,36 @@ class _Routing(PlanSource):
         self.adapter_mask = 0
         # (input shape without K, device) or (T, device) -> (plan, cache); emptied by every set().
         self.plans: dict[tuple, tuple[LoRAPlan, TorchPathCache]] = {}
+        # The same for layers with a ModuleRoute, keyed by the route's key first; emptied by set().
+        self.route_plans: dict[tuple, tuple[LoRAPlan, TorchPathCache]] = {}
 
     def set(self, selection: RowSelection | None) -> None:
         self.selection = selection
         self.adapter_mask = 0 if selection is None else selection.adapter_mask
         self.active = self.adapter_mask != 0
         self.plans = {}
+        self.route_plans = {}
 
     def plan_for(self, x: torch.Tensor) -> LoRAPlan:
         return self.batch_for(x)[0]
 
-    def batch_for(self, x: torch.Tensor) -> tuple[LoRAPlan, TorchPathCache]:
-        entry = self.plans.get((x.shape[:-1], x.device))
+    def batch_for(self, x: torch.Tensor, route: ModuleRoute | None = None) -> tuple[LoRAPlan, TorchPathCache]:
+        if route is None:
+            entry = self.plans.get((x.shape[:-1], x.device))
+            if entry is None:
+                entry = self._build(self.selection, x, (x.shape[:-1], x.device))
+            return entry
+        # A layer that drops slots: a plan without them (built once per route and input shape, shared
+        # by every layer with the same route), whose cache skips the tokens left with no adapter.
+        key = (route.key, x.shape[:-1], x.device)
+        entry = self.route_plans.get(key)
         if entry is None:
-            entry = self._build(self.selection, x, (x.shape[:-1], x.device))
+            entry = self._build(self.selection, x, key, route)
         return entry
 
-    def _build(self, selection: RowSelection, x: torch.Tensor, key) -> tuple[LoRAPlan, TorchPathCache]:
+    def _build(
+        self, selection: RowSelection, x: torch.Tensor, key, route: ModuleRoute | None = None
+    ) -> tuple[LoRAPlan, TorchPathCache]:
         lead = tuple(x.shape[:-1])
         device = x.device
         if selection.seq_offsets is not None:
@@ -91,22 +108,26 @@ class _Routing(PlanSource):
             per_row = math.prod(lead[1:])
             T = lead[0] * per_row
             seq_offsets = None
-        canonical = (T, device)
-        entry = self.plans.get(canonical)
+        plans = self.plans if route is None else self.route_plans
+        canonical = (T, device) if route is None else (route.key, T, device)
+        entry = plans.get(canonical)
         if entry is None:
             if seq_offsets is None:
                 seq_offsets = torch.arange(selection.rows + 1, device=device) * per_row
+            ids = selection.adapter_ids.to(device)
+            if route is not None:
+                ids = ids.masked_fill(route.dropped.to(device), -1)
             plan = build_plan(
                 seq_offsets.to(device),
-                selection.adapter_ids.to(device),
+                ids,
                 selection.adapter_weights.to(device),
                 self.num_adapters,
                 num_tokens=T,
             )
-            if len(self.plans) >= _MAX_CACHED_PLANS:
-                self.plans.clear()
-            entry = self.plans[canonical] = (plan, TorchPathCache(plan))
-        self.plans[key] = entry
+            if len(plans) >= (_MAX_CACHED_PLANS if route is None else _MAX_ROUTE_PLANS):
+                plans.clear()
+            entry = plans[canonical] = (plan, TorchPathCache(plan, sparse=route is not None))
+        plans[key] = entry
         return entry
 
 
@@ -151,6 +172,10 @@ class MultiLoRA:
         self._gates: dict[str, dict[str, torch.Tensor]] = {}  # adapter name -> module path -> [B] gates
         self._row_bases: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # see _row_base
         self._milora: dict[str, MiServing] = {}  # MiLoRA adapter name -> its router hooks (milora/serving.py)
+        # A slot whose module gate is 0 is dropped from that module's plan (no LoRA work for it). False
+        # computes every module for every row, the gate 0 multiplied in (the dense gated computation;
+        # the benchmark's comparison), from the next set_module_gates on.
+        self.skip_zero_gates = True
 
     # ------------------------------------------------------------------ public API
     @property
@@ -354,14 +379,21 @@ class MultiLoRA:
         self._row_bases = {}
         for layer in self._layers.values():
             layer.row_weights = None
+            layer.route = None
 
     def _apply_gates(self, sel: RowSelection | None, paths: list[str]) -> None:
         """Give the layers at ``paths`` their ``[S, P]`` per-row weights: the selection's, times the gates
         of every adapter at that path (None where no adapter has one). One stacked computation per device
-        for all of ``paths``: the cost does not grow with the number of other layers."""
+        for all of ``paths``: the cost does not grow with the number of other layers.
+
+        A slot whose gate is exactly 0 is dropped from that layer (its :class:`ModuleRoute`): the layer
+        then runs on a plan without it, so a (row, module) with gate 0 costs no LoRA work, and a layer
+        whose slots are all dropped costs none at all. Gates that require grad drop nothing (the
+        gradient of a gate at 0 is not 0). Reading which gates are 0 costs one device sync per call."""
         by_device: dict[torch.device, list[str]] = {}
         for path in paths:
             layer = self._layers[path]
+            layer.route = None
             if any(path in by_path for by_path in self._gates.values()):
                 by_device.setdefault(layer.lora_a.device, []).append(path)
             else:
@@ -385,6 +417,18 @@ class MultiLoRA:
                 factor = f if factor is None else factor * f
             for path, weights in zip(group, (base * factor).unbind(0)):
                 self._layers[path].row_weights = weights
+            if self.skip_zero_gates and not factor.requires_grad:
+                self._set_routes(sel, group, (factor == 0) & (ids >= 0))
+
+    def _set_routes(self, sel: RowSelection, paths: list[str], dropped: torch.Tensor) -> None:
+        """``dropped`` ``[len(paths), S, P]`` bool: the slots each layer skips (one host read for all)."""
+        flat_ids = sel.adapter_ids.reshape(-1).tolist()
+        for path, flags, mask in zip(paths, dropped.reshape(len(paths), -1).tolist(), dropped.unbind(0)):
+            # Even with nothing dropped the layer gets a route (key ()): its plan's cache is sparse, so
+            # base rows ([] in the selection) are not computed either.
+            key = tuple(i for i, d in enumerate(flags) if d)
+            kept = {a for a, d in zip(flat_ids, flags) if a >= 0 and not d}
+            self._layers[path].route = ModuleRoute(key, mask, sum(1 << a for a in kept))
 
     def _row_base(self, sel: RowSelection, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """``adapter_ids [S, P]`` and the selection's weights (0 in empty slots) on ``device``, made once
@@ -476,6 +520,31 @@ def _check_finite(gates: Mapping[str, torch.Tensor]) -> None:
             raise ValueError(f"gates for {path!r} must be finite (found NaN or inf)")
 
 
+def _refuse_other_loras(model: nn.Module) -> None:
+    """ValueError when ``model`` already applies a LoRA of its own: attach would add the adapters' LoRA
+    on top of it (applied twice for a MiLoRA served from its own directory)."""
+    wrapped = milora_wrapped_modules(model)
+    if wrapped:
+        raise ValueError(
+            f"the model is still wrapped by a dlp.MiLoRA ({len(wrapped)} modules carry its training hooks, "
+            f"e.g. {wrapped[0]!r}): attach would apply its LoRA a second time. Call mi.remove() on the "
+            "MiLoRA first (after mi.save(dir)), then attach(model, {name: dir})"
+        )
+    peft = [
+        (path, m)
+        for path, m in model.named_modules()
+        if type(m).__module__.startswith("peft.") and hasattr(m, "lora_A") and hasattr(m, "base_layer")
+    ]
+    if peft:
+        path, m = peft[0]
+        cls = f"{type(m).__module__}.{type(m).__qualname__}"
+        raise ValueError(
+            f"the model carries PEFT LoRA layers ({len(peft)}, e.g. {path!r}: {cls}): attach would add its "
+            "adapters on top of PEFT's. Attach to the base model instead: peft_model.unload() (or "
+            "merge_and_unload() to keep PEFT's adapter merged into the weights), or load the base again"
+        )
+
+
 def attach(model: nn.Module, adapters: Mapping[str, str | os.PathLike]) -> MultiLoRA:
     """Attach PEFT LoRA adapters to ``model`` for per-row adapter mixing; returns the :class:`MultiLoRA` handle.
 
@@ -506,6 +575,7 @@ def attach(model: nn.Module, adapters: Mapping[str, str | os.PathLike]) -> Multi
         raise ValueError(
             "the model already has MultiLoRA layers; detach() the other handle first, or use its add()"
         )
+    _refuse_other_loras(model)
     table = _module_table(model)
     loaded = [load_adapter(check_name(name), path, table) for name, path in adapters.items()]
     milora = {a.info.name: prepare_milora(a, model) for a in loaded}  # MiLoRA directories: their routers

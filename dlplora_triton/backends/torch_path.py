@@ -27,6 +27,7 @@ METHODS = ("auto", "grouped", "seq_bmm", "dense")
 SEQ_BMM_MIN_TOKENS = 4
 SEQ_BMM_MAX_PAIRS = 32
 DENSE_MAX_TOKEN_RANKS = 16384
+_MAX_COEF_ENTRIES = 512  # coefficient sets a TorchPathCache keeps (per layer pattern and weights tensor)
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,9 @@ class TorchPathCache:
     """
 
     plan: LoRAPlan
+    # A layer's own plan whose dropped slots must cost nothing (MiLoRA's per-module routes): the
+    # methods then compute only the tokens that have some adapter, and auto never picks seq_bmm.
+    sparse: bool = False
     seq_len: int | None = None  # tokens per sequence when all are equal, else 0
     used: list[int] | None = None  # adapters with at least one row
     empty_slots: bool | None = None  # whether some sequence has a -1 slot
@@ -61,6 +65,7 @@ class TorchPathCache:
     # (R, ranks, scales, dtype) of a layer -> None (not dense) or (rows, [T, n] coefficients): layers
     # with one rank pattern and scales (most of a model) share the dense method's coefficients.
     dense_coef: dict[tuple, object] = field(default_factory=dict)
+    active: torch.Tensor | None | bool = False  # see active_tokens (False: not read yet)
 
     def uniform_seq_len(self) -> int:
         if self.seq_len is None:
@@ -78,6 +83,17 @@ class TorchPathCache:
         if self.empty_slots is None:
             self.empty_slots = bool((self.plan.seq_adapter < 0).any())
         return self.empty_slots
+
+    def active_tokens(self) -> torch.Tensor | None:
+        """``[T_a]`` int64: the tokens with at least one adapter slot, for a sparse cache where some
+        token has none; None otherwise (every token is computed)."""
+        if self.active is False:
+            self.active = None
+            if self.sparse and self.plan.num_tokens:
+                has = (self.plan.token_adapter >= 0).any(1)
+                if not bool(has.all()):
+                    self.active = has.nonzero().squeeze(1)
+        return self.active
 
     def host_groups(self) -> list[HostGroup]:
         if self.groups is None:
@@ -114,37 +130,61 @@ def dense_layer_delta(
     out: torch.Tensor,
     rank_tuple: tuple[int, ...],
     scale_tuple: tuple[float, ...],
+    adapter_weights: torch.Tensor | None = None,
 ) -> bool:
     """The dense method for a layer with host ranks and scales, its coefficients shared through
     ``cache`` by layers of the same pattern: adds into ``out`` and returns True, or returns False
     (changing nothing) where the batch is too large for the dense method.
 
     ``a_rows`` ``[L*R, K]`` and ``b_rows`` ``[L*R, N]``: the stacks flattened, zero beyond each rank.
+    ``adapter_weights``: the layer's ``[S, P]`` weights replacing the plan's (not requiring grad: the
+    coefficients made from them are kept in ``cache`` for the next calls with the same tensor,
+    unchanged since). With a sparse cache only the tokens that have an adapter are computed.
     """
     R = a_rows.shape[0] // max(len(rank_tuple), 1)
     key = (R, rank_tuple, scale_tuple, x.dtype)
+    if adapter_weights is not None:
+        key += (id(adapter_weights), _version(adapter_weights))
     entry = cache.dense_coef.get(key, False)
+    if entry is not False and adapter_weights is not None and entry[0] is not adapter_weights:
+        entry = False  # the id of a tensor that is gone, reused
     if entry is False:
         T = cache.plan.num_tokens
         used = cache.used_adapters()
-        entry = None
+        entry = (adapter_weights, None)
         if T * R <= DENSE_MAX_TOKEN_RANKS and T * sum(rank_tuple[a] for a in used) <= DENSE_MAX_TOKEN_RANKS:
             rows, row_adapter = cache.rank_rows(list(rank_tuple), R)
             scale = torch.tensor(scale_tuple, device=x.device, dtype=torch.float32)
-            coef = cache.token_coefficients().index_select(1, row_adapter) * scale.index_select(
-                0, row_adapter
-            )
-            entry = (rows, coef.to(x.dtype))
+            if adapter_weights is None:
+                coef = cache.token_coefficients()
+            else:
+                coef = _coefficients(cache.plan, token_weights(cache.plan, adapter_weights.detach())[1])
+            active = cache.active_tokens()
+            if active is not None:
+                coef = coef.index_select(0, active)
+            coef = coef.index_select(1, row_adapter) * scale.index_select(0, row_adapter)
+            entry = (adapter_weights, (rows, coef.to(x.dtype), active))
+        if len(cache.dense_coef) >= _MAX_COEF_ENTRIES:
+            cache.dense_coef.clear()  # weights replaced request after request under one selection
         cache.dense_coef[key] = entry
-    if entry is None:
+    if entry[1] is None:
         return False
-    rows, coef = entry
+    rows, coef, active = entry[1]
     if coef.shape[1] == 0:
         return True
     if rows is not None:
         a_rows, b_rows = a_rows.index_select(0, rows), b_rows.index_select(0, rows)
-    out.addmm_(torch.mm(x, a_rows.t()).mul_(coef), b_rows)
+    if active is None:
+        out.addmm_(torch.mm(x, a_rows.t()).mul_(coef), b_rows)
+    else:
+        v = torch.mm(x.index_select(0, active), a_rows.t()).mul_(coef)
+        out.index_add_(0, active, torch.mm(v, b_rows))
     return True
+
+
+def _version(t: torch.Tensor) -> int:
+    """The tensor's in-place version counter (inference tensors have none: -1, identity alone counts)."""
+    return -1 if t.is_inference() else t._version
 
 
 def _host_groups(plan: LoRAPlan) -> list[HostGroup]:
@@ -226,8 +266,10 @@ def fused_lora_torch(
         if method == "dense" or plan.num_tokens * sum(rank_list[a] for a in used) <= DENSE_MAX_TOKEN_RANKS:
             return _dense(x, lora_a, lora_b, plan, out, scales, cache, rank_list, adapter_weights)
     keep = None
-    if method in ("auto", "seq_bmm") and cache.uniform_seq_len() > 0:
+    if (method == "seq_bmm" or (method == "auto" and not cache.sparse)) and cache.uniform_seq_len() > 0:
         keep = _slot_rank_mask(plan, cache, ranks, R)
+    if method == "auto" and cache.sparse:
+        method = "grouped"  # seq_bmm would multiply the dropped slots by zero weights: work for nothing
     if method == "auto":
         seq_len = cache.uniform_seq_len()
         few_unmasked_pairs = plan.seq_adapter.numel() <= SEQ_BMM_MAX_PAIRS and keep is None
@@ -286,7 +328,12 @@ def _dense(x, lora_a, lora_b, plan, out, scales, cache, rank_list, adapter_weigh
     coef = coef.index_select(1, row_adapter).to(x.dtype)  # [T, n]
     if scales is not None:
         coef = coef * torch.as_tensor(scales, device=x.device, dtype=x.dtype).index_select(0, row_adapter)
-    out.addmm_(_scaled(torch.mm(x, a_rows.t()), coef), b_rows)
+    active = cache.active_tokens()
+    if active is None:
+        out.addmm_(_scaled(torch.mm(x, a_rows.t()), coef), b_rows)
+    else:  # a sparse plan: tokens without an adapter are not computed
+        v = _scaled(torch.mm(x.index_select(0, active), a_rows.t()), coef.index_select(0, active))
+        out.index_add_(0, active, torch.mm(v, b_rows))
     return out
 
 
@@ -339,8 +386,9 @@ def shrink_shared(
     x: torch.Tensor, cat_a: torch.Tensor, plan: LoRAPlan, cache: TorchPathCache
 ) -> tuple[str, torch.Tensor] | None:
     """The raw shrink ``x @ A^T`` of a stacked ``cat_a``, for the methods that can share it:
-    ``("dense", v [T, U*R_tot])`` over the used adapters or ``("seq_bmm", v [S, len, P, R_tot])``;
-    None where the grouped method serves the batch (each layer then runs alone)."""
+    ``("dense", v [T, U*R_tot])`` over the used adapters (a sparse cache: ``[T_a, U*R_tot]`` over its
+    active tokens) or ``("seq_bmm", v [S, len, P, R_tot])``; None where the grouped method serves the
+    batch (each layer then runs alone)."""
     L, Rt, K = cat_a.shape
     T = plan.num_tokens
     used = cache.used_adapters()
@@ -349,7 +397,10 @@ def shrink_shared(
         a_rows = cat_a.reshape(L * Rt, K)
         if rows is not None:
             a_rows = a_rows.index_select(0, rows)
-        return "dense", torch.mm(x, a_rows.t())
+        active = cache.active_tokens()
+        return "dense", torch.mm(x if active is None else x.index_select(0, active), a_rows.t())
+    if cache.sparse:
+        return None
     seq_len = cache.uniform_seq_len()
     few = plan.seq_adapter.numel() <= SEQ_BMM_MAX_PAIRS and not cache.has_empty_slots()
     if seq_len >= SEQ_BMM_MIN_TOKENS or (seq_len > 0 and few):
@@ -385,19 +436,30 @@ def expand_shared(
         b_rows = lora_b.transpose(1, 2).reshape(L * R, N)
         if rows is not None:
             b_rows = b_rows.index_select(0, rows)
+        active = cache.active_tokens()
+        reuse = scale_tuple is not None and (adapter_weights is None or not adapter_weights.requires_grad)
         key = ("shared", R, scale_tuple, v.dtype)
-        coef = cache.dense_coef.get(key) if adapter_weights is None and scale_tuple is not None else None
+        if adapter_weights is not None:
+            key += (id(adapter_weights), _version(adapter_weights))
+        entry = cache.dense_coef.get(key) if reuse else None
+        coef = entry[1] if entry is not None and entry[0] is adapter_weights else None
         if coef is None:
             if adapter_weights is None:
                 coef = cache.token_coefficients()
             else:
                 coef = _coefficients(plan, token_weights(plan, adapter_weights)[1])
+            if active is not None:
+                coef = coef.index_select(0, active)
             coef = coef.index_select(1, row_adapter).to(v.dtype)
             if scales is not None:
                 coef = coef * scales.to(v.dtype).index_select(0, row_adapter)
-            if adapter_weights is None and scale_tuple is not None:
-                cache.dense_coef[key] = coef
-        return out.addmm_(v_m * coef, b_rows)
+            if reuse:
+                if len(cache.dense_coef) >= _MAX_COEF_ENTRIES:
+                    cache.dense_coef.clear()
+                cache.dense_coef[key] = (adapter_weights, coef)
+        if active is None:
+            return out.addmm_(v_m * coef, b_rows)
+        return out.index_add_(0, active, torch.mm(v_m * coef, b_rows))
     S, seq_len, P, _ = v.shape
     flat_ids = plan.seq_adapter.clamp(min=0).reshape(-1)
     coef = token_weights(plan, adapter_weights)[0].to(v.dtype).reshape(-1)

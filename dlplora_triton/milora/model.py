@@ -21,7 +21,7 @@ from torch import nn
 from ..modules import is_conv1d, linear_features
 from .routers import LayerRouter, balance_loss, check_pooling, check_top_k
 
-__all__ = ["MiLoRA", "find_decoder_layers", "layer_modules"]
+__all__ = ["MiLoRA", "find_decoder_layers", "layer_modules", "milora_wrapped_modules"]
 
 
 def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -186,7 +186,9 @@ class MiLoRA(nn.Module):
         for i, layer in enumerate(layers):
             self._hooks.append(layer.register_forward_pre_hook(self._layer_hook(i), with_kwargs=True))
             for j, m in enumerate(self.module_names):
-                self._hooks.append(layer.get_submodule(m).register_forward_hook(self._module_hook(i, j)))
+                hook = self._module_hook(i, j)
+                hook.milora_training_hook = True  # what dlp.attach looks for (milora_wrapped_modules)
+                self._hooks.append(layer.get_submodule(m).register_forward_hook(hook))
 
     # ------------------------------------------------------------------ properties
     @property
@@ -324,6 +326,16 @@ class MiLoRA(nn.Module):
         from .files import load_milora
 
         return load_milora(cls, model, directory)
+
+
+def milora_wrapped_modules(model: nn.Module) -> list[str]:
+    """Paths of ``model``'s modules that carry a :class:`MiLoRA`'s training hook (its LoRA added to
+    their output): not empty while a MiLoRA built on ``model`` has not been ``remove()``-d."""
+    return [
+        path
+        for path, module in model.named_modules()
+        if any(getattr(h, "milora_training_hook", False) for h in module._forward_hooks.values())
+    ]
 
 
 def _linear_or_none(layer: nn.Module, path: str) -> nn.Module | None:
