@@ -155,3 +155,18 @@ def test_generate_command(system, tmp_path, capsys):
     )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "does not exist" in err[0]
+
+
+def test_off_topic_prompts_run_on_the_base_model_in_the_same_batch(system):
+    model, lora, router, tokenizer, prompts, paths, model_dir = system
+    off_topic = ["hello, how are you?", "What is the capital of France?"]  # the examples
+    batch = prompts[:2] + off_topic
+    results = dlp.generate_routed(model, lora, router, tokenizer, batch, max_new_tokens=5, do_sample=False)
+    assert [r.adapters == [] for r in results] == [False, False, True, True]
+    for result in results:  # each row equals its own selection alone; [] is the base model
+        assert result.token_ids == _alone(model, lora, tokenizer, result.prompt, result.adapters, 5)
+    # base_threshold passes through: at 1.0 the router (almost) never abstains
+    forced = dlp.generate_routed(
+        model, lora, router, tokenizer, off_topic, base_threshold=1.0, max_new_tokens=1, do_sample=False
+    )
+    assert all(r.adapters for r in forced)
