@@ -8,10 +8,13 @@ This folder sits at the top of the checkout, so whenever the checkout's root is 
 (``python -m pytest`` or ``python -c`` run from it) ``import kernels`` finds it first, and Hugging
 Face's ``kernels`` distribution (which transformers >= 5.25 imports) would be shadowed. Imported
 under that top-level name, this file therefore steps aside: it loads the installed distribution that
-owns ``kernels`` in its own place, or fails as if the folder were not there.
+owns ``kernels`` in its own place or, when none is installed, leaves an empty namespace package (what
+Python makes of a folder without ``__init__.py``: no ``__file__``, no version, nothing in it), which
+transformers' availability check reads as "not installed".
 """
 
 if __name__ == "kernels":  # reached through the checkout's root on sys.path, not as ours
+    import importlib.machinery as _machinery
     import importlib.util as _util
     import os as _os
     import sys as _sys
@@ -28,15 +31,13 @@ if __name__ == "kernels":  # reached through the checkout's root on sys.path, no
         return None
 
     _spec = _installed_kernels_spec()
-    if _spec is None:
-        raise ModuleNotFoundError(
-            "No module named 'kernels' (the checkout's kernels/ folder is dlplora_triton.kernels, "
-            "never a top-level package)",
-            name="kernels",
-        )
+    if _spec is None:  # an empty namespace package
+        _spec = _machinery.ModuleSpec("kernels", None, is_package=True)
+        _spec.submodule_search_locations = []
     _module = _util.module_from_spec(_spec)
     _sys.modules["kernels"] = _module  # the import statement returns what sys.modules holds
-    _spec.loader.exec_module(_module)
+    if _spec.loader is not None:
+        _spec.loader.exec_module(_module)
 else:
     from .configs import expand_config, shrink_config
     from .lora_expand import lora_expand_launch
