@@ -61,8 +61,8 @@ def _build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--base-threshold",
         type=float,
-        default=0.5,
-        help="background probability at or above which the base model serves a prompt (default 0.5; saved)",
+        default=0.3,
+        help="background probability at or above which the base model serves a prompt (default 0.3; saved)",
     )
     # finetune keeps its own parser (dlplora_triton.finetune.finetune_main); listed here for --help.
     sub.add_parser(

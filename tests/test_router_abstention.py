@@ -56,7 +56,7 @@ def test_classes_names_and_background(router):
     assert router.names == ADAPTERS and router.can_abstain
     assert router.background == [GENERAL, "es", "license", "shell"]
     assert router.adapter_of["de"] == "de" and router.adapter_of["shell"] is None
-    assert router.base_threshold == BASE_THRESHOLD == 0.5
+    assert router.base_threshold == BASE_THRESHOLD == 0.3
     served = router.report["served"]
     assert served["adapter_accuracy"] >= 0.97 and served["base_rate"] >= 0.9, served
 
@@ -127,7 +127,7 @@ def test_min_confidence_and_base_threshold_combine(router, split):
     got = router.route(texts, min_confidence=threshold)
     plain = router.route(texts, base_threshold=1.0)
     for t, b, g, q in zip(top.tolist(), base.tolist(), got, plain):
-        assert g == ([] if (t < threshold or b >= 0.5) else q)
+        assert g == ([] if (t < threshold or b >= router.base_threshold) else q)
 
 
 def test_training_with_adapters_equals_with_adapters_afterwards(split, router):
@@ -188,7 +188,7 @@ def test_a_format_1_router_loads_without_background_and_can_be_given_one():
     assert all(row for row in old.route(texts))  # it never abstains by itself
     served = old.with_adapters(["code", "de"])
     assert served.background == ["en"] and served.names == ["code", "de"]
-    expected = (torch.softmax(old.class_logits(texts).double(), dim=1)[:, 2] >= 0.5).tolist()
+    expected = (torch.softmax(old.class_logits(texts).double(), dim=1)[:, 2] >= served.base_threshold).tolist()
     assert [row == [] for row in served.route(texts)] == expected
 
 
@@ -270,7 +270,7 @@ def test_cli_train_router_with_adapters_and_route(split, tmp_path, capsys):
         == 0
     )
     printed = capsys.readouterr().out
-    assert "served at base_threshold 0.5" in printed
+    assert "served at base_threshold 0.3" in printed
     router = Router.load(out)
     assert router.names == ["de", "ja"] and router.background == [GENERAL, "shell"]
     prompts = ["Die Datei wird nicht gelöscht.", *ISSUE_PROMPTS]

@@ -25,7 +25,7 @@ __all__ = ["Router", "FORMAT_VERSION", "CONFIG_FILE", "WEIGHTS_FILE", "GENERAL",
 
 FORMAT_VERSION = 2  # 2: classes, adapter_of, base_threshold (abstention); 1 is still read
 GENERAL = "_general"  # the class of the general prompts Router.train adds; always background
-BASE_THRESHOLD = 0.5  # the base model serves a text whose background probability is at least this
+BASE_THRESHOLD = 0.3  # the base model serves a text whose background probability is at least this (docs/routing.md)
 CONFIG_FILE = "router_config.json"
 WEIGHTS_FILE = "router.safetensors"
 _FORMAT_NAME = "dlplora-router"
@@ -334,7 +334,7 @@ class Router:
         when the base model serves it. The result feeds ``MultiLoRA.select``.
 
         A text gets ``[]`` when its background probability (:meth:`base_proba`) is at least
-        ``base_threshold`` (default: the router's, 0.5 unless set at training), or when its top
+        ``base_threshold`` (default: the router's, 0.3 unless set at training), or when its top
         adapter probability is below ``min_confidence`` (default: no such test). Otherwise its mix is
         exactly :func:`top_p_select` of :meth:`predict_proba` with ``p``, ``top_k``, ``weighting``.
 
