@@ -259,7 +259,8 @@ def speed(model, tokenizer, paths, router, out: dict, save, new_tokens: int, rou
         "pad_token_id": tokenizer.pad_token_id,
     }
     selection = router.route(prompts, **ROUTING)
-    top1 = [row[0][0] for row in router.route(prompts, p=1.0, top_k=1)]
+    # a prompt the router abstains on ([]) runs on the base model, "__base__" in PEFT's adapter_names
+    top1 = [row[0][0] if row else "__base__" for row in router.route(prompts, p=1.0, top_k=1)]
 
     peft_model = _peft_model(model, paths)
 

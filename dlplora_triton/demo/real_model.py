@@ -1,6 +1,7 @@
 """``dlplora demo`` on SmolLM2-135M-Instruct with the committed task adapters (adapters/smollm2/).
 
-A router trained on the text set's training split picks each prompt's adapter mix (top-p); the batch
+A router trained on the text set's training split picks each prompt's adapter mix (top-p), or the
+base model for a prompt no adapter fits (two general questions are in the batch); the batch
 is generated in one ``generate`` call on the fused path, and checked against PEFT serving the same
 mixes (``add_weighted_adapter(..., "cat")`` per mix, ``adapter_names`` per row): greedy tokens equal,
 prompt logits to fp32 precision. Prompts are the openings of held-out sentences, two of them joining
@@ -18,22 +19,31 @@ import torch
 from .smollm2 import load_smollm2
 from .tasks import TASKS, adapter_paths, load_texts, task_split
 
-__all__ = ["ROUTER_OPTIONS", "ROUTING", "train_task_router", "demo_prompts", "run_real_demo"]
+__all__ = ["ROUTER_OPTIONS", "ROUTING", "OFF_TOPIC", "train_task_router", "demo_prompts", "run_real_demo"]
 
 # A small router (about 1M parameters): seconds to train on 2 cores, held-out accuracy ~97%.
 ROUTER_OPTIONS = {"num_buckets": 2**14, "hidden": (64,), "epochs": 8}
 ROUTING = {"p": 0.8, "top_k": 3}  # adapters until 80% of the probability is covered, at most 3
 ROUTER_TEXTS_PER_TASK = 600
+# Prompts for no adapter: the router abstains and the base model serves them, in the same batch.
+OFF_TOPIC = ["hello, how are you?", "What is the capital of France?"]
 
 
 def train_task_router(seed: int = 0, **options):
-    """A :class:`Router` over ``TASKS`` trained on the training split (at most 600 texts per task)."""
+    """A :class:`Router` serving ``TASKS`` trained on the training split (at most 600 texts per task).
+
+    The text set's other tasks (es, license, shell: first 600 texts each) and the package's general
+    prompts are its background: prompts like them are served by the base model (docs/routing.md)."""
     from ..routing import Router
 
-    train, _ = task_split(*load_texts())
-    texts = [t for name in TASKS for t in train[name][:ROUTER_TEXTS_PER_TASK]]
-    labels = [name for name in TASKS for _ in train[name][:ROUTER_TEXTS_PER_TASK]]
-    return Router.train(texts, labels, seed=seed, **{**ROUTER_OPTIONS, **options})
+    all_texts, all_tasks = load_texts()
+    train, _ = task_split(all_texts, all_tasks)
+    for text, task in zip(all_texts, all_tasks):  # tasks without an adapter: background classes
+        if task not in TASKS and len(train.setdefault(task, [])) < ROUTER_TEXTS_PER_TASK:
+            train[task].append(text)
+    texts = [t for name in train for t in train[name][:ROUTER_TEXTS_PER_TASK]]
+    labels = [name for name in train for _ in train[name][:ROUTER_TEXTS_PER_TASK]]
+    return Router.train(texts, labels, adapters=list(TASKS), seed=seed, **{**ROUTER_OPTIONS, **options})
 
 
 def _opening(text: str, fraction: float = 0.5) -> str:
@@ -83,6 +93,7 @@ def run_real_demo(device: str = "cpu", seed: int = 0, max_new_tokens: int = 16) 
     )
 
     prompts, labels = demo_prompts()
+    prompts, labels = prompts + OFF_TOPIC, labels + ["none"] * len(OFF_TOPIC)  # for the base model
     gen = {"max_new_tokens": max_new_tokens, "do_sample": False, "pad_token_id": tokenizer.pad_token_id}
     selection = router.route(prompts, **ROUTING)
     tokenizer.padding_side = "left"
