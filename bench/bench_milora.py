@@ -21,11 +21,13 @@ Both train the head too; same loop: AdamW lr 2e-3, weight decay 0.01, linear dec
 batch 16, max_len 64, clipping 1.0. Per run: accuracy per task, train time; for MiLoRA the fraction of
 test prompts that pick each module per layer and task (milora_modules.png).
 
-speed: tokens/s of greedy generate on a small Llama from a config (random weights), batch 8, 32
-prompt tokens, 32 new tokens, fp32: the base model; plain LoRA served (attach, one PEFT adapter);
-MiLoRA served (attach, gates computed once per request at prefill); token-level routing (the same
-routers rerun at every decode step on the new token, MOELoRA-style). Results:
-bench/results/cpu/milora.json (+ milora_modules.png).
+speed: tokens/s of prefill (32 prompt tokens per row) and of greedy decode with the KV cache (32 new
+tokens per row) on a small Llama from a config (random weights, fp32), batch 1 and 8, 1 thread: the
+base model; plain LoRA (attach, one PEFT adapter of rank 8 on all 7 projections); MiLoRA top-2 of 7
+served sparsely (gates once per request at prefill, a (row, module) with gate 0 skipped); MiLoRA
+served densely (every module for every row, times its gate); token-level routing (the routers rerun
+at every decode step, MOELoRA-style). Variants run interleaved, round by round; ratios are medians
+of per-round ratios. Results: bench/results/cpu/milora.json (+ milora_modules.png).
 """
 
 from __future__ import annotations
@@ -312,6 +314,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-len", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=7, help="speed: interleaved rounds")
     parser.add_argument("--out", type=Path, default=common.RESULTS / "cpu", help="results folder")
     parser.add_argument("--quick", action="store_true", help="a few steps / tokens: checks the script runs")
     args = parser.parse_args(argv)
@@ -369,66 +372,125 @@ def _speed_setup(tmp: Path, r: int = 8):
     return model
 
 
+SPEED_VARIANTS = {
+    # name: (adapter of every row, skip_zero_gates, every_step)
+    "base": (None, True, False),
+    "lora": ("lora", True, False),
+    "milora": ("mi", True, False),
+    "milora_dense": ("mi", False, False),
+    "token_level": ("mi", True, True),
+}
+
+
+def _speed_once(model, lora, served, name, ids, mask, new):
+    """(prefill seconds, decode seconds) of one request batch: a prefill forward, then ``new`` greedy
+    decode steps with the KV cache (one forward per step, as ``generate`` does)."""
+    adapter, skip, every_step = SPEED_VARIANTS[name]
+    served.every_step = every_step
+    lora.skip_zero_gates = skip
+    lora.select([[(adapter, 1.0)] if adapter else [] for _ in range(ids.shape[0])])
+    with torch.no_grad():
+        start = time.perf_counter()
+        out = model(ids, attention_mask=mask, use_cache=True)
+        prefill = time.perf_counter() - start
+        cache = out.past_key_values
+        nxt = out.logits[:, -1:].argmax(-1)
+        start = time.perf_counter()
+        for _ in range(new):
+            mask = torch.cat([mask, torch.ones_like(nxt)], 1)
+            out = model(nxt, attention_mask=mask, cache=cache, use_cache=True)
+            nxt = out.logits[:, -1:].argmax(-1)
+        decode = time.perf_counter() - start
+    return prefill, decode
+
+
+def _picks(lora) -> dict:
+    """How sparse the batch's MiLoRA routing was: modules picked by no row, rows per module."""
+    gates = lora.gates("mi")  # [B, layers, modules]
+    picked = (gates != 0).float()
+    rows = picked.sum(0)
+    return {
+        "modules_picked_by_no_row": round(float((rows == 0).float().mean()), 3),
+        "mean_rows_per_module": round(float(rows.mean()), 2),
+        "rows": gates.shape[0],
+    }
+
+
 def speed(args) -> None:
     import dlplora_triton as dlp
 
     torch.set_num_threads(args.threads)
-    batch, prompt_len, new = (4, 16, 8) if args.quick else (8, 32, 32)
-    rounds = 1 if args.quick else 5
+    batches, prompt_len, new = ((1, 2), 8, 4) if args.quick else ((1, 8), 32, 32)
+    rounds = 1 if args.quick else args.rounds
+    samples: dict = {}
+    routing = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         model = _speed_setup(tmp)
-        g = torch.Generator().manual_seed(1)
-        ids = torch.randint(3, SPEED_MODEL["vocab_size"], (batch, prompt_len), generator=g)
-        mask = torch.ones_like(ids)
         lora = dlp.attach(model, {"lora": tmp / "lora", "mi": tmp / "mi"})
         served = lora._milora["mi"]  # the MiServing hooks of "mi" (every_step: token-level routing)
-        variants = {
-            "base": ([[]] * batch, False),
-            "lora": ([[("lora", 1.0)]] * batch, False),
-            "milora": ([[("mi", 1.0)]] * batch, False),
-            "token_level": ([[("mi", 1.0)]] * batch, True),
-        }
-
         calls = {}
-
-        def run(name):
-            selection, every_step = variants[name]
-            served.every_step = every_step
-            lora.select(selection)
-            before = served.router_calls
-            with torch.no_grad():
-                out = model.generate(
-                    ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False
-                )
-            assert out.shape[1] == prompt_len + new
-            calls[name] = served.router_calls - before
-
-        # interleaved rounds after a warm-up: the shared machine's load hits every variant alike
-        times = common.interleaved_seconds(
-            {name: (lambda name=name: run(name)) for name in variants}, rounds, warmup=1
-        )
-    rows = {}
-    for name, ts in times.items():
-        med = statistics.median(ts)
-        rows[name] = {
-            "generate_s_median": round(med, 4),
-            "generate_s_all": [round(t, 4) for t in ts],
-            "tokens_per_s": round(batch * new / med, 1),
-            "router_calls_per_generate": calls[name],
-        }
-    for name in rows:
-        rows[name]["vs_lora"] = round(rows["lora"]["generate_s_median"] / rows[name]["generate_s_median"], 3)
+        for batch in batches:
+            g = torch.Generator().manual_seed(batch)
+            ids = torch.randint(3, SPEED_MODEL["vocab_size"], (batch, prompt_len), generator=g)
+            mask = torch.ones_like(ids)
+            for name in SPEED_VARIANTS:  # warm-up
+                _speed_once(model, lora, served, name, ids, mask, new)
+                if name == "milora":
+                    routing[batch] = _picks(lora)
+            # Interleaved rounds: a slow phase of the shared machine hits every variant of a round alike.
+            for _ in range(rounds):
+                for name in SPEED_VARIANTS:
+                    before = served.router_calls
+                    t = _speed_once(model, lora, served, name, ids, mask, new)
+                    calls[(batch, name)] = served.router_calls - before
+                    samples.setdefault((batch, name), []).append(t)
+        lora.detach()
+    rows = []
+    for batch in batches:
+        for phase, i, tokens in (("prefill", 0, batch * prompt_len), ("decode", 1, batch * new)):
+            ts = {name: [t[i] for t in samples[(batch, name)]] for name in SPEED_VARIANTS}
+            row = {"batch": batch, "phase": phase}
+            for name, times in ts.items():
+                row[name] = {
+                    "tokens_per_s": round(tokens / statistics.median(times), 1),
+                    "seconds_all": [round(t, 5) for t in times],
+                    "router_calls": calls[(batch, name)],
+                }
+            # Ratios per round (the variants of a round ran back to back), then their median.
+            for name in ("milora", "milora_dense", "token_level", "base"):
+                per_round = [a / b for a, b in zip(ts["lora"], ts[name])]
+                row[f"{name}_vs_lora"] = round(statistics.median(per_round), 3)
+            per_round = [b / m for b, m in zip(ts["base"], ts["milora"])]
+            row["milora_vs_base"] = round(statistics.median(per_round), 3)
+            rows.append(row)
+            print(
+                f"batch {batch} {phase:7s}: tokens/s base {row['base']['tokens_per_s']}, "
+                f"LoRA {row['lora']['tokens_per_s']}, MiLoRA {row['milora']['tokens_per_s']} "
+                f"(dense gated {row['milora_dense']['tokens_per_s']}, token-level "
+                f"{row['token_level']['tokens_per_s']}); MiLoRA / LoRA {row['milora_vs_lora']}, "
+                f"MiLoRA / base {row['milora_vs_base']}",
+                flush=True,
+            )
     result = _load(args.out)
     result["speed"] = {
         "env": common.environment("cpu"),
+        "load_average_after": [round(v, 2) for v in os.getloadavg()],
         "model": {**SPEED_MODEL, "dtype": "float32", "random_weights": True},
-        "shape": {"batch": batch, "prompt_tokens": prompt_len, "new_tokens": new, "rounds": rounds},
+        "shape": {"batches": list(batches), "prompt_tokens": prompt_len, "new_tokens": new, "rounds": rounds},
         "adapters": "rank 8 on all 7 projections of every layer; MiLoRA top_k 2 of 7, attention pooling",
+        "variants": {
+            "base": "the base model (attached, every row [])",
+            "lora": "plain LoRA: one PEFT adapter of the same rank on all 7 projections, through attach",
+            "milora": "MiLoRA served sparsely: gates once per request at prefill, gate-0 (row, module) skipped",
+            "milora_dense": "MiLoRA, every module computed for every row and the gate (0 included) multiplied in",
+            "token_level": "the routers rerun at every decode step on the new token (MOELoRA-style), sparse",
+        },
+        "ratios": "X_vs_lora = lora seconds / X seconds (> 1: X faster), median over rounds of per-round ratios",
+        "milora_routing_at_warmup": {str(b): r for b, r in routing.items()},
         "rows": rows,
     }
     common.write_json(args.out / "milora.json", result)
-    print(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":

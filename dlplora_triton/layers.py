@@ -269,7 +269,8 @@ class MultiLoRALinear(nn.Module):
         )
         weights = self.row_weights
         trusted_weights = weights is None or not (weights.requires_grad and torch.is_grad_enabled())
-        if eager_cpu and group is None and trusted_weights and x.dtype == self.lora_a.dtype:
+        shares = group is not None and eager_cpu and group.shares(self)
+        if eager_cpu and not shares and trusted_weights and x.dtype == self.lora_a.dtype:
             # Views taken per call: .to() and set_stacks replace the stacks.
             a, b_t = self.lora_a, self.lora_b.transpose(1, 2)
             fits = x.numel() == plan.num_tokens * self.in_features and plan.num_adapters == a.shape[0]
@@ -287,7 +288,7 @@ class MultiLoRALinear(nn.Module):
                     weights,
                 ):
                     return y
-        if group is not None and eager_cpu and group.shares(self):
+        if shares:
             shrunk = group.shrink(self, x, plan, cache)
             if shrunk is not None:
                 expand_shared(

@@ -115,10 +115,13 @@ class TorchPathCache:
                 [a for a in used for _ in range(rank_list[a])], dtype=torch.long, device=plan.device
             )
             every = len(rows) == plan.num_adapters * R
-            self.dense_rows[key] = (
-                None if every else torch.tensor(rows, dtype=torch.long, device=plan.device),
-                row_adapter,
-            )
+            if every:
+                taken = None
+            elif rows and rows[-1] - rows[0] + 1 == len(rows):
+                taken = slice(rows[0], rows[-1] + 1)  # consecutive (one adapter, say): a view, no copy
+            else:
+                taken = torch.tensor(rows, dtype=torch.long, device=plan.device)
+            self.dense_rows[key] = (taken, row_adapter)
         return self.dense_rows[key]
 
 
@@ -172,14 +175,20 @@ def dense_layer_delta(
     rows, coef, active = entry[1]
     if coef.shape[1] == 0:
         return True
-    if rows is not None:
-        a_rows, b_rows = a_rows.index_select(0, rows), b_rows.index_select(0, rows)
+    a_rows, b_rows = _take_rows(a_rows, rows), _take_rows(b_rows, rows)
     if active is None:
         out.addmm_(torch.mm(x, a_rows.t()).mul_(coef), b_rows)
     else:
         v = torch.mm(x.index_select(0, active), a_rows.t()).mul_(coef)
         out.index_add_(0, active, torch.mm(v, b_rows))
     return True
+
+
+def _take_rows(t: torch.Tensor, rows: torch.Tensor | slice | None) -> torch.Tensor:
+    """``t[rows]``: a view for None (every row) or a slice, a gathered copy for an index tensor."""
+    if rows is None:
+        return t
+    return t[rows] if isinstance(rows, slice) else t.index_select(0, rows)
 
 
 def _version(t: torch.Tensor) -> int:
@@ -319,8 +328,7 @@ def _dense(x, lora_a, lora_b, plan, out, scales, cache, rank_list, adapter_weigh
     # Only rows below each rank are read, so whatever lies beyond a rank never enters the sums.
     a_rows = lora_a.reshape(L * R, K)
     b_rows = lora_b.transpose(1, 2).reshape(L * R, N)  # a view when B is stored [L, R, N], as the layers do
-    if rows is not None:
-        a_rows, b_rows = a_rows.index_select(0, rows), b_rows.index_select(0, rows)
+    a_rows, b_rows = _take_rows(a_rows, rows), _take_rows(b_rows, rows)
     if adapter_weights is None:
         coef = cache.token_coefficients()
     else:
@@ -394,9 +402,7 @@ def shrink_shared(
     used = cache.used_adapters()
     if T * Rt * max(len(used), 1) <= DENSE_MAX_TOKEN_RANKS:
         rows, _ = cache.rank_rows([Rt] * L, Rt)
-        a_rows = cat_a.reshape(L * Rt, K)
-        if rows is not None:
-            a_rows = a_rows.index_select(0, rows)
+        a_rows = _take_rows(cat_a.reshape(L * Rt, K), rows)
         active = cache.active_tokens()
         return "dense", torch.mm(x if active is None else x.index_select(0, active), a_rows.t())
     if cache.sparse:
@@ -433,9 +439,7 @@ def expand_shared(
         if row_adapter.numel() == 0:
             return out
         v_m = v.view(T, row_adapter.numel() // R, -1)[:, :, offset : offset + R].reshape(T, -1)
-        b_rows = lora_b.transpose(1, 2).reshape(L * R, N)
-        if rows is not None:
-            b_rows = b_rows.index_select(0, rows)
+        b_rows = _take_rows(lora_b.transpose(1, 2).reshape(L * R, N), rows)
         active = cache.active_tokens()
         reuse = scale_tuple is not None and (adapter_weights is None or not adapter_weights.requires_grad)
         key = ("shared", R, scale_tuple, v.dtype)
