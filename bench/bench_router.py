@@ -1,4 +1,4 @@
-"""The sentence router on the real text set: accuracy, training time, routing time.
+"""The sentence router on the real text set: accuracy, abstention, training time, routing time.
 
     python bench/bench_router.py [--train 10000] [--seed 0] [--out bench/results/cpu/router.json]
 
@@ -10,6 +10,17 @@ whose routing is timed (median of 7 runs after a warm-up; ``route`` = features +
 (2 CPU cores): held-out accuracy >= 98%, training < 2 minutes, routing 1,000 prompts < 1 s.
 The router runs its tensor ops on one thread (see dlplora_triton/routing/router.py), so the machine's load
 matters less than it would; the 1-minute load average is recorded with the results.
+
+Abstention (docs/routing.md, "Abstention"): the router trained on the 9 tasks plus the package's general
+prompts is given the 6 adapters of adapters/smollm2/ (``with_adapters``: es, license and shell become
+background). On the unseen lines: the fraction of the 6 tasks' texts served by their own adapter
+(target >= 99%) and of the 3 other tasks' texts served by the base model (target >= 95%); on general
+chat prompts never trained on (bench/data/general_prompts_dev.jsonl, used while the training prompts
+were written, and general_prompts_test.jsonl, written after they were frozen): the fraction served by
+the base model (target >= 95%), at base thresholds 0.3 / 0.5 (the default) / 0.7. Two references: the
+closed-set router of before (no background: the fraction of general prompts that reach one of the 6
+adapters), and a router that never saw es, license or shell (how far the background generalises to
+tasks it was not shown).
 """
 
 from __future__ import annotations
@@ -26,7 +37,63 @@ from dlplora_triton.routing import Router, format_report, read_labelled_jsonl
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE.parent / "dlplora_triton" / "data" / "router_texts.jsonl"
+GENERAL_SETS = {
+    "dev": HERE / "data" / "general_prompts_dev.jsonl",
+    "test": HERE / "data" / "general_prompts_test.jsonl",
+}
 RESULTS = common.RESULTS / "cpu"
+ADAPTERS = ["code", "de", "fr", "ja", "ru", "zh"]  # adapters/smollm2/
+THRESHOLDS = (0.3, 0.5, 0.7)
+ISSUE_PROMPTS = ["hello", "hello, how are you?", "What is the capital of France?"]
+
+
+def _rate(flags: list[bool]) -> float | None:
+    return sum(flags) / len(flags) if flags else None
+
+
+def abstention(router: Router, unseen_x, unseen_y, general: dict) -> dict:
+    """Served accuracy, base rates and per-language general figures of ``router`` at each threshold."""
+    probs, base = router.predict_proba(unseen_x), router.base_proba(unseen_x)
+    top = [router.names[j] for j in probs.argmax(dim=1).tolist()]
+    served_by = {c: router.adapter_of.get(c) for c in set(unseen_y)}
+    out = {}
+    for threshold in THRESHOLDS:
+        to_base = (base >= threshold).tolist()
+        row = {
+            "adapter_tasks_served_by_their_adapter": _rate(
+                [not b and t == served_by[y] for b, t, y in zip(to_base, top, unseen_y) if served_by[y]]
+            ),
+            "no_adapter_tasks_served_by_base": _rate(
+                [b for b, y in zip(to_base, unseen_y) if not served_by[y]]
+            ),
+            "per_task": {
+                y: _rate(
+                    [
+                        (b if not served_by[y] else (not b and t == served_by[y]))
+                        for b, t, yy in zip(to_base, top, unseen_y)
+                        if yy == y
+                    ]
+                )
+                for y in sorted(set(unseen_y))
+            },
+        }
+        for name, (texts, langs) in general.items():
+            g_base = (router.base_proba(texts) >= threshold).tolist()
+            row[f"general_{name}_served_by_base"] = _rate(g_base)
+            row[f"general_{name}_per_language"] = {
+                lang: _rate([b for b, la in zip(g_base, langs) if la == lang])
+                for lang in dict.fromkeys(langs)
+            }
+            if threshold == router.base_threshold:
+                row[f"general_{name}_missed"] = [
+                    {"text": t, "lang": la, "base_proba": round(p, 4), "routed": r}
+                    for t, la, p, b, r in zip(
+                        texts, langs, router.base_proba(texts).tolist(), g_base, router.route(texts)
+                    )
+                    if not b
+                ]
+        out[str(threshold)] = row
+    return out
 
 
 def environment() -> dict:
@@ -50,8 +117,10 @@ def main(argv: list[str] | None = None) -> dict:
     train_x, train_y = texts[: args.train], tasks[: args.train]
     unseen_x, unseen_y = texts[args.train :], tasks[args.train :]
 
+    general = {name: read_labelled_jsonl(path, label_key="lang") for name, path in GENERAL_SETS.items()}
+
     start = time.perf_counter()
-    router = Router.train(train_x, train_y, seed=args.seed)
+    router = Router.train(train_x, train_y, seed=args.seed)  # 9 tasks + the general prompts (background)
     train_s = time.perf_counter() - start
     print(format_report(router.report))
 
@@ -61,6 +130,38 @@ def main(argv: list[str] | None = None) -> dict:
     prompts = unseen_x[:1000]
     times = common.interleaved_seconds({"route": lambda: router.route(prompts)}, 7, warmup=1)["route"]
     route_s = statistics.median(times)
+
+    served = router.with_adapters(ADAPTERS)
+    abstain = abstention(served, unseen_x, unseen_y, general)
+    at = abstain[str(served.base_threshold)]
+    print(
+        f"abstention at base_threshold {served.base_threshold} ({len(ADAPTERS)} adapters, background "
+        f"{served.background}): adapter tasks served by their adapter {at['adapter_tasks_served_by_their_adapter']:.4f}, "
+        f"no-adapter tasks served by the base model {at['no_adapter_tasks_served_by_base']:.4f}, general prompts "
+        f"served by the base model: dev {at['general_dev_served_by_base']:.4f}, test {at['general_test_served_by_base']:.4f}"
+    )
+    issue = {t: served.route([t])[0] for t in ISSUE_PROMPTS}
+    print(f"the issue's prompts: {issue}")
+
+    # reference 1: the closed-set router of before (no background), 6 of its 9 tasks served
+    closed = Router.train(train_x, train_y, seed=args.seed, background=None)
+    closed_general = {}
+    for name, (texts, _) in general.items():
+        top = [closed.names[j] for j in closed.predict_proba(texts).argmax(dim=1).tolist()]
+        closed_general[name] = _rate([t in ADAPTERS for t in top])
+    print(
+        f"closed-set router (no background): general prompts whose top task has an adapter: {closed_general}"
+    )
+
+    # reference 2: background never shown es / license / shell
+    keep = [i for i, y in enumerate(train_y) if y in ADAPTERS]
+    blind = Router.train([train_x[i] for i in keep], [train_y[i] for i in keep], seed=args.seed)
+    blind_base = blind.base_proba(unseen_x) >= blind.base_threshold
+    unseen_tasks = {
+        y: _rate([b for b, yy in zip(blind_base.tolist(), unseen_y) if yy == y])
+        for y in sorted(set(unseen_y) - set(ADAPTERS))
+    }
+    print(f"router never shown es/license/shell: their unseen texts served by the base model: {unseen_tasks}")
 
     report = {k: v for k, v in router.report.items() if k != "history"}
     results = {
@@ -87,6 +188,26 @@ def main(argv: list[str] | None = None) -> dict:
         "train_seconds": train_s,
         "route_1000_seconds": route_s,
         "route_1000_seconds_all": times,
+        "abstention": {
+            "adapters": ADAPTERS,
+            "background": served.background,
+            "base_threshold": served.base_threshold,
+            "general_prompts": {
+                name: {"file": str(path.relative_to(HERE.parent)), "prompts": len(general[name][0])}
+                for name, path in GENERAL_SETS.items()
+            },
+            "by_threshold": abstain,
+            "issue_prompts": issue,
+            "closed_set_general_to_an_adapter": closed_general,
+            "never_shown_tasks_served_by_base": unseen_tasks,
+            "goals": {
+                "adapter_tasks_served_by_their_adapter >= 0.99": at["adapter_tasks_served_by_their_adapter"]
+                >= 0.99,
+                "no_adapter_tasks_served_by_base >= 0.95": at["no_adapter_tasks_served_by_base"] >= 0.95,
+                "general_dev_served_by_base >= 0.95": at["general_dev_served_by_base"] >= 0.95,
+                "general_test_served_by_base >= 0.95": at["general_test_served_by_base"] >= 0.95,
+            },
+        },
         "report": report,
     }
     print(f"unseen lines: accuracy {unseen_acc:.4f} on {len(unseen_y)}")
