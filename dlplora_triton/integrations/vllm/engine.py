@@ -1,0 +1,238 @@
+"""Mixes inside vLLM's engine: slot accounting in the scheduler, checks on arrival, routes in the workers.
+
+Installed by :func:`dlplora_triton.integrations.vllm.register` in every vLLM process (vLLM unchanged):
+
+- **Arrival** (``EngineCore.preprocess_add_request``): a request carrying a mix
+  (:mod:`~dlplora_triton.integrations.vllm.mixes`) is checked before it is queued: its components decode,
+  its LoRA is the mix's anchor, it fits ``max_loras``, each component directory holds a LoRA within
+  ``max_lora_rank``. A bad one fails alone (vLLM answers that request with an error); the engine goes on.
+- **Scheduling**: vLLM's scheduler counts one LoRA per request. A mix needs a slot per component, so
+  the scheduler class vLLM picks is given a first pass that holds back, for this step, the waiting
+  requests whose adapters would overflow the slots left by the running ones and the ones admitted before
+  them (they stay queued in order and run when slots free up). A mix of adapters that are already in
+  slots costs nothing more.
+- **Workers** (``set_active_loras`` of vLLM's LoRA model-runner mixin): the step's adapter set gains the
+  mixes' components, and the punica wrapper gets each token's and each sampled row's
+  ``(adapter, weight)`` list, so a mix's rows run ``sum_c w_c * LoRA_c(x)`` in the same kernel launch as
+  every other row.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import numpy as np
+
+from dlplora_triton.integrations.vllm.mixes import LoRARouteMapping, decode_mix, request_mix
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["check_mix_request", "install_engine_hooks", "lora_ids_of"]
+
+
+def _adapter_rank(path: str) -> int:
+    """The largest rank of a PEFT adapter directory (``r`` and ``rank_pattern``); ValueError if not LoRA."""
+    from dlplora_triton.adapters import read_adapter_config
+
+    config = read_adapter_config(path)
+    ranks = [int(config["r"]), *(int(v) for v in (config.get("rank_pattern") or {}).values())]
+    weights = os.path.join(path, "adapter_model.safetensors")
+    if not os.path.isfile(weights) and not os.path.isfile(os.path.join(path, "adapter_model.bin")):
+        raise FileNotFoundError(f"adapter at {path!r}: no adapter_model.safetensors")
+    if os.path.isfile(weights):
+        _check_safetensors(weights)
+    return max(ranks)
+
+
+def _check_safetensors(path: str) -> None:
+    """The header parses and the data section is as long as it says (a truncated copy fails here)."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{path}: truncated safetensors file ({size} bytes)")
+        n = int.from_bytes(head, "little")
+        if n <= 0 or 8 + n > size:
+            raise ValueError(f"{path}: truncated or corrupt safetensors header")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError:
+            raise ValueError(f"{path}: corrupt safetensors header (not JSON)") from None
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)]
+    if not ends:
+        raise ValueError(f"{path}: holds no tensors")
+    if 8 + n + max(ends) > size:
+        raise ValueError(f"{path}: truncated ({size} bytes; its header describes {8 + n + max(ends)})")
+
+
+def check_adapter_dir(path: str, max_lora_rank: int | None, label: str) -> None:
+    """ValueError / FileNotFoundError naming ``label`` when ``path`` is no servable LoRA directory."""
+    try:
+        rank = _adapter_rank(path)
+    except (OSError, ValueError) as e:
+        raise type(e)(f"{label}: {e}") from None
+    if max_lora_rank is not None and rank > max_lora_rank:
+        raise ValueError(f"{label}: rank {rank} is above this server's max_lora_rank ({max_lora_rank})")
+
+
+def check_mix_request(sampling_params, lora_request, lora_config) -> None:
+    """Raise ValueError when a request's mix cannot be served (no-op for plain requests)."""
+    extra = getattr(sampling_params, "extra_args", None) or {}
+    from dlplora_triton.integrations.vllm.mixes import MIX_ARG
+
+    if MIX_ARG not in extra:
+        return
+    mix = decode_mix(extra[MIX_ARG])
+    if lora_config is None:
+        raise ValueError("a mix needs LoRA enabled (enable_lora=True / --enable-lora)")
+    if lora_request is None or lora_request.lora_int_id != mix[0].lora_int_id:
+        raise ValueError(
+            "a mix request's LoRA must be its anchor (use mix_request, or the server's mix: names)"
+        )
+    if len(mix) > lora_config.max_loras:
+        raise ValueError(
+            f"the mix has {len(mix)} adapters; the engine holds at most {lora_config.max_loras} (max_loras)"
+        )
+    for c in mix:
+        check_adapter_dir(c.lora_path, lora_config.max_lora_rank, f"mix component {c.name!r}")
+
+
+def lora_ids_of(request) -> frozenset[int]:
+    """The LoRA ids a scheduler request needs in slots: its own and its mix's components (cached)."""
+    cached = getattr(request, "_dlplora_lora_ids", None)
+    if cached is not None:
+        return cached
+    ids = set()
+    if request.lora_request is not None and request.lora_request.lora_int_id > 0:
+        ids.add(request.lora_request.lora_int_id)
+    mix = request_mix(request.sampling_params) if request.sampling_params is not None else None
+    if mix:
+        ids.update(c.lora_int_id for c in mix)
+    ids = frozenset(ids)
+    try:
+        request._dlplora_lora_ids = ids
+    except AttributeError:  # a Request with __slots__: recompute next time
+        pass
+    return ids
+
+
+class MixSlotsScheduler:
+    """Mixed in before vLLM's scheduler class: admit waiting requests only while their adapters fit."""
+
+    def schedule(self, *args, **kwargs):
+        lora_config = getattr(self, "lora_config", None)
+        if not lora_config:
+            return super().schedule(*args, **kwargs)
+        held: set[int] = set()
+        for request in self.running:
+            held |= lora_ids_of(request)
+        order = list(self.waiting)
+        deferred = []
+        for request in order:
+            need = lora_ids_of(request)
+            if need and len(held | need) > lora_config.max_loras:
+                deferred.append(request)
+            else:
+                held |= need
+        if not deferred:
+            return super().schedule(*args, **kwargs)
+        self.waiting.remove_requests(deferred)
+        try:
+            return super().schedule(*args, **kwargs)
+        finally:
+            # Back into the queue in their first order, with whatever this step did not admit.
+            position = {id(r): i for i, r in enumerate(order)}
+            rest = list(self.waiting)
+            self.waiting.remove_requests(rest)
+            for request in sorted(rest + deferred, key=lambda r: position.get(id(r), len(order))):
+                self.waiting.add_request(request)
+
+
+_SCHEDULERS: dict[type, type] = {}
+
+
+def mix_slots_scheduler(base: type) -> type:
+    """``base`` (vLLM's Scheduler or AsyncScheduler, or a user's) with mix-aware slot accounting."""
+    if issubclass(base, MixSlotsScheduler):
+        return base
+    if base not in _SCHEDULERS:
+        _SCHEDULERS[base] = type(f"DLPLoRA{base.__name__}", (MixSlotsScheduler, base), {})
+    return _SCHEDULERS[base]
+
+
+def _rows(mixes, lora_ids, counts) -> LoRARouteMapping:
+    """Per-row ``(LoRA id, weight)`` lists of a batch, each request's row repeated ``counts[i]`` times."""
+    width = max([len(m) for m in mixes if m] + [1])
+    ids = np.zeros((len(mixes), width), dtype=np.int64)
+    weights = np.zeros((len(mixes), width), dtype=np.float32)
+    for i, (mix, lora_id) in enumerate(zip(mixes, lora_ids)):
+        if mix:
+            ids[i, : len(mix)] = [c.lora_int_id for c in mix]
+            weights[i, : len(mix)] = [c.weight for c in mix]
+        elif lora_id > 0:
+            ids[i, 0], weights[i, 0] = lora_id, 1.0
+    counts = np.asarray(counts, dtype=np.int64)
+    return LoRARouteMapping(np.repeat(ids, counts, axis=0), np.repeat(weights, counts, axis=0))
+
+
+def install_engine_hooks() -> bool:
+    """Install the three hooks (idempotent); True when installed by this call."""
+    from vllm.config.scheduler import SchedulerConfig
+    from vllm.lora.request import LoRARequest
+    from vllm.v1.engine.core import EngineCore
+    from vllm.v1.worker.lora_model_runner_mixin import LoRAModelRunnerMixin
+
+    from dlplora_triton.integrations.vllm.wrapper import next_step_routes
+
+    if getattr(LoRAModelRunnerMixin.set_active_loras, "_dlplora", False):
+        return False
+    get_scheduler_cls = SchedulerConfig.get_scheduler_cls
+    preprocess = EngineCore.preprocess_add_request
+    set_active_loras = LoRAModelRunnerMixin.set_active_loras
+
+    def get_mix_scheduler_cls(self):
+        return mix_slots_scheduler(get_scheduler_cls(self))
+
+    def preprocess_add_request(self, request):
+        check_mix_request(request.sampling_params, request.lora_request, self.vllm_config.lora_config)
+        return preprocess(self, request)
+
+    def set_active_mixes(self, input_batch, num_scheduled_tokens, num_sampled_tokens=None, *args, **kwargs):
+        num_reqs = input_batch.num_reqs
+        params = [self.requests[rid].sampling_params for rid in input_batch.req_ids[:num_reqs]]
+        mixes = [request_mix(p) if p is not None else None for p in params]
+        manager = self.lora_manager._adapter_manager
+        if not any(mixes):
+            if getattr(manager, "_dlplora_mixed", False):  # the last step's routes must not linger
+                manager._last_mapping, manager._dlplora_mixed = None, False
+            return set_active_loras(
+                self, input_batch, num_scheduled_tokens, num_sampled_tokens, *args, **kwargs
+            )
+        if num_sampled_tokens is None:
+            num_sampled_tokens = np.ones_like(num_scheduled_tokens, dtype=np.int32)
+        prompt_mapping, token_mapping, lora_requests = input_batch.make_lora_inputs(
+            num_scheduled_tokens, num_sampled_tokens
+        )
+        requested = {r.lora_int_id: r for r in lora_requests if r}
+        for mix in mixes:
+            for c in mix or ():
+                requested.setdefault(c.lora_int_id, LoRARequest(c.name, c.lora_int_id, c.lora_path))
+        lora_ids = input_batch.request_lora_mapping[:num_reqs].tolist()
+        tokens = _rows(mixes, lora_ids, num_scheduled_tokens[:num_reqs])
+        samples = _rows(mixes, lora_ids, num_sampled_tokens[:num_reqs])
+        manager._last_mapping, manager._dlplora_mixed = None, True  # routes change with weights alone
+        with next_step_routes(tokens, samples):
+            # A list, not a set: LoRARequest hashes by name, and a mix's anchor shares its first
+            # component's id under another name (vLLM's manager keys by id).
+            return self._set_active_loras(
+                prompt_mapping, token_mapping, list(requested.values()), *args, **kwargs
+            )
+
+    get_mix_scheduler_cls._dlplora = True
+    set_active_mixes._dlplora = True
+    SchedulerConfig.get_scheduler_cls = get_mix_scheduler_cls
+    EngineCore.preprocess_add_request = preprocess_add_request
+    LoRAModelRunnerMixin.set_active_loras = set_active_mixes
+    return True

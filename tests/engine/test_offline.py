@@ -1,0 +1,135 @@
+"""A real vLLM engine (``LLM``, vLLM's CPU build) with the plugin, against transformers + PEFT.
+
+One engine for the module: SmolLM2-135M in fp32 with the six committed adapters and ``max_loras=4``, so
+that bursts and churn must share four slots. Every answer is checked against the same request served
+alone by PEFT (greedy tokens, and their log-probs within 1e-4).
+"""
+
+import os
+import random
+
+import pytest
+from engine_util import (
+    ADAPTERS,
+    ENGINE_ARGS,
+    ENGINE_ENV,
+    PeftReference,
+    adapter_path,
+    assert_matches,
+    model_folder,
+    prompt_ids,
+)
+
+MAX_TOKENS = 6
+LORA_IDS = {name: i + 1 for i, name in enumerate(ADAPTERS)}
+MIXES = (
+    (("de", 0.7), ("code", 0.3)),
+    (("de", 1.0), ("code", -0.5)),
+    (("fr", 0.5), ("ru", 0.25), ("zh", 0.25)),
+    (("ja", 0.6), ("zh", 0.4)),
+    (("code", 0.9), ("fr", 0.1)),
+    (("ru", 2.0),),
+)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return PeftReference()
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    return prompt_ids()
+
+
+@pytest.fixture(scope="module")
+def llm():
+    os.environ.update(ENGINE_ENV)
+    from vllm import LLM
+
+    engine = LLM(model=str(model_folder()), **ENGINE_ARGS)
+    yield engine
+    engine.llm_engine.engine_core.shutdown()
+
+
+def _request(mix):
+    """``(LoRARequest | None, SamplingParams)`` of a row: base (``()``), one adapter, or a mix."""
+    from vllm import SamplingParams
+    from vllm.lora.request import LoRARequest
+
+    from dlplora_triton.integrations.vllm import mix_request
+
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, logprobs=0, ignore_eos=True)
+    if not mix:
+        return None, params
+    if len(mix) == 1 and mix[0][1] == 1.0:
+        ((name, _),) = mix
+        return LoRARequest(name, LORA_IDS[name], adapter_path(name)), params
+    components = [(LoRARequest(n, LORA_IDS[n], adapter_path(n)), w) for n, w in mix]
+    return mix_request(components, params)
+
+
+def generate(llm, rows):
+    """Serve ``[(prompt ids, mix), ...]`` as one batch: ``[(tokens, log-probs), ...]``."""
+    from vllm.inputs import TokensPrompt
+
+    requests = [_request(mix) for _, mix in rows]
+    outputs = llm.generate(
+        [TokensPrompt(prompt_token_ids=ids) for ids, _ in rows],
+        [params for _, params in requests],
+        lora_request=[lora for lora, _ in requests],
+        use_tqdm=False,
+    )
+    results = []
+    for out in outputs:
+        completion = out.outputs[0]
+        tokens = list(completion.token_ids)
+        results.append((tokens, [step[t].logprob for step, t in zip(completion.logprobs, tokens)]))
+    return results
+
+
+def test_one_batch_of_plain_adapters_mixes_and_base_equals_peft(llm, reference, prompts):
+    # Eight rows needing all six adapters at once with four slots: the scheduler runs them in turns.
+    rows = [
+        (prompts[0], ()),
+        (prompts[0], (("de", 1.0),)),
+        (prompts[1], (("code", 1.0),)),
+        (prompts[0], MIXES[0]),
+        (prompts[1], MIXES[1]),  # a negative weight
+        (prompts[2], MIXES[2]),
+        (prompts[4], MIXES[3]),
+        (prompts[3], MIXES[5]),
+    ]
+    for (ids, mix), (tokens, logprobs) in zip(rows, generate(llm, rows)):
+        assert_matches(tokens, logprobs, reference.greedy(ids, mix, MAX_TOKENS), f"{mix or 'base'}")
+
+
+def test_churn_of_200_requests_with_four_slots(llm, reference, prompts):
+    # Seeded: batches of 1..10 rows over the six adapters, six mixes and the base model, repeats
+    # included, so vLLM's LRU evicts components of mixes that come back later.
+    rng = random.Random(19)
+    models = [(), *[((n, 1.0),) for n in ADAPTERS], *MIXES]
+    served = 0
+    while served < 200:
+        rows = [(rng.choice(prompts), rng.choice(models)) for _ in range(rng.randint(1, 10))]
+        for (ids, mix), (tokens, logprobs) in zip(rows, generate(llm, rows)):
+            assert_matches(
+                tokens, logprobs, reference.greedy(ids, mix, MAX_TOKENS), f"request {served}: {mix}"
+            )
+            served += 1
+
+
+def test_32_weightings_of_three_adapters_share_their_slots(llm, reference, prompts):
+    rng = random.Random(32)
+    rows = []
+    for i in range(32):
+        a, b = rng.uniform(-1, 1), rng.uniform(-1, 1)
+        rows.append(
+            (prompts[i % 3], (("de", round(a, 3)), ("code", round(b, 3)), ("fr", round(1 - a - b, 3))))
+        )
+    for (ids, mix), (tokens, logprobs) in zip(rows, generate(llm, rows)):
+        assert_matches(tokens, logprobs, reference.greedy(ids, mix, MAX_TOKENS), f"{mix}")
+
+
+def test_an_empty_batch_is_served(llm):
+    assert generate(llm, []) == []
