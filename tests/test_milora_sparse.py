@@ -480,3 +480,51 @@ def test_attach_refuses_a_peft_model(tmp_path):
             dlp.attach(model, {"a": path})
     lora = dlp.attach(peft.unload(), {"a": path})
     assert len(lora.layers) == 2
+
+
+def test_module_plans_launch_the_kernel_variants_of_the_selection_plan(tmp_path):
+    """A module's plan has the static sizes of the selection's plan (T, P, L, tile counts, block
+    sizes), so the kernels get the same block-shape choices: compile-check's sweep covers them and a
+    route adds no kernel variant."""
+    from dlplora_triton.kernels import expand_config, shrink_config
+
+    mi = train("mean", 1, seed=14)
+    model, lora = serve(mi, tmp_path, seed=14)
+    ids, mask = padded_batch(14)
+    lora.select([[("mi", 1.0)], [], [("mi", 0.5)]])
+    with torch.no_grad():
+        model(ids, attention_mask=mask)
+    routed = [layer for layer in lora.layers.values() if layer.route is not None and layer.route.key]
+    assert routed
+    for shape in ((B, T, 32), (B, 1, 32)):  # prefill and decode
+        x = torch.zeros(shape)
+        plan, _ = lora._routing.batch_for(x)
+        for layer in routed:
+            mine, _ = lora._routing.batch_for(x, layer.route)
+            assert mine is not plan
+            static = lambda p: (  # noqa: E731
+                p.num_tokens,
+                p.num_slots,
+                p.num_adapters,
+                p.shrink_block_m,
+                p.expand_block_m,
+                p.shrink_tile_start.shape[0],
+                p.expand_tile_count.shape[0],
+                p.expand_tile_adapters.shape[1],
+            )
+            assert static(mine) == static(plan)
+            R = layer.lora_a.shape[1]
+            assert shrink_config(mine.shrink_tile_start.shape[0], 32, R, torch.float16) == shrink_config(
+                plan.shrink_tile_start.shape[0], 32, R, torch.float16
+            )
+            assert expand_config(mine.expand_tile_count.shape[0], 64, R, torch.float16) == expand_config(
+                plan.expand_tile_count.shape[0], 64, R, torch.float16
+            )
+            dropped = set(layer.route.key)
+            kept = plan.token_adapter.reshape(-1).clone()
+            seq = (
+                plan.token_seq.long().repeat_interleave(plan.num_slots) * plan.num_slots
+                + torch.arange(plan.num_tokens * plan.num_slots) % plan.num_slots
+            )
+            kept[torch.tensor([int(s) in dropped for s in seq])] = -1
+            assert torch.equal(mine.token_adapter.reshape(-1), kept)
