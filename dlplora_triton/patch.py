@@ -157,7 +157,9 @@ class MultiLoRA:
     - ``names``: adapter names, in id order (the ids of a tensor selection);
     - ``adapters``: name -> :class:`~dlplora_triton.adapters.AdapterInfo` (rank, alpha, targets...);
     - ``layers``: module path -> :class:`~dlplora_triton.layers.MultiLoRALinear`;
-    - ``select`` / ``selection`` (scoped) / ``add`` / ``remove`` / ``detach``.
+    - ``select`` / ``selection`` (scoped) / ``add`` / ``remove`` / ``detach``;
+    - ``set_module_gates`` (MiLoRA's per-module gates; a gate of 0 drops that row from the module's
+      plan unless ``skip_zero_gates`` is False).
     """
 
     def __init__(self, model: nn.Module):
@@ -556,7 +558,9 @@ def attach(model: nn.Module, adapters: Mapping[str, str | os.PathLike]) -> Multi
 
     Every adapter is read and checked against the model before the model is changed; on any error
     (FileNotFoundError for a missing path, ValueError naming the adapter and what is wrong) the model
-    is left as it was. Until ``select`` is called, every row gets the base model.
+    is left as it was. Until ``select`` is called, every row gets the base model. A model that applies
+    a LoRA of its own is refused with ValueError naming a module and how to unwrap it: one still
+    wrapped by a ``dlp.MiLoRA`` (``mi.remove()`` first) or carrying PEFT LoRA layers (``unload()``).
 
     Example::
 
