@@ -138,20 +138,21 @@ class PeftReference:
         """Greedy tokens after ``ids`` and each one's log-probability (fp32), cached per (ids, mix)."""
         import torch
 
-        key = (tuple(ids), tuple(mix), max_tokens)
-        if key not in self._cache:
+        key = (tuple(ids), tuple(mix))
+        if key not in self._cache or len(self._cache[key][0]) < max_tokens:
             tokens, logprobs = [], []
-            seq = torch.tensor([ids])
+            step_ids, past = torch.tensor([ids]), None
             with self._active(list(mix)), torch.no_grad():
                 for _ in range(max_tokens):
-                    logits = self.model(input_ids=seq).logits[0, -1].float()
-                    logp = torch.log_softmax(logits, -1)
+                    out = self.model(input_ids=step_ids, past_key_values=past, use_cache=True)
+                    logits, past = out.logits[0, -1].float(), out.past_key_values
                     token = int(logits.argmax())
                     tokens.append(token)
-                    logprobs.append(float(logp[token]))
-                    seq = torch.cat([seq, torch.tensor([[token]])], 1)
+                    logprobs.append(float(torch.log_softmax(logits, -1)[token]))
+                    step_ids = torch.tensor([[token]])
             self._cache[key] = (tokens, logprobs)
-        return self._cache[key]
+        tokens, logprobs = self._cache[key]
+        return tokens[:max_tokens], logprobs[:max_tokens]
 
 
 def mix_name(mix) -> str:

@@ -133,3 +133,59 @@ def test_32_weightings_of_three_adapters_share_their_slots(llm, reference, promp
 
 def test_an_empty_batch_is_served(llm):
     assert generate(llm, []) == []
+
+
+def _broken_adapters(root):
+    """A truncated copy of ``de`` and one whose config claims rank 32 (above max_lora_rank 16)."""
+    import json
+    import shutil
+
+    truncated, big = root / "truncated", root / "bigrank"
+    shutil.copytree(adapter_path("de"), truncated)
+    weights = truncated / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 3])
+    shutil.copytree(adapter_path("de"), big)
+    config = json.loads((big / "adapter_config.json").read_text())
+    (big / "adapter_config.json").write_text(json.dumps(dict(config, r=32, rank_pattern={})))
+    return str(truncated), str(big)
+
+
+def test_bad_mixes_fail_alone_and_the_engine_goes_on(llm, reference, prompts, tmp_path):
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+    from vllm.lora.request import LoRARequest
+
+    from dlplora_triton.integrations.vllm import mix_request
+
+    truncated, big = _broken_adapters(tmp_path)
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, logprobs=0, ignore_eos=True)
+
+    def lora(name, path=None, lora_id=None):
+        return LoRARequest(name, lora_id or LORA_IDS[name], path or adapter_path(name))
+
+    bad = {
+        "five components with four slots": mix_request([(lora(n), 0.2) for n in ADAPTERS[:5]], params),
+        "a missing adapter directory": mix_request(
+            [(lora("de"), 0.5), (lora("x", "/no/such", 90), 0.5)], params
+        ),
+        "a truncated component": mix_request([(lora("de"), 0.5), (lora("t", truncated, 91), 0.5)], params),
+        "a rank above max_lora_rank": mix_request([(lora("de"), 0.5), (lora("b", big, 92), 0.5)], params),
+    }
+    good = [(prompts[0], MIXES[0]), (prompts[1], (("code", 1.0),))]
+    requests = [_request(mix) for _, mix in good] + list(bad.values())
+    ids = [ids for ids, _ in good] + [prompts[2]] * len(bad)
+    outputs = llm.generate(
+        [TokensPrompt(prompt_token_ids=i) for i in ids],
+        [p for _, p in requests],
+        lora_request=[r for r, _ in requests],
+        use_tqdm=False,
+    )
+    for what, out in zip(bad, outputs[len(good) :]):
+        assert out.outputs[0].finish_reason == "error" and not out.outputs[0].token_ids, what
+    for (prompt, mix), out in zip(good, outputs[: len(good)]):
+        completion = out.outputs[0]
+        logprobs = [step[t].logprob for step, t in zip(completion.logprobs, completion.token_ids)]
+        assert_matches(completion.token_ids, logprobs, reference.greedy(prompt, mix, MAX_TOKENS), f"{mix}")
+    rows = [(prompts[3], MIXES[2])]  # and the next batch is served as if nothing had happened
+    for (prompt, mix), got in zip(rows, generate(llm, rows)):
+        assert_matches(*got, reference.greedy(prompt, mix, MAX_TOKENS), "after the bad requests")

@@ -17,6 +17,7 @@ Nothing is written or registered per mix: weights live in the request and die wi
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -70,6 +71,8 @@ class LoRARouteMapping:
         """``([T, P] int64, [T, P] float32)`` on the CPU, checked."""
         ids = torch.as_tensor(self.token_lora_ids).to("cpu", torch.int64)
         weights = torch.as_tensor(self.token_lora_weights).to("cpu", torch.float32)
+        if ids.shape == weights.shape == (0,):  # no rows given as empty sequences: [0, 1]
+            ids, weights = ids.reshape(0, 1), weights.reshape(0, 1)
         if ids.dim() != 2 or ids.shape != weights.shape:
             raise ValueError(
                 "LoRARouteMapping: token_lora_ids and token_lora_weights must both be [T, P], got "
@@ -174,12 +177,21 @@ def decode_mix(value) -> tuple[MixComponent, ...]:
     return tuple(components)
 
 
+@functools.lru_cache(maxsize=4096)
+def _decode_text(value: str) -> tuple[MixComponent, ...]:
+    return decode_mix(value)
+
+
 def request_mix(sampling_params) -> tuple[MixComponent, ...] | None:
-    """The mix a request's sampling parameters carry, or None (a plain request)."""
+    """The mix a request's sampling parameters carry, or None (a plain request).
+
+    Called for every request of every step by the workers: a mix's text is decoded once (cached).
+    """
     extra = getattr(sampling_params, "extra_args", None)
     if not extra or MIX_ARG not in extra:
         return None
-    return decode_mix(extra[MIX_ARG])
+    value = extra[MIX_ARG]
+    return _decode_text(value) if isinstance(value, str) else decode_mix(value)
 
 
 def mix_request(components, sampling_params=None, lora_name: str | None = None):

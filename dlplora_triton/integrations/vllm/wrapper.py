@@ -25,6 +25,7 @@ import torch
 from vllm.lora.punica_wrapper.punica_base import PunicaWrapperBase
 
 from dlplora_triton import build_plan, fused_lora_planned
+from dlplora_triton.backends.torch_path import TorchPathCache
 from dlplora_triton.integrations.vllm.mixes import LoRARouteMapping, slot_routing
 
 __all__ = ["WRAPPER_QUALNAME", "PunicaWrapperDLP", "next_step_routes"]
@@ -50,7 +51,13 @@ class _Routing:
     """One step's routing on the device: the plan, per-row LoRA flags and the slots it involves."""
 
     def __init__(
-        self, ids: torch.Tensor, weights: torch.Tensor, row_plain: torch.Tensor, num_slots: int, device
+        self,
+        ids: torch.Tensor,
+        weights: torch.Tensor,
+        row_plain: torch.Tensor,
+        num_slots: int,
+        device,
+        own: torch.Tensor | None = None,
     ):
         T = ids.shape[0]
         # Consecutive rows with the same routing form one plan sequence (vLLM packs requests).
@@ -63,20 +70,29 @@ class _Routing:
         offsets = torch.cat([starts, torch.tensor([T], dtype=torch.int64)])
         self.num_rows = T
         self.num_slots = num_slots
-        self._host = (ids, weights, row_plain, device)
+        self._host = (ids, weights, row_plain, device, own)
         self._padded: dict[int, _Routing] = {}
         self.plain = bool(row_plain.all())  # vLLM's own one-adapter-per-row case everywhere
+        self.any_lora = bool((ids >= 0).any())  # False: every layer call of the step adds nothing
         self.has_lora = (ids >= 0).any(1).to(device) if T else torch.zeros(0, dtype=torch.bool, device=device)
-        mixed = ids[~row_plain]
-        self.mixed_slots = torch.unique(mixed[mixed >= 0]).tolist()  # slots read by mixed rows
+        # Rows where vLLM's per-slot data (embedding rows gathered by the mapping's slot ``own``, full
+        # modules by the sampler's) is not what the routing says: mixes, and one adapter at weight 1
+        # other than the mapping's (a route, or a mix whose anchor has weight 0).
+        off = ~row_plain if own is None else ~(row_plain & (ids[:, 0] == own))
+        mixed = ids[off]
+        self.mixed_slots = torch.unique(mixed[mixed >= 0]).tolist()  # slots these rows read
+        own_off = own[off] if own is not None else own
+        self.own_slots = [] if own is None else torch.unique(own_off[own_off >= 0]).tolist()
         self.plan = build_plan(
             offsets.to(device), ids[starts].to(device), weights[starts].to(device), num_slots, num_tokens=T
         )
+        # The PyTorch path's host data of the plan, read once per step for all of the step's layers.
+        self.cache = TorchPathCache(self.plan) if self.plan.device.type == "cpu" else None
 
     def padded(self, rows: int) -> _Routing:
         """This routing with ``rows - num_rows`` more rows without LoRA (vLLM may pad a batch's tokens)."""
         if rows not in self._padded:
-            ids, weights, row_plain, device = self._host
+            ids, weights, row_plain, device, own = self._host
             extra = rows - self.num_rows
             self._padded[rows] = _Routing(
                 torch.cat([ids, ids.new_full((extra, ids.shape[1]), -1)]),
@@ -84,6 +100,7 @@ class _Routing:
                 torch.cat([row_plain, row_plain.new_ones(extra)]),
                 self.num_slots,
                 device,
+                None if own is None else torch.cat([own, own.new_full((extra,), -1)]),
             )
         return self._padded[rows]
 
@@ -126,23 +143,22 @@ class PunicaWrapperDLP(PunicaWrapperBase):
             route, sample_route = _NEXT_ROUTES[0]
         L = len(lora_index_to_id)
         num_tokens = len(mapping.index_mapping)
+        own = self.token_lora_indices[:num_tokens].to("cpu")  # vLLM's slot per token, -1 = none
         if route is None:
-            ids, weights, row_plain = slot_routing(
-                L, self.token_lora_indices[:num_tokens].to("cpu").unsqueeze(1)
-            )
+            ids, weights, row_plain = slot_routing(L, own.unsqueeze(1))
         else:
             ids, weights, row_plain = self._route_slots(route, lora_index_to_id, num_tokens, "tokens")
         self._route_active = route is not None and sample_route is None
-        self._tokens = _Routing(ids, weights, row_plain, L, self.device)
+        self._tokens = _Routing(ids, weights, row_plain, L, self.device, own)
         num_samples = len(mapping.prompt_mapping)
+        own_samples = self.sampler_indices[:num_samples].to("cpu")
         if sample_route is None:
-            samples = self.sampler_indices[:num_samples].to("cpu").unsqueeze(1)
-            s_ids, s_w, s_plain = slot_routing(L, samples)
+            s_ids, s_w, s_plain = slot_routing(L, own_samples.unsqueeze(1))
         else:
             s_ids, s_w, s_plain = self._route_slots(
                 sample_route, lora_index_to_id, num_samples, "sampled rows"
             )
-        self._samples = _Routing(s_ids, s_w, s_plain, L, self.device)
+        self._samples = _Routing(s_ids, s_w, s_plain, L, self.device, own_samples)
 
     @staticmethod
     def _route_slots(route: LoRARouteMapping, lora_index_to_id, rows: int, what: str):
@@ -183,14 +199,17 @@ class PunicaWrapperDLP(PunicaWrapperBase):
 
     def _apply(self, routing: _Routing, x, lora_a, lora_b, scale: float, out, add_inputs: bool) -> None:
         """``out (+)= delta`` of one slice: ``x [T, K]``, ``lora_a [L, R, K]``, ``lora_b [L, N, R]``."""
+        if not routing.any_lora:  # no row of the step has an adapter: vLLM leaves ``out`` as it is
+            return
         L = lora_a.shape[0]
         scales = None if scale == 1.0 else torch.full((L,), float(scale), device=x.device)
         if x.dtype != lora_a.dtype:
             x = x.to(lora_a.dtype)
+        run = dict(scales=scales, backend=self.backend, cache=routing.cache)
         if add_inputs and out.dtype == lora_a.dtype:
-            fused_lora_planned(x, lora_a, lora_b, routing.plan, scales=scales, out=out, backend=self.backend)
+            fused_lora_planned(x, lora_a, lora_b, routing.plan, out=out, **run)
             return
-        delta = fused_lora_planned(x, lora_a, lora_b, routing.plan, scales=scales, backend=self.backend)
+        delta = fused_lora_planned(x, lora_a, lora_b, routing.plan, **run)
         if add_inputs:
             out.add_(delta.to(out.dtype))
         else:  # vLLM's semantics: rows with LoRA are overwritten, rows without it are left untouched
@@ -290,8 +309,9 @@ class PunicaWrapperDLP(PunicaWrapperBase):
     def apply_lora_full_linear(self, y, x, weight_stacked, bias_stacked, module_enabled):
         """Full replacement weights (modules_to_save) per sampled row; mixes of them are refused."""
         routing = self._routing(x.shape[0], samples=True)
-        if not routing.plain:
-            enabled = [s for s in routing.mixed_slots if bool(module_enabled[s])]
+        if routing.mixed_slots or routing.own_slots:  # rows whose routing is not the sampler's slot
+            slots = sorted(set(routing.mixed_slots) | set(routing.own_slots))
+            enabled = [s for s in slots if bool(module_enabled[s])]
             if enabled:
                 raise NotImplementedError(
                     "PunicaWrapperDLP.apply_lora_full_linear: a mix uses adapters with modules_to_save "
