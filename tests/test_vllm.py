@@ -1,7 +1,8 @@
 """dlplora_triton.integrations.vllm: our kernels as vLLM's LoRA backend.
 
 The checks that need vLLM run in one subprocess (tests/vllm_checks.py: vLLM's real LoRA layers with
-our wrapper against PunicaWrapperCPU and vLLM's Triton ops, mixes, routes, the plugin, TP = 2), so
+our wrapper against PunicaWrapperCPU and vLLM's Triton ops, mixes as routes, empty batches, the engine
+hooks, the plugin, vLLM's LoRA managers against PEFT, TP = 2), so
 that importing vLLM never touches this pytest process; each of its cases is one test here. They skip
 where vLLM is not installed (``make test`` installs it). The rest runs without vLLM.
 """
@@ -17,7 +18,7 @@ import pytest
 import torch
 from vllm_checks import CASES
 
-from dlplora_triton.integrations import vllm_mix
+from dlplora_triton.integrations.vllm import mixes
 
 ROOT = Path(__file__).resolve().parent.parent
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
@@ -26,7 +27,9 @@ HAS_VLLM = importlib.util.find_spec("vllm") is not None
 @pytest.fixture(scope="module")
 def vllm_results(tmp_path_factory):
     if not HAS_VLLM:
-        pytest.skip("vLLM is not installed (make test installs vllm==0.33.0 and requirements/vllm-layers.txt)")
+        pytest.skip(
+            "vLLM is not installed (make test installs vllm==0.33.0 and requirements/vllm-layers.txt)"
+        )
     out = tmp_path_factory.mktemp("vllm") / "results.json"
     env = dict(os.environ, VLLM_TARGET_DEVICE="cpu", TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
     env.update(OMP_NUM_THREADS="1", VLLM_LOGGING_LEVEL="WARNING")
@@ -67,80 +70,130 @@ def test_entry_point_declared():
 
 def test_slot_routing_plain_is_vllms_mapping():
     slots = torch.tensor([[0], [0], [-1], [2], [1]])
-    ids, weights, plain = vllm_mix.slot_routing([1, 2, 3, None], slots)
+    ids, weights, plain = mixes.slot_routing(4, slots)
     assert ids.tolist() == [[0], [0], [-1], [2], [1]]
-    assert weights[ids >= 0].eq(1).all() and plain.all()
+    assert weights[ids >= 0].eq(1).all() and weights[ids < 0].eq(0).all() and plain.all()
 
 
-def test_slot_routing_expands_mixes():
-    vllm_mix.register_mix(50, [(3, 0.25), (1, -0.5)])
-    try:
-        ids, weights, plain = vllm_mix.slot_routing([1, 2, 3, 50], torch.tensor([[3], [1], [-1]]))
-    finally:
-        vllm_mix.unregister_mix(50)
-    assert ids.tolist() == [[2, 0], [1, -1], [-1, -1]]
-    assert weights.tolist() == [[0.25, -0.5], [1.0, 0.0], [0.0, 0.0]]
+def test_slot_routing_route_weights():
+    slots = torch.tensor([[2, 0], [1, -1], [-1, -1], [3, -1]])
+    weights = torch.tensor([[0.25, -0.5], [1.0, 0.0], [0.0, 0.0], [2.0, 0.0]])
+    ids, w, plain = mixes.slot_routing(4, slots, weights)
+    assert ids.tolist() == [[2, 0], [1, -1], [-1, -1], [3, -1]]
+    assert w.tolist() == [[0.25, -0.5], [1.0, 0.0], [0.0, 0.0], [2.0, 0.0]]
+    assert plain.tolist() == [False, True, True, False]  # one slot at weight 1 (or none) is vLLM's case
+
+
+def test_slot_routing_zero_weights_dropped():
+    slots = torch.tensor([[0, 2, 1], [3, 1, -1], [2, -1, -1]])
+    weights = torch.tensor([[0.0, 0.4, 2.0], [0.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
+    ids, w, plain = mixes.slot_routing(4, slots, weights)
+    # A zero weight adds nothing, so its slot is dropped; the used slots are packed first.
+    assert ids.tolist() == [[2, 1], [1, -1], [-1, -1]]
+    assert torch.allclose(w, torch.tensor([[0.4, 2.0], [1.0, 0.0], [0.0, 0.0]]))
     assert plain.tolist() == [False, True, True]
+    ids, w, plain = mixes.slot_routing(4, torch.zeros(0, 2, dtype=torch.int64))
+    assert ids.shape == w.shape == (0, 1) and plain.shape == (0,)
 
 
-def test_slot_routing_route_weights_multiply_mix_weights():
-    vllm_mix.register_mix(50, [(3, 0.5), (1, 0.5)])
-    try:
-        ids, weights, plain = vllm_mix.slot_routing(
-            [1, 2, 3, 50], torch.tensor([[3, 1], [0, -1]]), torch.tensor([[0.4, 2.0], [0.0, 1.0]])
-        )
-    finally:
-        vllm_mix.unregister_mix(50)
-    assert ids.tolist() == [[2, 0, 1], [-1, -1, -1]]  # a zero weight adds nothing, so its slot is dropped
-    assert torch.allclose(weights, torch.tensor([[0.2, 0.2, 2.0], [0.0, 0.0, 0.0]]))
-    assert not plain.any()
-
-
-def test_slot_routing_missing_component_names_it():
-    vllm_mix.register_mix(50, [(9, 1.0)])
-    try:
-        with pytest.raises(KeyError, match="component adapter 9"):
-            vllm_mix.slot_routing([1, 50], torch.tensor([[1]]))
-    finally:
-        vllm_mix.unregister_mix(50)
-
-
-@pytest.mark.parametrize(
-    "components, words",
-    [
-        ([], "no components"),
-        ([(1, 0.5), (1, 0.5)], "twice"),
-        ([(1, float("inf"))], "not finite"),
-        ([(50, 1.0)], "differ"),
-    ],
-)
-def test_register_mix_errors(components, words):
-    with pytest.raises(ValueError, match=words):
-        vllm_mix.register_mix(50, components)
+def test_slot_routing_bad_slots():
+    for bad in ([[4]], [[-2]]):
+        with pytest.raises(ValueError, match="slot indices"):
+            mixes.slot_routing(4, torch.tensor(bad))
 
 
 def test_parse_mix_name():
-    assert vllm_mix.parse_mix_name("mix:math=0.7, code = -0.3") == [("math", 0.7), ("code", -0.3)]
-    assert vllm_mix.parse_mix_name("math") is None
-    for bad, words in (("mix:", "adapter=weight"), ("mix:a=1,a=2", "twice"), ("mix:a=nan", "not finite")):
-        with pytest.raises(ValueError, match=words):
-            vllm_mix.parse_mix_name(bad)
+    assert mixes.parse_mix_name("mix:math=0.7, code = -0.3") == [("math", 0.7), ("code", -0.3)]
+    assert mixes.parse_mix_name("mix:de-v2.1=1e-3,x_y=2") == [("de-v2.1", 1e-3), ("x_y", 2.0)]
+    assert mixes.parse_mix_name("math") is None and mixes.parse_mix_name(None) is None
+    many = "mix:" + ",".join(f"a{i}=1" for i in range(4))
+    assert len(mixes.parse_mix_name(many, max_components=4)) == 4
+    pairs = [("de", 0.7), ("code", -0.3)]
+    assert mixes.parse_mix_name(mixes.canonical_mix_name(pairs)) == pairs
 
 
-def test_mix_dir_is_content_addressed(tmp_path):
-    (tmp_path / "a").mkdir()
-    comps = [{"name": "a", "lora_int_id": 1, "lora_path": str(tmp_path / "a"), "weight": 0.5}]
-    path, mix_id = vllm_mix.write_mix_dir(comps, str(tmp_path / "mixes"))
-    assert (path, mix_id) == vllm_mix.write_mix_dir(comps, str(tmp_path / "mixes"))
-    other, other_id = vllm_mix.write_mix_dir([dict(comps[0], weight=0.6)], str(tmp_path / "mixes"))
-    assert other != path and other_id != mix_id and mix_id > 0
-    assert vllm_mix.read_mix_dir(path)[0]["weight"] == 0.5
-    with pytest.raises(FileNotFoundError, match="nope"):
-        vllm_mix.write_mix_dir([dict(comps[0], lora_path=str(tmp_path / "nope"))], str(tmp_path / "mixes"))
+@pytest.mark.parametrize(
+    "name, words",
+    [
+        ("mix:", "names no adapter"),
+        ("mix:  ", "names no adapter"),
+        ("mix:a=", "adapter=weight"),
+        ("mix:a", "adapter=weight"),
+        ("mix:=1", "adapter=weight"),
+        ("mix:a=1,", "adapter=weight"),
+        ("mix:a=x", "not a number"),
+        ("mix:a=nan", "not finite"),
+        ("mix:a=1e999", "not finite"),
+        ("mix:a=inf", "not finite"),
+        ("mix:a=1,a=2", "twice"),
+        ("mix:../x=1", "not an adapter name"),
+        ("mix:a/b=1", "not an adapter name"),
+        ("mix:.hidden=1", "not an adapter name"),
+        ("mix:" + ",".join(f"a{i}=1" for i in range(64)), "64 components"),
+        ("mix:a=0.5,b=-0.5", "sum to 0"),
+        ("mix:a=0", "sum to 0"),
+    ],
+)
+def test_parse_mix_name_errors(name, words):
+    with pytest.raises(ValueError, match=words):
+        mixes.parse_mix_name(name, max_components=4)
+
+
+def test_encode_decode_mix_round_trip():
+    components = (
+        mixes.MixComponent("de", 1, "/ad/de", 0.7),
+        mixes.MixComponent("code", 7, "/ad/code", -0.25),
+        mixes.MixComponent("zero", 3, "/ad/zero", 0.0),
+    )
+    text = mixes.encode_mix(components)
+    assert isinstance(text, str) and mixes.decode_mix(text) == components
+    assert mixes.decode_mix(json.loads(text)) == components  # the parsed list works too
+
+    class Params:
+        extra_args = {mixes.MIX_ARG: text, "other": 1}
+
+    class Plain:
+        extra_args = None
+
+    assert mixes.request_mix(Params()) == components
+    assert mixes.request_mix(Plain()) is None and mixes.request_mix(None) is None
+
+
+@pytest.mark.parametrize(
+    "value, words",
+    [
+        ("{not json", "not JSON"),
+        ("[]", "non-empty list"),
+        ('{"a": 1}', "non-empty list"),
+        ('[["a", 1, "/p"]]', "is not"),
+        ('[["a", 0, "/p", 1.0]]', "is not"),
+        ('[["a", -2, "/p", 1.0]]', "is not"),
+        ('[["a", true, "/p", 1.0]]', "is not"),
+        ('[["a", 1.5, "/p", 1.0]]', "is not"),
+        ('[["a", 1, "/p", "1"]]', "is not"),
+        ('[["a", 1, "/p", NaN]]', "is not"),
+        ('[["a", 1, "/p", Infinity]]', "is not"),
+        ('[["a", 1, null, 1.0]]', "is not"),
+        ('[["a", 1, "/p", 0.5], ["b", 1, "/q", 0.5]]', "twice"),
+    ],
+)
+def test_decode_mix_errors(value, words):
+    with pytest.raises(ValueError, match=words):
+        mixes.decode_mix(value)
 
 
 def test_route_mapping_shapes():
     with pytest.raises(ValueError, match=r"\[T, P\]"):
-        vllm_mix.LoRARouteMapping([[1, 2]], [[1.0]]).tensors()
-    ids, weights = vllm_mix.LoRARouteMapping([[1, 0]], [[0.5, 0.0]]).tensors()
-    assert ids.dtype == torch.int64 and weights.dtype == torch.float32
+        mixes.LoRARouteMapping([[1, 2]], [[1.0]]).tensors()
+    with pytest.raises(ValueError, match=r"\[T, P\]"):
+        mixes.LoRARouteMapping([1, 2], [1.0, 1.0]).tensors()
+    with pytest.raises(ValueError, match="finite"):
+        mixes.LoRARouteMapping([[1]], [[float("inf")]]).tensors()
+    ids, weights = mixes.LoRARouteMapping([[1, 0]], [[0.5, 0.0]]).tensors()
+    assert ids.dtype == torch.int64 and weights.dtype == torch.float32 and ids.shape == (1, 2)
+    ids, weights = mixes.LoRARouteMapping(
+        torch.tensor([[3]]), torch.tensor([[2.0]], dtype=torch.float64)
+    ).tensors()
+    assert ids.tolist() == [[3]] and weights.dtype == torch.float32
+    ids, weights = mixes.LoRARouteMapping([], []).tensors()  # an empty batch
+    assert ids.shape == weights.shape == (0, 1)

@@ -2,9 +2,13 @@
 
 vLLM's real LoRA layer classes (replicated, merged column, QKV, row parallel, embedding, logits) run
 with our wrapper swapped in and with vLLM's own wrappers (``PunicaWrapperCPU``, and
-``PunicaWrapperGPU``'s Triton ops in the interpreter) on the same weights and mappings; mixes and
+``PunicaWrapperGPU``'s Triton ops in the interpreter) on the same weights and mappings. Mixes are
+per request, as the engine hook hands them to the wrapper: the request's LoRA in vLLM's
+``LoRAMapping`` is the mix's anchor (its first component) and the mix itself is a route, one
+``(LoRA id, weight)`` list per token (``route``) and per sampled row (``sample_route``); mixes and
 per-token routes are checked against the weighted sum of the components' deltas served by vLLM's own
-wrapper one adapter at a time; TP = 2 over gloo in two processes against TP = 1.
+wrapper one adapter at a time. Also: the engine hooks and the arrival checks, the plugin, vLLM's LoRA
+managers end to end against PEFT, empty batches, TP = 2 over gloo in two processes against TP = 1.
 
     python tests/vllm_checks.py OUT.json [CASE ...]     # every case when none is named
 
@@ -30,15 +34,18 @@ CASES = (
         for phase in ("prefill", "decode")
     ]
     + ["mix-qkv-ours-triton", "mix-sharded-refused", "mix-embedding-refused", "mix-embedding-zero-ok"]
-    + ["route-replicated", "route-qkv", "route-logits-refused", "route-errors"]
-    + ["plugin", "resolver", "worker-hooks", "manager-peft", "tp2"]
+    + ["mix-embedding-anchor-refused", "route-replicated", "route-qkv", "route-logits-refused"]
+    + ["route-embedding-plain-refused", "route-full-module-refused", "route-errors", "zero-tokens"]
+    + ["plugin", "engine-hooks", "manager-peft", "tp2"]
 )
 
 K, N, R, VOCAB = 64, 40, 16, 96
 RANKS = {1: 8, 2: 3, 3: 16}  # lora id -> rank (mixed ranks; zero-padded to R by vLLM)
 SLOTS = [1, 2, 3, None]  # lora_index_to_id: 4 slots, one free
-MIX_ID = 50  # a mix of 1 and 3
-MIX = ((1, 0.7), (3, -0.45))
+# Mixes per request: (LoRA id, weight) components, the first one the anchor (the request's LoRA id in
+# vLLM's LoRAMapping, as mix_request makes it). "mix0" has a zero weight on its anchor: its rows are
+# adapter 2 alone, in the anchor's (adapter 3's) slot of the mapping.
+MIXES = {"mix": ((1, 0.7), (3, -0.45)), "mix0": ((3, 0.0), (2, 1.0))}
 
 
 def _env() -> None:
@@ -187,15 +194,42 @@ def _wrapper(kind: str, **kw):
     raise ValueError(kind)
 
 
-def run_layer(layer, wrapper, m, x, route=None, slots=SLOTS):
-    """The layer's output with ``wrapper`` set on ``mapping`` m."""
+def run_layer(layer, wrapper, m, x, route=None, slots=SLOTS, sample_route=None):
+    """The layer's output with ``wrapper`` set on ``mapping`` m (and the routes, when given)."""
     kwargs = {} if route is None else {"route": route}
+    if sample_route is not None:
+        kwargs["sample_route"] = sample_route
     wrapper.update_metadata(m, list(slots), len(slots) + 1, VOCAB, **kwargs)
     layer.set_mapping(wrapper)
     if hasattr(layer, "_test_head"):
         return layer._get_logits(x, layer._test_head).clone()
     out = layer(x)
     return (out[0] if isinstance(out, tuple) else out).clone()
+
+
+def mix_mapping(requests, decode: bool, mixes=MIXES):
+    """``(LoRAMapping, token route, sample route)`` of requests ``[(key, tokens), ...]``, ``key`` a LoRA
+    id, 0 (no LoRA) or a key of ``mixes``: a mix request's LoRA is its anchor, its rows are its
+    components and weights (as the engine hook builds them), a plain request's rows its own id."""
+    from dlplora_triton.integrations.vllm import LoRARouteMapping
+
+    def row(key):
+        if key in mixes:
+            return [c for c, _ in mixes[key]], [float(w) for _, w in mixes[key]]
+        return [key], [1.0 if key > 0 else 0.0]
+
+    width = max(len(row(k)[0]) for k, _ in requests)
+    rows = []
+    for key, n in requests:
+        ids, weights = row(key)
+        pad = width - len(ids)
+        rows.append((ids + [0] * pad, weights + [0.0] * pad, 1 if decode else n))
+    anchors = [(mixes[k][0][0] if k in mixes else k, n) for k, n in requests]
+    tokens = LoRARouteMapping(
+        [ids for ids, _, n in rows for _ in range(n)], [w for _, w, n in rows for _ in range(n)]
+    )
+    samples = LoRARouteMapping([ids for ids, _, _ in rows], [w for _, w, _ in rows])
+    return mapping(anchors, decode), tokens, samples
 
 
 def rel(a, b, ref) -> float:
@@ -265,41 +299,49 @@ def case_padded():
     return max(errs) < 1e-5, f"relative errors (mapped rows, padded rows) {errs}"
 
 
-def _mix_reference(layer, make_x, decode: bool, x, components, requests):
-    """base + sum_c w_c * delta_c, each delta served by PunicaWrapperCPU with plain mappings."""
+def _mix_reference(layer, decode: bool, x, requests, mixes=MIXES):
+    """base + each mix request's sum_c w_c * delta_c + each plain request's delta, every delta served by
+    PunicaWrapperCPU with plain mappings (one adapter per request)."""
     base_map = mapping([(0, n) for _, n in requests], decode)
     base = run_layer(layer, _wrapper("cpu"), base_map, x)
     total = base.double().clone()
-    for cid, w in components:
-        # Requests that name the mix get component cid; plain requests keep their own adapter once.
-        m = mapping([(cid if lid == MIX_ID else 0, n) for lid, n in requests], decode)
-        total += w * (run_layer(layer, _wrapper("cpu"), m, x).double() - base.double())
-    plain = mapping([(0 if lid == MIX_ID else lid, n) for lid, n in requests], decode)
+    for key, components in mixes.items():
+        if all(k != key for k, _ in requests):
+            continue
+        for cid, w in components:
+            # Requests of this mix get component cid; every other request no LoRA.
+            m = mapping([(cid if k == key else 0, n) for k, n in requests], decode)
+            total += w * (run_layer(layer, _wrapper("cpu"), m, x).double() - base.double())
+    plain = mapping([(0 if k in mixes else k, n) for k, n in requests], decode)
     total += run_layer(layer, _wrapper("cpu"), plain, x).double() - base.double()
     return base, total
 
 
-def case_mix(layer_kind: str, phase: str, ours_backend: str | None = None):
-    import torch
+MIX_REQUESTS = [("mix", 3), (2, 2), (0, 1), ("mix0", 2), ("mix", 2), (1, 3)]
 
-    from dlplora_triton.integrations import vllm_mix
+
+def case_mix(layer_kind: str, phase: str, ours_backend: str | None = None):
+    """Two mixes (one anchored on adapter 1, which a plain request also uses) and plain requests in one
+    batch, routed per token (linear layers) and per sampled row (logits)."""
+    import torch
 
     dtype = torch.float32
     layer, _, make_x = build_layer(layer_kind, dtype)
     decode = phase == "decode"
-    slots = [1, 2, 3, MIX_ID]
-    requests = [(MIX_ID, 3), (2, 2), (0, 1), (MIX_ID, 2), (1, 3)]
-    m = mapping(requests, decode)
+    m, tokens, samples = mix_mapping(MIX_REQUESTS, decode)
     rows = len(m.prompt_mapping) if layer_kind == "logits" else len(m.index_mapping)
     x = make_x(rows)
-    vllm_mix.register_mix(MIX_ID, MIX)
-    try:
-        ours = run_layer(layer, _wrapper("ours", backend=ours_backend), m, x, slots=slots)
-    finally:
-        vllm_mix.unregister_mix(MIX_ID)
-    base, ref = _mix_reference(layer, make_x, decode, x, MIX, requests)
+    ours = run_layer(layer, _wrapper("ours", backend=ours_backend), m, x, route=tokens, sample_route=samples)
+    base, ref = _mix_reference(layer, decode, x, MIX_REQUESTS)
+    # The anchor alone is not the mix: the check would be vacuous if it were.
+    anchor_only = run_layer(layer, _wrapper("cpu"), m, x).double()
     err = rel(ours, ref, ref - base.double())
-    return err < 1e-5, f"relative error {err} against the weighted sum of vLLM's per-adapter deltas"
+    gap = rel(anchor_only, ref, ref - base.double())
+    return (
+        err < 1e-5 and gap > 1e-2,
+        f"relative error {err} against the weighted sum of vLLM's per-adapter deltas "
+        f"(the anchors alone: {gap})",
+    )
 
 
 def case_route(layer_kind: str):
@@ -325,56 +367,84 @@ def case_route(layer_kind: str):
 
 
 def _expect(exc_type, fn, words: str):
+    name = getattr(exc_type, "__name__", None) or "/".join(t.__name__ for t in exc_type)
     try:
         fn()
     except exc_type as e:
         if words.lower() not in str(e).lower():
-            return False, f"{exc_type.__name__} raised but its message lacks {words!r}: {e}"
-        return True, f"{exc_type.__name__}: {e}"
-    return False, f"no {exc_type.__name__} raised"
+            return False, f"{type(e).__name__} raised but its message lacks {words!r}: {e}"
+        return True, f"{type(e).__name__}: {e}"
+    return False, f"no {name} raised"
+
+
+def _refused_or_right(fn, ref, words: str):
+    """Where vLLM applies one slot's data per row, a route must be refused (naming ``words``) or right."""
+    try:
+        out = fn()
+    except NotImplementedError as e:
+        if words.lower() not in str(e).lower():
+            return False, f"NotImplementedError raised but its message lacks {words!r}: {e}"
+        return True, f"refused: {e}"
+    err = rel(out, ref, ref)
+    return err < 1e-6, f"served, relative error {err} against vLLM serving the routed adapters"
 
 
 def case_refusals(name: str):
     import torch
 
-    from dlplora_triton.integrations import vllm_mix
     from dlplora_triton.integrations.vllm import LoRARouteMapping
 
-    slots = [1, 2, 3, MIX_ID]
     if name == "mix-sharded-refused":
         layer, _, make_x = build_layer("row", torch.float32, fully_sharded=True)
-        vllm_mix.register_mix(MIX_ID, MIX)
-        try:
-            m = mapping([(MIX_ID, 2), (1, 2)], decode=False)
-            return _expect(
-                NotImplementedError,
-                lambda: run_layer(layer, _wrapper("ours"), m, make_x(4), slots=slots),
-                "fully_sharded",
-            )
-        finally:
-            vllm_mix.unregister_mix(MIX_ID)
+        m, tokens, samples = mix_mapping([("mix", 2), (1, 2)], decode=False)
+        return _expect(
+            NotImplementedError,
+            lambda: run_layer(layer, _wrapper("ours"), m, make_x(4), route=tokens, sample_route=samples),
+            "fully_sharded",
+        )
     if name in ("mix-embedding-refused", "mix-embedding-zero-ok"):
         layer, _, make_x = build_layer("embedding", torch.float32)
         if name == "mix-embedding-zero-ok":  # components without embedding weights: served, no LoRA there
             for slot in (0, 2):
                 layer.reset_lora(slot)
-        vllm_mix.register_mix(MIX_ID, MIX)
-        try:
-            m = mapping([(MIX_ID, 2), (2, 3)], decode=False)
-            x = make_x(5)
-            if name == "mix-embedding-refused":
-                return _expect(
-                    NotImplementedError,
-                    lambda: run_layer(layer, _wrapper("ours"), m, x, slots=slots),
-                    "embedding",
-                )
-            ours = run_layer(layer, _wrapper("ours"), m, x, slots=slots)
-        finally:
-            vllm_mix.unregister_mix(MIX_ID)
-        ref = run_layer(layer, _wrapper("cpu"), mapping([(0, 2), (2, 3)], decode=False), x, slots=slots)
-        err = rel(ours, ref, ref)
+        m, tokens, samples = mix_mapping([("mix", 2), (2, 3)], decode=False)
+        x = make_x(5)
+
+        def ours():
+            return run_layer(layer, _wrapper("ours"), m, x, route=tokens, sample_route=samples)
+
+        if name == "mix-embedding-refused":
+            return _expect(NotImplementedError, ours, "embedding")
+        out = ours()
+        ref = run_layer(layer, _wrapper("cpu"), mapping([(0, 2), (2, 3)], decode=False), x)
+        err = rel(out, ref, ref)
         return err < 1e-6, f"relative error {err} (mix rows get the base embedding, adapter 2 its own)"
+    if name == "mix-embedding-anchor-refused":
+        # "mix0" is adapter 2 alone (weight 1) in the anchor's slot (adapter 3): vLLM gathers the
+        # embedding rows of adapter 3's A for those tokens, so B of adapter 2 must not be applied to them.
+        layer, _, make_x = build_layer("embedding", torch.float32)
+        m, tokens, samples = mix_mapping([("mix0", 2), (1, 3)], decode=False)
+        x = make_x(5)
+        ref = run_layer(layer, _wrapper("cpu"), mapping([(2, 2), (1, 3)], decode=False), x)
+        return _refused_or_right(
+            lambda: run_layer(layer, _wrapper("ours"), m, x, route=tokens, sample_route=samples),
+            ref,
+            "embedding",
+        )
+    if name == "route-embedding-plain-refused":
+        # A route of one adapter at weight 1 per token, on a mapping without LoRA (the docs' form).
+        layer, _, make_x = build_layer("embedding", torch.float32)
+        x = make_x(3)
+        route = LoRARouteMapping([[2], [1], [0]], [[1.0], [1.0], [0.0]])
+        ref = run_layer(layer, _wrapper("cpu"), mapping([(2, 1), (1, 1), (0, 1)], decode=False), x)
+        return _refused_or_right(
+            lambda: run_layer(layer, _wrapper("ours"), mapping([(0, 3)], decode=False), x, route=route),
+            ref,
+            "embedding",
+        )
     if name == "route-logits-refused":
+        # A per-token route without a sample route: the sampled rows follow vLLM's mapping, so a route
+        # whose adapters have lm_head weights fails closed.
         layer, _, make_x = build_layer("logits", torch.float32)
         route = LoRARouteMapping([[1, 3], [2, 0]], [[0.5, 0.5], [1.0, 0.0]])
         return _expect(
@@ -384,162 +454,293 @@ def case_refusals(name: str):
             ),
             "route",
         )
+    if name == "route-full-module-refused":
+        return case_full_module()
     if name == "route-errors":
         layer, _, make_x = build_layer("replicated", torch.float32)
         m = mapping([(0, 2)], decode=False)
+
+        def run(**kw):
+            return lambda: run_layer(layer, _wrapper("ours"), m, make_x(2), **kw)
+
+        good = LoRARouteMapping([[1], [2]], [[1.0], [1.0]])
         checks = [
+            _expect(KeyError, run(route=LoRARouteMapping([[9], [1]], [[1.0], [1.0]])), "9"),
+            _expect(ValueError, run(route=LoRARouteMapping([[1]], [[1.0]])), "tokens"),
+            _expect(ValueError, run(route=LoRARouteMapping([[1], [2]], [[float("nan")], [1.0]])), "finite"),
+            _expect(TypeError, run(route=[[1], [2]]), "LoRARouteMapping"),
+            # The mix part: a mix's sampled rows name their components too.
+            _expect(KeyError, run(route=good, sample_route=LoRARouteMapping([[1, 77]], [[0.5, 0.5]])), "77"),
             _expect(
-                KeyError,
-                lambda: run_layer(
-                    layer, _wrapper("ours"), m, make_x(2), route=LoRARouteMapping([[9], [1]], [[1.0], [1.0]])
-                ),
-                "9",
+                ValueError,
+                run(route=good, sample_route=LoRARouteMapping([[1], [2]], [[0.5], [0.5]])),
+                "sampled rows",
             ),
             _expect(
                 ValueError,
-                lambda: run_layer(
-                    layer, _wrapper("ours"), m, make_x(2), route=LoRARouteMapping([[1]], [[1.0]])
-                ),
-                "tokens",
-            ),
-            _expect(
-                ValueError,
-                lambda: run_layer(
-                    layer,
-                    _wrapper("ours"),
-                    m,
-                    make_x(2),
-                    route=LoRARouteMapping([[1], [2]], [[float("nan")], [1.0]]),
-                ),
+                run(route=good, sample_route=LoRARouteMapping([[1, 3]], [[0.5, float("inf")]])),
                 "finite",
             ),
         ]
-        vllm_mix.register_mix(MIX_ID, ((1, 0.5), (77, 0.5)))
-        try:
-            mm = mapping([(MIX_ID, 2)], decode=False)
-            checks.append(
-                _expect(
-                    KeyError,
-                    lambda: run_layer(layer, _wrapper("ours"), mm, make_x(2), slots=[1, 2, 3, MIX_ID]),
-                    "77",
-                )
-            )
-        finally:
-            vllm_mix.unregister_mix(MIX_ID)
-        checks.append(
-            _expect(ValueError, lambda: vllm_mix.register_mix(MIX_ID, [(1, 0.5), (1, 0.5)]), "twice")
-        )
         return all(ok for ok, _ in checks), "; ".join(d for _, d in checks)
     raise ValueError(name)
 
 
-def _peft_dir(root: str, name: str) -> str:
+def case_full_module():
+    """apply_lora_full_linear (modules_to_save heads, which vLLM selects per sampled row by the mapping's
+    slot): served as PunicaWrapperCPU where the sample route is the mapping's, refused where a row's
+    route or mapping slot has a full module and the two differ."""
+    import torch
+
+    from dlplora_triton.integrations.vllm import LoRARouteMapping
+
+    g = torch.Generator().manual_seed(5)
+    weight = torch.randn(len(SLOTS), 1, 6, K, generator=g)
+    bias = torch.randn(len(SLOTS), 6, generator=g)
+    enabled = torch.tensor([True, False, True, False])  # adapters 1 and 3 have full modules
+    x = torch.randn(3, K, generator=g)
+
+    def run(wrapper, requests, sample_route=None):
+        kw = {} if sample_route is None else {"sample_route": sample_route}
+        wrapper.update_metadata(mapping(requests, True), list(SLOTS), len(SLOTS) + 1, VOCAB, **kw)
+        y = torch.randn(3, 6, generator=torch.Generator().manual_seed(6))
+        wrapper.apply_lora_full_linear(y, x, weight, bias, enabled)
+        return y
+
+    requests = [(1, 1), (2, 1), (0, 1)]
+    ref = run(_wrapper("cpu"), requests)
+    checks = []
+    for label, route in (
+        ("no sample route", None),
+        ("the mapping's own sample route", LoRARouteMapping([[1], [2], [0]], [[1.0], [1.0], [0.0]])),
+        ("a mix of adapters without full modules", LoRARouteMapping([[1], [2], [0]], [[1.0], [0.5], [0.0]])),
+    ):
+        err = rel(run(_wrapper("ours"), requests, route), ref, ref)
+        checks.append((err < 1e-6, f"{label}: served, relative error {err}"))
+    for label, reqs, route in (
+        (
+            "a mix of adapter 3",
+            requests,
+            LoRARouteMapping([[1, 0], [2, 3], [0, 0]], [[1, 0], [0.5, 0.5], [0, 0]]),
+        ),
+        (
+            "adapter 1 routed onto a row without LoRA",
+            [(0, 1), (2, 1), (0, 1)],
+            LoRARouteMapping([[1], [2], [0]], [[1.0], [1.0], [0.0]]),
+        ),
+        (
+            "no LoRA routed onto adapter 1's row",
+            requests,
+            LoRARouteMapping([[0], [2], [0]], [[0.0], [1.0], [0.0]]),
+        ),
+    ):
+        ok, detail = _expect(
+            NotImplementedError, lambda: run(_wrapper("ours"), reqs, route), "modules_to_save"
+        )
+        checks.append((ok, f"{label}: {detail}"))
+    return all(ok for ok, _ in checks), "; ".join(d for _, d in checks)
+
+
+def case_zero_tokens():
+    """A 0-token LoRAMapping (vLLM's test_lora_manager.py sends one) and an empty batch's routes are
+    accepted; layers then run 0 rows unchanged, padded rows without LoRA, and the next step as vLLM."""
+    import torch
+    from vllm.lora.layers import LoRAMapping
+
+    from dlplora_triton.integrations.vllm import LoRARouteMapping
+
+    checks = []
+    wrapper = _wrapper("ours")
+    empty = lambda: LoRARouteMapping(torch.zeros(0, 1, dtype=torch.int64), torch.zeros(0, 1))  # noqa: E731
+    for label, m, kw in (
+        ("LoRAMapping([], [])", LoRAMapping([], []), {}),
+        ("LoRAMapping([], [], is_prefill=True)", LoRAMapping([], [], is_prefill=True), {}),
+        ("an empty batch's [0, 1] routes", LoRAMapping([], []), dict(route=empty(), sample_route=empty())),
+        (
+            "LoRARouteMapping([], [])",
+            LoRAMapping([], []),
+            dict(route=LoRARouteMapping([], []), sample_route=LoRARouteMapping([], [])),
+        ),
+    ):
+        try:
+            wrapper.update_metadata(m, list(SLOTS), len(SLOTS) + 1, VOCAB, **kw)
+            checks.append((True, f"{label} accepted"))
+        except Exception as e:
+            checks.append((False, f"{label}: {type(e).__name__}: {e}"))
+    for kind in ("replicated", "qkv", "row", "embedding", "logits"):
+        layer, slices, make_x = build_layer(kind, torch.float32)
+        for kw in ({}, dict(route=empty(), sample_route=empty())):
+            try:
+                out = run_layer(layer, _wrapper("ours"), LoRAMapping([], []), make_x(0), **kw)
+                width = VOCAB if kind == "logits" else sum(slices)
+                ok = tuple(out.shape) == (0, width)
+                checks.append((ok, f"{kind}{' (routes)' if kw else ''}: 0 rows -> {tuple(out.shape)}"))
+            except Exception as e:
+                checks.append((False, f"{kind}{' (routes)' if kw else ''}: {type(e).__name__}: {e}"))
+    # The wrapper's own calls on 0 rows leave their (empty) outputs as they are.
+    layer, _, _ = build_layer("replicated", torch.float32)
+    wrapper.update_metadata(LoRAMapping([], []), list(SLOTS), len(SLOTS) + 1, VOCAB)
+    y = torch.zeros(0, N)
+    try:
+        wrapper.add_lora_linear(y, torch.zeros(0, K), layer.lora_a_stacked, layer.lora_b_stacked, 1.0, (N,))
+        checks.append((tuple(y.shape) == (0, N), "add_lora_linear on 0 rows"))
+    except Exception as e:
+        checks.append((False, f"add_lora_linear on 0 rows: {type(e).__name__}: {e}"))
+    # After an empty step: rows beyond the mapping (vLLM pads) get no LoRA, and the next step is served.
+    layer, _, make_x = build_layer("replicated", torch.float32)
+    x = make_x(4)
+    base = run_layer(layer, _wrapper("cpu"), mapping([(0, 4)], decode=False), x)
+    padded = run_layer(layer, wrapper, LoRAMapping([], []), x)
+    checks.append((rel(padded, base, base) < 1e-6, "rows padded onto an empty mapping are the base output"))
+    m = mapping([(1, 2), (3, 2)], decode=False)
+    ref = run_layer(layer, _wrapper("cpu"), m, x)
+    err = rel(run_layer(layer, wrapper, m, x), ref, ref - base)
+    checks.append((err < 1e-5, f"the next step: relative error {err}"))
+    return all(ok for ok, _ in checks), "; ".join(d for _, d in checks)
+
+
+def _peft_dir(root: str, name: str, r: int = 4, truncate: bool = False) -> str:
+    """A tiny PEFT-style adapter directory: adapter_config.json and a valid adapter_model.safetensors
+    (cut short when ``truncate``)."""
+    import torch
+    from safetensors.torch import save_file
+
     path = os.path.join(root, name)
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "adapter_config.json"), "w") as f:
-        json.dump({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}, f)
+        json.dump({"peft_type": "LORA", "r": r, "lora_alpha": 8, "target_modules": ["q_proj"]}, f)
+    prefix = "base_model.model.q_proj"
+    weights = os.path.join(path, "adapter_model.safetensors")
+    save_file(
+        {f"{prefix}.lora_A.weight": torch.zeros(r, K), f"{prefix}.lora_B.weight": torch.zeros(N, r)}, weights
+    )
+    if truncate:
+        size = os.path.getsize(weights)
+        with open(weights, "r+b") as f:
+            f.truncate(size - 16)
     return path
 
 
 def case_plugin():
+    import warnings
+
     os.environ.pop("VLLM_PLUGINS", None)
-    root = tempfile.mkdtemp()
-    _peft_dir(root, "math")
-    os.environ["DLPLORA_VLLM_ADAPTER_DIR"] = root
     import torch
+    from vllm.config.scheduler import SchedulerConfig
     from vllm.lora.punica_wrapper import get_punica_wrapper
-    from vllm.lora.resolver import LoRAResolverRegistry
+    from vllm.platforms import current_platform
     from vllm.plugins import load_general_plugins
 
+    from dlplora_triton.integrations import vllm as dlp_vllm
     from dlplora_triton.integrations.vllm import PunicaWrapperDLP
 
     load_general_plugins()
     wrapper = get_punica_wrapper(
         64, max_batches=8, device=torch.device("cpu"), lora_config=_lora_config(torch.float32)
     )
-    ok = type(wrapper) is PunicaWrapperDLP and "dlplora-mix" in LoRAResolverRegistry.get_supported_resolvers()
-    return (
-        ok,
-        f"get_punica_wrapper() -> {type(wrapper).__name__}; resolvers {sorted(LoRAResolverRegistry.get_supported_resolvers())}",
-    )
-
-
-def case_resolver():
-    import asyncio
-
-    from dlplora_triton.integrations import vllm_mix
-
-    root = tempfile.mkdtemp()
-    mix_root = tempfile.mkdtemp()
-    for name in ("math", "code"):
-        _peft_dir(root, name)
-    resolver = vllm_mix.make_resolver(root, mix_root)
-    req = asyncio.run(resolver.resolve_lora("base", "mix:math=0.7,code=0.3"))
-    again = asyncio.run(resolver.resolve_lora("base", "mix:math=0.7,code=0.3"))
-    other = asyncio.run(resolver.resolve_lora("base", "mix:math=0.6,code=0.4"))
-    comps = vllm_mix.read_mix_dir(req.lora_path)
+    hook = type(current_platform).get_punica_wrapper
+    dlp_vllm.register()  # again: a no-op
     checks = [
+        (type(wrapper) is PunicaWrapperDLP, f"get_punica_wrapper() -> {type(wrapper).__name__}"),
+        (type(current_platform).get_punica_wrapper == hook, "register() twice changes nothing"),
         (
-            asyncio.run(resolver.resolve_lora("base", "math")) is None,
-            "a plain name is left to other resolvers",
-        ),
-        (
-            req.lora_path == again.lora_path and req.lora_int_id == again.lora_int_id,
-            "same mix, same path and id",
-        ),
-        (other.lora_path != req.lora_path, "other weights, other path (prefix-cache key)"),
-        ([(c["name"], c["weight"]) for c in comps] == [("math", 0.7), ("code", 0.3)], f"components {comps}"),
-        (
-            comps[0]["lora_int_id"] == vllm_mix.component_id(os.path.join(root, "math")),
-            "stable component ids",
+            getattr(SchedulerConfig.get_scheduler_cls, "_dlplora", False),
+            "register() installs the engine hooks",
         ),
     ]
-    for bad, exc, words in (
-        ("mix:math", ValueError, "adapter=weight"),
-        ("mix:nope=1", FileNotFoundError, "nope"),
-        ("mix:math=1,math=2", ValueError, "twice"),
-    ):
-        checks.append(_expect(exc, lambda bad=bad: resolver.request_for(bad), words))
+    for version, tested in (("0.40.0", False), ("0.33.0", True), ("0.33.1+cpu", True), ("0.32.2", True)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = dlp_vllm.check_vllm_version(version)
+        warned = [w for w in caught if issubclass(w.category, RuntimeWarning)]
+        ok = result is tested and len(warned) == (0 if tested else 1)
+        if warned:
+            ok = ok and version in str(warned[0].message)
+        checks.append((ok, f"check_vllm_version({version!r}) -> {result}, {len(warned)} RuntimeWarning"))
     return all(ok for ok, _ in checks), "; ".join(d for _, d in checks)
 
 
-def case_worker_hooks():
+def case_engine_hooks():
+    """install_engine_hooks() once; the scheduler vLLM picks counts mix slots; arrival checks refuse."""
+    import torch
+    from vllm import SamplingParams
+    from vllm.config.lora import LoRAConfig
+    from vllm.config.scheduler import SchedulerConfig
     from vllm.lora.request import LoRARequest
-    from vllm.lora.worker_manager import LRUCacheWorkerLoRAManager
+    from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+    from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.engine.core import EngineCore
+    from vllm.v1.worker.lora_model_runner_mixin import LoRAModelRunnerMixin
 
-    from dlplora_triton.integrations import vllm_mix
+    from dlplora_triton.integrations.vllm import engine, mix_request
 
-    vllm_mix.install_worker_hooks()
-    again = vllm_mix.install_worker_hooks()
-    root = tempfile.mkdtemp()
-    math = LoRARequest("math", 1, _peft_dir(root, "math"))
-    code = LoRARequest("code", 2, _peft_dir(root, "code"))
-    mix = vllm_mix.mix_request([(math, 0.7), (code, 0.3)], mix_dir=tempfile.mkdtemp())
-
-    class Slots:
-        lora_slots = 4
-
-    manager = LRUCacheWorkerLoRAManager.__new__(LRUCacheWorkerLoRAManager)
-    manager._adapter_manager = Slots()
-    added = []
-    manager.add_adapter = lambda request: added.append((request.lora_name, request.lora_int_id))
-    manager._apply_adapters({mix, LoRARequest("code", 2, code.lora_path)})
-    loaded = manager._load_adapter(mix)
+    engine.install_engine_hooks()
+    again = engine.install_engine_hooks()
+    hooked = (
+        SchedulerConfig.get_scheduler_cls,
+        EngineCore.preprocess_add_request,
+        LoRAModelRunnerMixin.set_active_loras,
+    )
     checks = [
-        (again is False, "hooks installed once"),
+        (again is False, "install_engine_hooks() a second time installs nothing"),
         (
-            added[:2] == [("math", 1), ("code", 2)] and added[2][1] == mix.lora_int_id and len(added) == 3,
-            f"added {added}",
+            all(h.__module__ == engine.__name__ for h in hooked),
+            "get_scheduler_cls, preprocess_add_request and set_active_loras are the hooks",
         ),
-        (vllm_mix.mix_components(mix.lora_int_id) == ((1, 0.7), (2, 0.3)), "mix registered at load"),
-        (
-            loaded.id == mix.lora_int_id and list(loaded.loras) == [vllm_mix.MIX_PLACEHOLDER],
-            "a mix loads as an adapter of no model module",
-        ),
-        (mix.lora_name == "mix:math=0.7,code=0.3", f"name {mix.lora_name}"),
     ]
-    manager._adapter_manager.lora_slots = 2
-    checks.append(_expect(RuntimeError, lambda: manager._apply_adapters({mix}), "slots"))
+
+    class MyScheduler(Scheduler):
+        pass
+
+    for label, kw, base, other in (
+        ("sync", dict(async_scheduling=False), Scheduler, AsyncScheduler),
+        ("async", dict(async_scheduling=True), AsyncScheduler, None),
+        ("user class", dict(scheduler_cls=MyScheduler), MyScheduler, AsyncScheduler),
+    ):
+        cls = SchedulerConfig.default_factory(**kw).get_scheduler_cls()
+        same = SchedulerConfig.default_factory(**kw).get_scheduler_cls()
+        mro = cls.__mro__
+        ok = (
+            issubclass(cls, base)
+            and issubclass(cls, engine.MixSlotsScheduler)
+            and (other is None or not issubclass(cls, other))
+            and mro.index(engine.MixSlotsScheduler) < mro.index(base)
+            and cls is same
+            and engine.mix_slots_scheduler(cls) is cls
+        )
+        checks.append((ok, f"{label}: {cls.__name__} ({', '.join(c.__name__ for c in mro[:4])}, ...)"))
+
+    root = tempfile.mkdtemp()
+    req = {
+        name: LoRARequest(name, i + 1, _peft_dir(root, name, r=r, truncate=name == "cut"))
+        for i, (name, r) in enumerate((("a", 4), ("b", 8), ("c", 4), ("big", 16), ("cut", 4)))
+    }
+    gone = LoRARequest("gone", 9, os.path.join(root, "gone"))
+    cfg = LoRAConfig(max_loras=2, max_lora_rank=8, lora_dtype=torch.float32)
+    anchor, params = mix_request([(req["a"], 0.7), (req["b"], 0.3)], SamplingParams(max_tokens=4))
+    try:
+        engine.check_mix_request(params, anchor, cfg)
+        engine.check_mix_request(SamplingParams(max_tokens=4), req["big"], cfg)  # plain: not checked here
+        checks.append((True, "a good mix and a plain request pass"))
+    except Exception as e:
+        checks.append((False, f"a good mix or a plain request refused: {type(e).__name__}: {e}"))
+
+    def refuse(components, words, lora=None, config=cfg, exc=ValueError):
+        anchor, params = mix_request([(req[n] if isinstance(n, str) else n, w) for n, w in components])
+        lora = anchor if lora is None else lora
+        return _expect(exc, lambda: engine.check_mix_request(params, lora, config), words)
+
+    for ok, detail in (
+        refuse([("a", 0.5), ("b", 0.3), ("c", 0.2)], "max_loras"),
+        refuse([("a", 0.7), ("b", 0.3)], "anchor", lora=req["b"]),
+        refuse([("a", 0.7), ("b", 0.3)], "anchor", lora=LoRARequest("x", 7, req["a"].lora_path)),
+        refuse([("a", 0.5), (gone, 0.5)], "gone", exc=(OSError, ValueError)),
+        refuse([("a", 0.5), ("big", 0.5)], "max_lora_rank"),
+        refuse([("cut", 0.5), ("a", 0.5)], "truncated"),
+        refuse([("a", 0.5), ("b", 0.5)], "LoRA", config=None),
+    ):
+        checks.append((ok, detail))
+    checks.append(_expect(ValueError, lambda: engine.check_mix_request(params, None, cfg), "anchor"))
     return all(ok for ok, _ in checks), "; ".join(str(d) for _, d in checks)
 
 
@@ -573,15 +774,40 @@ def _peft_adapters(twin, root: str) -> dict[str, str]:
     return paths
 
 
+def _route_rows(requests):
+    """Token and sampled-row routes of a prefill step, built from each request's LoRA and the mix its
+    sampling parameters carry (request_mix), as the engine's worker hook does."""
+    from dlplora_triton.integrations.vllm import LoRARouteMapping
+    from dlplora_triton.integrations.vllm.mixes import request_mix
+
+    rows = []
+    for lora, params, n in requests:
+        mix = request_mix(params) if params is not None else None
+        if mix:
+            rows.append(([c.lora_int_id for c in mix], [c.weight for c in mix], n))
+        else:
+            lid = lora.lora_int_id if lora is not None else 0
+            rows.append(([lid], [1.0 if lid else 0.0], n))
+    width = max(len(ids) for ids, _, _ in rows)
+    rows = [(ids + [0] * (width - len(ids)), w + [0.0] * (width - len(w)), n) for ids, w, n in rows]
+    tokens = LoRARouteMapping(
+        [i for i, _, n in rows for _ in range(n)], [w for _, w, n in rows for _ in range(n)]
+    )
+    samples = LoRARouteMapping([i for i, _, _ in rows], [w for _, w, _ in rows])
+    return tokens, samples
+
+
 def case_manager_peft():
-    """End to end through vLLM's LoRA managers: PEFT adapters loaded from disk by vLLM, slots, our
-    wrapper from get_punica_wrapper(), two mixes sharing a component, against PEFT's "cat" merge."""
+    """End to end through vLLM's LoRA managers: PEFT adapters loaded from disk by vLLM into slots, our
+    wrapper from get_punica_wrapper(), mixes made by mix_request (two sharing a component) and routed
+    by next_step_routes over two steps, then a plain step, against PEFT's "cat" merge."""
     import copy
     import warnings
 
     import torch
     from peft import PeftModel
     from torch import nn
+    from vllm import SamplingParams
     from vllm.config import get_current_vllm_config
     from vllm.config.lora import LoRAConfig
     from vllm.lora.lora_model import LoRAModel
@@ -591,7 +817,9 @@ def case_manager_peft():
     from vllm.model_executor.layers.linear import ReplicatedLinear, RowParallelLinear
 
     from dlplora_triton.integrations import vllm as dlp_vllm
-    from dlplora_triton.integrations import vllm_mix
+    from dlplora_triton.integrations.vllm import mix_request
+    from dlplora_triton.integrations.vllm.mixes import request_mix
+    from dlplora_triton.integrations.vllm.wrapper import next_step_routes
 
     dlp_vllm.register()
 
@@ -625,7 +853,7 @@ def case_manager_peft():
     twin = Twin()
     paths = _peft_adapters(twin, tempfile.mkdtemp())
     model = Tiny(twin)
-    cfg = LoRAConfig(max_loras=5, max_lora_rank=16, lora_dtype=torch.float32, max_cpu_loras=8)
+    cfg = LoRAConfig(max_loras=3, max_lora_rank=16, lora_dtype=torch.float32, max_cpu_loras=8)
     manager = LRUCacheLoRAModelManager(
         model, 8, 64, VOCAB, cfg, torch.device("cpu"), get_current_vllm_config()
     )
@@ -644,30 +872,60 @@ def case_manager_peft():
         _adapter_manager=manager,
     )
     req = {name: LoRARequest(name, i + 1, path) for i, (name, path) in enumerate(paths.items())}
-    mix_dir = tempfile.mkdtemp()
     mixes = {
-        "m1": ([("math", 0.7), ("code", -0.4)], None),
-        "m2": ([("math", 0.5), ("de", 0.5)], None),  # shares math with m1: math is read once per launch
+        "m1": [("math", 0.7), ("code", -0.4)],
+        "m2": [("math", 0.5), ("de", 0.5)],  # shares math with m1: math is read once per launch
+        "m3": [("de", 1.5), ("code", 0.25)],
     }
-    for key, (pairs, _) in mixes.items():
-        mixes[key] = (pairs, vllm_mix.mix_request([(req[n], w) for n, w in pairs], mix_dir=mix_dir))
-    rows = [("m1", 3), ("de", 2), (None, 1), ("m2", 2), ("m1", 1)]
+    made = {
+        key: mix_request([(req[n], w) for n, w in pairs], SamplingParams(max_tokens=4))
+        for key, pairs in mixes.items()
+    }
+    checks = []
+    for key, (anchor, params) in made.items():
+        comps = request_mix(params)
+        first = req[mixes[key][0][0]]
+        ok = (
+            anchor.lora_int_id == first.lora_int_id
+            and anchor.lora_path == first.lora_path
+            and anchor.lora_name == "mix:" + ",".join(f"{n}={w!r}" for n, w in mixes[key])
+            and [(c.name, c.lora_int_id, c.weight) for c in comps]
+            == [(n, req[n].lora_int_id, w) for n, w in mixes[key]]
+        )
+        checks.append((ok, f"{key}: anchor {anchor.lora_name} id {anchor.lora_int_id}"))
 
-    def lid(key):
-        return 0 if key is None else (mixes[key][1] if key in mixes else req[key]).lora_int_id
+    def request(key):
+        if key is None:
+            return None, None
+        if key in made:
+            return made[key]
+        return req[key], SamplingParams(max_tokens=4)
 
-    requests = [(lid(k), n) for k, n in rows]
-    worker.set_active_adapters({mixes["m1"][1], mixes["m2"][1], req["de"]}, mapping(requests, decode=False))
-    x = torch.randn(sum(n for _, n in rows), K)
-    with torch.no_grad():
-        ours = model(x)
+    def step(rows, mixed: bool):
+        """One step: vLLM's manager activates the adapters; the wrapper gets the step's routes."""
+        batch = [(*request(k), n) for k, n in rows]
+        m = mapping([(lora.lora_int_id if lora else 0, n) for lora, _, n in batch], decode=False)
+        # The step's requests (anchors included, as vLLM passes them) and every mix component.
+        adapters = {lora.lora_int_id: lora for lora, _, _ in batch if lora}
+        for _, params, _ in batch:
+            for c in request_mix(params) or () if params is not None else ():
+                adapters.setdefault(c.lora_int_id, LoRARequest(c.name, c.lora_int_id, c.lora_path))
+        if mixed:
+            manager._last_mapping = None  # as the engine hook: routes change with weights alone
+            with next_step_routes(*_route_rows(batch)):
+                worker.set_active_adapters(list(adapters.values()), m)
+        else:
+            worker.set_active_adapters(list(adapters.values()), m)
+        x = torch.randn(sum(n for _, n in rows), K)
+        with torch.no_grad():
+            return x, model(x)
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         peft = PeftModel.from_pretrained(copy.deepcopy(twin), paths["math"], adapter_name="math")
         for name in ("code", "de"):
             peft.load_adapter(paths[name], adapter_name=name)
-        for key, (pairs, _) in mixes.items():
+        for key, pairs in mixes.items():
             peft.add_weighted_adapter(
                 [n for n, _ in pairs], [w for _, w in pairs], adapter_name=key, combination_type="cat"
             )
@@ -675,22 +933,35 @@ def case_manager_peft():
         for key in mixes:
             if isinstance(getattr(m, "scaling", None), dict) and key in m.scaling:
                 m.scaling[key] = 1.0  # "cat" folds weights and scales into B (see tests/peft_helpers.py)
-    ref, start = torch.empty_like(ours), 0
-    with torch.no_grad():
-        for key, n in rows:
-            xs = x[start : start + n]
-            if key is None:
-                with peft.disable_adapter():
+
+    def reference(rows, x):
+        ref, start = torch.empty(x.shape[0], K), 0
+        with torch.no_grad():
+            for key, n in rows:
+                xs = x[start : start + n]
+                if key is None:
+                    with peft.disable_adapter():
+                        ref[start : start + n] = peft(xs)
+                else:
+                    peft.set_adapter(key)
                     ref[start : start + n] = peft(xs)
-            else:
-                peft.set_adapter(key)
-                ref[start : start + n] = peft(xs)
-            start += n
-        base = twin(x)
-    err = rel(ours, ref, ref - base)
+                start += n
+            return ref, twin(x)
+
+    steps = (
+        ([("m1", 3), ("de", 2), (None, 1), ("m2", 2), ("m1", 1), ("math", 2)], True),
+        ([("m3", 2), ("code", 1), ("m1", 2)], True),  # other weights, same adapters in slots
+        ([("de", 2), ("math", 1)], False),  # a plain step after mixed ones: no route lingers
+    )
+    for i, (rows, mixed) in enumerate(steps):
+        x, ours = step(rows, mixed)
+        ref, base = reference(rows, x)
+        err = rel(ours, ref, ref - base)
+        checks.append((err < 1e-5, f"step {i + 1}: relative error {err} against PEFT 'cat'"))
     slots = sorted(i for i in manager.lora_index_to_id if i is not None)
-    ok = type(wrapper).__name__ == "PunicaWrapperDLP" and err < 1e-5 and len(slots) == 5
-    return ok, f"wrapper {type(wrapper).__name__}, slots {slots}, relative error {err} against PEFT 'cat'"
+    checks.append((type(wrapper).__name__ == "PunicaWrapperDLP", f"wrapper {type(wrapper).__name__}"))
+    checks.append((slots == [1, 2, 3], f"slots {slots} (the three adapters; mixes take none)"))
+    return all(ok for ok, _ in checks), "; ".join(d for _, d in checks)
 
 
 def _tp2_worker(rank: int, port: int, out_dir: str) -> None:
@@ -706,35 +977,23 @@ def _tp2_worker(rank: int, port: int, out_dir: str) -> None:
 
 
 def _tp_outputs() -> dict:
-    """Outputs of the column / row layers with our wrapper (plain and mix mappings), this TP size."""
+    """Outputs of the column / row layers with our wrapper (plain and mixed steps), this TP size."""
     import torch
     from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
 
-    from dlplora_triton.integrations import vllm_mix
-
     tp, rank = get_tensor_model_parallel_world_size(), get_tensor_model_parallel_rank()
-    slots = [1, 2, 3, MIX_ID]
-    requests = [(MIX_ID, 3), (2, 2), (0, 1), (1, 2)]
-    vllm_mix.register_mix(MIX_ID, MIX)
+    requests = [("mix", 3), (2, 2), (0, 1), (1, 2)]
     results = {}
-    try:
-        for kind in ("column", "row"):
-            layer, _, make_x = build_layer(kind, torch.float32, seed=3)
-            x = make_x(8)
-            if kind == "row":  # input is parallel: each rank takes its K shard
-                x = x.chunk(tp, dim=1)[rank].contiguous()
-            for label, reqs in (
-                ("plain", [(0 if lid == MIX_ID else lid, n) for lid, n in requests]),
-                ("mix", requests),
-            ):
-                results[f"{kind}-{label}"] = run_layer(
-                    layer, _wrapper("ours"), mapping(reqs, False), x, slots=slots
-                )
-            results[f"{kind}-base"] = run_layer(
-                layer, _wrapper("ours"), mapping([(0, 8)], False), x, slots=slots
-            )
-    finally:
-        vllm_mix.unregister_mix(MIX_ID)
+    for kind in ("column", "row"):
+        layer, _, make_x = build_layer(kind, torch.float32, seed=3)
+        x = make_x(8)
+        if kind == "row":  # input is parallel: each rank takes its K shard
+            x = x.chunk(tp, dim=1)[rank].contiguous()
+        plain = mapping([(0 if k in MIXES else k, n) for k, n in requests], False)
+        results[f"{kind}-plain"] = run_layer(layer, _wrapper("ours"), plain, x)
+        m, tokens, samples = mix_mapping(requests, False)
+        results[f"{kind}-mix"] = run_layer(layer, _wrapper("ours"), m, x, route=tokens, sample_route=samples)
+        results[f"{kind}-base"] = run_layer(layer, _wrapper("ours"), mapping([(0, 8)], False), x)
     return results
 
 
@@ -753,7 +1012,15 @@ def case_tp2():
         base = single[key.split("-")[0] + "-base"]
         for r, res in enumerate(ranks):
             errs[f"{key}@rank{r}"] = rel(res[key], ref, ref - base)
-    return all(e < 1e-5 for e in errs.values()), f"TP=2 vs TP=1 relative errors {errs}"
+    # The mixed outputs differ from the plain ones (else the mix part would test nothing).
+    gaps = {
+        kind: rel(
+            single[f"{kind}-mix"], single[f"{kind}-plain"], single[f"{kind}-mix"] - single[f"{kind}-base"]
+        )
+        for kind in ("column", "row")
+    }
+    ok = all(e < 1e-5 for e in errs.values()) and all(g > 1e-2 for g in gaps.values())
+    return ok, f"TP=2 vs TP=1 relative errors {errs}; mix vs plain {gaps}"
 
 
 def run_case(name: str):
@@ -774,7 +1041,10 @@ def run_case(name: str):
         "mix-sharded-refused",
         "mix-embedding-refused",
         "mix-embedding-zero-ok",
+        "mix-embedding-anchor-refused",
         "route-logits-refused",
+        "route-embedding-plain-refused",
+        "route-full-module-refused",
         "route-errors",
     ):
         return case_refusals(name)
@@ -783,9 +1053,9 @@ def run_case(name: str):
     if parts[0] == "route":
         return case_route(parts[1])
     return {
+        "zero-tokens": case_zero_tokens,
         "plugin": case_plugin,
-        "resolver": case_resolver,
-        "worker-hooks": case_worker_hooks,
+        "engine-hooks": case_engine_hooks,
         "manager-peft": case_manager_peft,
         "tp2": case_tp2,
     }[name]()
