@@ -70,6 +70,12 @@ def _build_parser() -> argparse.ArgumentParser:
         add_help=False,
         help="dynamic-rank LoRA fine-tuning of a classifier from JSONL (dlplora finetune --help)",
     )
+    # serve keeps its own parser (dlplora_triton.integrations.vllm.serve): the rest goes to vLLM.
+    sub.add_parser(
+        "serve",
+        add_help=False,
+        help="vLLM's OpenAI server with routed adapter mixes, model 'auto' (dlplora serve --help)",
+    )
     route = sub.add_parser(
         "route", help="print the adapters a saved router picks for each prompt, and their weights"
     )
@@ -235,6 +241,10 @@ def _cuda() -> bool:
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status (2 for bad input, with one line on stderr)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["serve"]:  # its unknown arguments go to vLLM's server
+        from .integrations.vllm.serve import serve_main
+
+        return serve_main(argv[1:])
     if argv[:1] == ["finetune"]:
         from .finetune import finetune_main
 

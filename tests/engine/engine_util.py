@@ -181,18 +181,25 @@ def free_port() -> int:
 
 
 class Server:
-    """``python -m vllm.entrypoints.openai.api_server ...`` on 127.0.0.1, stopped by its PID.
+    """``python -m vllm.entrypoints.openai.api_server ...`` (or ``command``) on 127.0.0.1, stopped by its PID.
 
     The log goes to ``log_path``; :meth:`stop` keeps it when asked to (a failed test) and removes it
     otherwise.
     """
 
-    def __init__(self, args: list[str], log_path: Path, env: dict | None = None, timeout: float = 300):
+    def __init__(
+        self,
+        args: list[str],
+        log_path: Path,
+        env: dict | None = None,
+        timeout: float = 300,
+        command: list[str] | None = None,
+    ):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
-        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--host", "127.0.0.1"]
-        cmd += ["--port", str(self.port), *args]
+        command = command or [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
+        cmd = [*command, "--host", "127.0.0.1", "--port", str(self.port), *args]
         full_env = dict(os.environ, **ENGINE_ENV, **(env or {}))
         self.log = open(log_path, "wb")
         # Its own process group, so stop() reaches the engine core and workers it spawns.

@@ -78,7 +78,8 @@ def check_adapter_dir(path: str, max_lora_rank: int | None, label: str) -> None:
 
 
 def check_mix_request(sampling_params, lora_request, lora_config) -> None:
-    """Raise ValueError when a request's mix cannot be served (no-op for plain requests)."""
+    """Raise ValueError (FileNotFoundError for a missing component) when a request's mix cannot be
+    served; no-op for plain requests."""
     extra = getattr(sampling_params, "extra_args", None) or {}
     from dlplora_triton.integrations.vllm.mixes import MIX_ARG
 

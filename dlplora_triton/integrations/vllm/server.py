@@ -202,24 +202,24 @@ class MixMiddleware:
             return await send_error(send, e)
         if prepared is None:
             return await self.app(scope, replay(body, receive), send)
-        payload, lent, header = prepared
+        payload, lent, headers = prepared
         adapters = self.adapters(scope)
+        extra = [(name.encode(), value.encode()) for name, value in headers]
 
-        async def send_with_header(message):
-            if message["type"] == "http.response.start" and header:
-                message = dict(
-                    message, headers=[*message.get("headers", []), (MIX_HEADER.encode(), header.encode())]
-                )
+        async def send_with_headers(message):
+            if message["type"] == "http.response.start" and extra:
+                message = dict(message, headers=[*message.get("headers", []), *extra])
             await send(message)
 
         try:
-            return await self.app(scope, replay(json.dumps(payload).encode(), receive), send_with_header)
+            return await self.app(scope, replay(json.dumps(payload).encode(), receive), send_with_headers)
         finally:
             if lent:
                 adapters.give_back(lent)
 
     async def prepare(self, scope, payload: dict):
-        """``(payload, lent name, header)`` for a request to rewrite, None to pass it through."""
+        """``(payload, lent name or None, [(header, value)])`` for a request to rewrite, None to pass it
+        through untouched; RequestError for one to refuse."""
         model = payload.get("model")
         xargs = payload.get("vllm_xargs")
         if isinstance(xargs, dict) and MIX_ARG in xargs:
@@ -258,4 +258,4 @@ class MixMiddleware:
         )
         payload = dict(payload, vllm_xargs=dict(xargs or {}, **{MIX_ARG: encode_mix(components)}))
         adapters.lend(model, anchor)
-        return payload, model, ",".join(f"{c.name}={c.weight!r}" for c in components)
+        return payload, model, [(MIX_HEADER, ",".join(f"{c.name}={c.weight!r}" for c in components))]

@@ -1,0 +1,154 @@
+"""``dlplora serve``: vLLM's OpenAI server with the plugin, a directory of adapters and the DLP-LoRA router.
+
+    dlplora serve --adapters DIR --router DIR [--p 0.8] [--top-k 3] [--auto-name auto] [vLLM server arguments...]
+
+Checks everything it can before vLLM starts (the adapters, the router, the router's adapters against
+the directory) and stops with one line naming the problem, then replaces itself with
+``python -m vllm.entrypoints.openai.api_server`` (same PID), adding ``--enable-lora``, every adapter of
+DIR as ``--lora-modules``, ``--max-lora-rank`` (the largest rank in DIR, unless given),
+``--enforce-eager`` (CUDA graphs are not supported yet) and the routing middleware. Everything else on
+the command line goes to vLLM unchanged (``--model`` first of all).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from pathlib import Path
+
+__all__ = ["ServeError", "adapter_directories", "build_parser", "serve_main", "vllm_command"]
+
+MIDDLEWARE = "dlplora_triton.integrations.vllm.routed.RoutingMiddleware"
+VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM accepts for --max-lora-rank
+
+
+class ServeError(ValueError):
+    """A start-up problem, reported in one line before vLLM starts."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dlplora serve",
+        description="vLLM's OpenAI server with routed adapter mixes: requests with model 'auto' are routed "
+        "by the DLP-LoRA router; 'mix:a=0.7,b=0.3' and plain adapter names are served too. Arguments "
+        "not listed here go to vLLM's server (e.g. --model, --port, --max-loras).",
+    )
+    parser.add_argument(
+        "--adapters", required=True, help="directory of PEFT adapters, one sub-directory each"
+    )
+    parser.add_argument(
+        "--router", required=True, help="a router saved by `dlplora train-router` (Router.save)"
+    )
+    parser.add_argument(
+        "--p", type=float, default=0.8, help="top-p of the router's adapter mix (default 0.8)"
+    )
+    parser.add_argument(
+        "--top-k", type=int, default=3, help="at most this many adapters per request (default 3)"
+    )
+    parser.add_argument(
+        "--auto-name", default="auto", help="the model name that asks for routing (default auto)"
+    )
+    return parser
+
+
+def adapter_directories(root: str | os.PathLike) -> dict[str, tuple[str, int]]:
+    """``{name: (path, rank)}`` of the PEFT adapters in ``root``; ServeError naming a bad one."""
+    from dlplora_triton.integrations.vllm.engine import check_adapter_dir
+    from dlplora_triton.integrations.vllm.mixes import ADAPTER_NAME
+
+    root = Path(root)
+    if not root.is_dir():
+        raise ServeError(f"--adapters {str(root)!r} is not a directory")
+    found = {}
+    for path in sorted(root.iterdir()):
+        if not path.is_dir() or not (path / "adapter_config.json").exists():
+            continue
+        if not ADAPTER_NAME.fullmatch(path.name):
+            raise ServeError(
+                f"--adapters: {path.name!r} is not a usable adapter name (letters, digits, '_', '.', '-')"
+            )
+        try:
+            check_adapter_dir(str(path), None, f"adapter {path.name!r}")
+        except (OSError, ValueError) as e:
+            raise ServeError(str(e)) from None
+        from dlplora_triton.adapters import read_adapter_config
+
+        config = read_adapter_config(path)
+        rank = max([int(config["r"]), *(int(v) for v in (config.get("rank_pattern") or {}).values())])
+        found[path.name] = (str(path.resolve()), rank)
+    if not found:
+        raise ServeError(
+            f"--adapters {str(root)!r} holds no PEFT adapter (sub-directories with adapter_config.json)"
+        )
+    return found
+
+
+def load_router(path: str, adapters: dict) -> object:
+    """The router, checked against the served adapters; ServeError when it cannot serve them."""
+    from dlplora_triton.routing import Router
+
+    try:
+        router = Router.load(path)
+    except (OSError, ValueError) as e:
+        raise ServeError(f"--router: {e}") from None
+    missing = sorted(set(router.names) - set(adapters))
+    if missing:
+        raise ServeError(
+            f"--router routes to {missing}, which --adapters does not hold (it holds {sorted(adapters)}); "
+            "retrain with `dlplora train-router --adapters ...` or map the router onto the served adapters"
+        )
+    return router
+
+
+def _has(rest: list[str], flag: str) -> bool:
+    return any(arg == flag or arg.startswith(flag + "=") for arg in rest)
+
+
+def vllm_command(args: argparse.Namespace, rest: list[str], adapters: dict) -> list[str]:
+    """The argv of vLLM's server: ``rest`` plus what routed serving needs."""
+    if not _has(rest, "--model") and not (rest and not rest[0].startswith("-")):
+        raise ServeError("give the base model to vLLM: --model <folder or name>")
+    if _has(rest, "--middleware") or _has(rest, "--lora-modules"):
+        raise ServeError(
+            "dlplora serve sets --middleware and --lora-modules itself (adapters come from --adapters)"
+        )
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *rest]
+    if not _has(rest, "--enable-lora"):
+        cmd.append("--enable-lora")
+    rank = max(r for _, r in adapters.values())
+    if not _has(rest, "--max-lora-rank"):
+        cmd += ["--max-lora-rank", str(next(v for v in VLLM_RANKS if v >= rank))]
+    if not _has(rest, "--enforce-eager"):
+        cmd.append("--enforce-eager")
+    cmd += ["--lora-modules", *[f"{name}={path}" for name, (path, _) in adapters.items()]]
+    cmd += ["--middleware", MIDDLEWARE]
+    return cmd
+
+
+def serve_main(argv: list[str]) -> int:
+    """Check, then exec vLLM's server (does not return on success); 2 with one line on a bad start-up."""
+    args, rest = build_parser().parse_known_args(argv)
+    try:
+        if not (0 < args.p <= 1) or not math.isfinite(args.p):
+            raise ServeError(f"--p must lie in (0, 1], got {args.p}")
+        if args.top_k < 1:
+            raise ServeError(f"--top-k must be >= 1, got {args.top_k}")
+        adapters = adapter_directories(args.adapters)
+        load_router(args.router, adapters)
+        cmd = vllm_command(args, rest, adapters)
+    except ServeError as e:
+        print(f"dlplora serve: error: {e}", file=sys.stderr)
+        return 2
+    env = dict(os.environ)
+    env.update(
+        DLPLORA_VLLM_ADAPTER_DIR=str(Path(args.adapters).resolve()),
+        DLPLORA_ROUTER_DIR=str(Path(args.router).resolve()),
+        DLPLORA_ROUTE_P=repr(args.p),
+        DLPLORA_ROUTE_TOP_K=str(args.top_k),
+        DLPLORA_AUTO_MODEL=args.auto_name,
+    )
+    print("dlplora serve: " + " ".join(cmd[1:]), file=sys.stderr, flush=True)
+    os.execve(cmd[0], cmd, env)
+    return 0  # not reached

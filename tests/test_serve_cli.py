@@ -1,0 +1,109 @@
+"""``dlplora serve`` stops before vLLM starts, with one line naming the problem, on a bad start-up.
+
+The routed server itself runs in tests/engine/test_serve_routed.py (vLLM's CPU build); these checks
+need no vLLM: everything here is decided before ``dlplora serve`` hands over to vLLM's server.
+"""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from dlplora_triton.cli import main
+from dlplora_triton.integrations.vllm.serve import adapter_directories, build_parser, vllm_command
+
+ROOT = Path(__file__).resolve().parents[1]
+ADAPTERS = ROOT / "adapters" / "smollm2"
+
+
+@pytest.fixture(scope="module")
+def router_dir(tmp_path_factory):
+    """A small router for the six adapters, trained on a slice of the package's text set."""
+    from dlplora_triton.demo.tasks import load_texts
+    from dlplora_triton.routing import Router
+
+    texts, tasks = load_texts()
+    keep = [(x, t) for x, t in zip(texts, tasks) if t in {"de", "fr", "ru", "ja", "zh", "code"}][::8]
+    router = Router.train([x for x, _ in keep], [t for _, t in keep], epochs=2, background=None, seed=0)
+    return router.save(tmp_path_factory.mktemp("router") / "router")
+
+
+def _serve(args, capsys) -> tuple[int, str]:
+    code = main(["serve", *args])
+    return code, capsys.readouterr().err.strip()
+
+
+def test_a_missing_router_stops_start_up(capsys, tmp_path):
+    code, err = _serve(
+        ["--adapters", str(ADAPTERS), "--router", str(tmp_path / "nope"), "--model", "m"], capsys
+    )
+    assert code == 2 and err.startswith("dlplora serve: error: --router") and "does not exist" in err
+
+
+def test_a_broken_router_stops_start_up(capsys, router_dir, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(router_dir, broken)
+    config = next(p for p in broken.iterdir() if p.suffix == ".json")
+    config.write_text("{ not json")
+    code, err = _serve(["--adapters", str(ADAPTERS), "--router", str(broken), "--model", "m"], capsys)
+    assert code == 2 and "--router" in err and len(err.splitlines()) == 1
+
+
+def test_a_router_for_adapters_the_server_lacks_is_refused(capsys, router_dir, tmp_path):
+    some = tmp_path / "some"
+    some.mkdir()
+    for name in ("de", "code"):
+        (some / name).symlink_to(ADAPTERS / name)
+    code, err = _serve(["--adapters", str(some), "--router", str(router_dir), "--model", "m"], capsys)
+    assert code == 2 and "routes to ['fr', 'ja', 'ru', 'zh']" in err and "holds ['code', 'de']" in err
+
+
+@pytest.mark.parametrize("what", ["missing", "empty", "truncated"])
+def test_bad_adapter_directories_stop_start_up(capsys, router_dir, tmp_path, what):
+    root = tmp_path / "adapters"
+    if what != "missing":
+        root.mkdir()
+    if what == "truncated":
+        shutil.copytree(ADAPTERS / "de", root / "de")
+        weights = root / "de" / "adapter_model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:1000])
+    code, err = _serve(["--adapters", str(root), "--router", str(router_dir), "--model", "m"], capsys)
+    words = {"missing": "is not a directory", "empty": "holds no PEFT adapter", "truncated": "truncated"}[
+        what
+    ]
+    assert code == 2 and words in err, err
+
+
+def test_the_model_is_required_and_owned_flags_are_refused(capsys, router_dir):
+    code, err = _serve(["--adapters", str(ADAPTERS), "--router", str(router_dir)], capsys)
+    assert code == 2 and "--model" in err
+    code, err = _serve(
+        ["--adapters", str(ADAPTERS), "--router", str(router_dir), "--model", "m", "--middleware", "x.Y"],
+        capsys,
+    )
+    assert code == 2 and "sets --middleware" in err
+
+
+def test_bad_p_and_top_k(capsys, router_dir):
+    for flag, value in (("--p", "0"), ("--p", "1.5"), ("--top-k", "0")):
+        code, err = _serve(
+            ["--adapters", str(ADAPTERS), "--router", str(router_dir), "--model", "m", flag, value], capsys
+        )
+        assert code == 2 and flag in err
+
+
+def test_the_vllm_command_adds_what_routed_serving_needs():
+    adapters = adapter_directories(ADAPTERS)
+    assert sorted(adapters) == ["code", "de", "fr", "ja", "ru", "zh"]
+    args, rest = build_parser().parse_known_args(
+        ["--adapters", str(ADAPTERS), "--router", "r", "--model", "m", "--max-loras", "4"]
+    )
+    cmd = vllm_command(args, rest, adapters)
+    assert cmd[1:4] == ["-m", "vllm.entrypoints.openai.api_server", "--model"]
+    assert "--enable-lora" in cmd and "--enforce-eager" in cmd and "--max-loras" in cmd
+    rank = max(json.loads((ADAPTERS / n / "adapter_config.json").read_text())["r"] for n in adapters)
+    assert cmd[cmd.index("--max-lora-rank") + 1] == str(next(v for v in (8, 16, 32, 64) if v >= rank))
+    assert cmd[cmd.index("--middleware") + 1].endswith("RoutingMiddleware")
+    modules = cmd[cmd.index("--lora-modules") + 1 : cmd.index("--middleware")]
+    assert modules == [f"{n}={(ADAPTERS / n).resolve()}" for n in sorted(adapters)]
