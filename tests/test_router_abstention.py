@@ -188,7 +188,9 @@ def test_a_format_1_router_loads_without_background_and_can_be_given_one():
     assert all(row for row in old.route(texts))  # it never abstains by itself
     served = old.with_adapters(["code", "de"])
     assert served.background == ["en"] and served.names == ["code", "de"]
-    expected = (torch.softmax(old.class_logits(texts).double(), dim=1)[:, 2] >= served.base_threshold).tolist()
+    expected = (
+        torch.softmax(old.class_logits(texts).double(), dim=1)[:, 2] >= served.base_threshold
+    ).tolist()
     assert [row == [] for row in served.route(texts)] == expected
 
 

@@ -25,7 +25,8 @@ __all__ = ["Router", "FORMAT_VERSION", "CONFIG_FILE", "WEIGHTS_FILE", "GENERAL",
 
 FORMAT_VERSION = 2  # 2: classes, adapter_of, base_threshold (abstention); 1 is still read
 GENERAL = "_general"  # the class of the general prompts Router.train adds; always background
-BASE_THRESHOLD = 0.3  # the base model serves a text whose background probability is at least this (docs/routing.md)
+# The base model serves a text whose background probability is at least this (docs/routing.md).
+BASE_THRESHOLD = 0.3
 CONFIG_FILE = "router_config.json"
 WEIGHTS_FILE = "router.safetensors"
 _FORMAT_NAME = "dlplora-router"
