@@ -12,7 +12,7 @@ The router runs its tensor ops on one thread (see dlplora_triton/routing/router.
 matters less than it would; the 1-minute load average is recorded with the results.
 
 Abstention (docs/routing.md, "Abstention"): the router trained on the 9 tasks plus the package's general
-prompts is given the 6 adapters of adapters/smollm2/ (``with_adapters``: es, license and shell become
+prompts is given the 6 adapters of dlplora_triton/data/adapters/smollm2/ (``with_adapters``: es, license and shell become
 background). On the unseen lines: the fraction of the 6 tasks' texts served by their own adapter
 (target >= 99%) and of the 3 other tasks' texts served by the base model (target >= 95%); on general
 chat prompts never trained on (bench/data/general_prompts_dev.jsonl, used while the training prompts
@@ -42,7 +42,7 @@ GENERAL_SETS = {
     "test": HERE / "data" / "general_prompts_test.jsonl",
 }
 RESULTS = common.RESULTS / "cpu"
-ADAPTERS = ["code", "de", "fr", "ja", "ru", "zh"]  # adapters/smollm2/
+ADAPTERS = ["code", "de", "fr", "ja", "ru", "zh"]  # dlplora_triton/data/adapters/smollm2/
 THRESHOLDS = (0.3, 0.5, 0.7)
 ISSUE_PROMPTS = ["hello", "hello, how are you?", "What is the capital of France?"]
 

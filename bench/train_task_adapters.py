@@ -1,4 +1,4 @@
-"""Train one PEFT LoRA per task on SmolLM2-135M-Instruct (CPU), saved under adapters/smollm2/<task>/.
+"""Train one PEFT LoRA per task on SmolLM2-135M-Instruct (CPU), saved under dlplora_triton/data/adapters/smollm2/<task>/.
 
 Each adapter learns next-token prediction on its task's training texts (dlplora_triton.demo.tasks),
 one sentence per example (up to --max-tokens tokens), AdamW, a short linear-decay schedule. Ranks,

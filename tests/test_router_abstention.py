@@ -2,7 +2,7 @@
 with_adapters, base_proba / route / route_tensors, the saved format 2 and its errors, the commands.
 
 A small router (seconds) trained on 300 texts of each of the 9 tasks of the text set, 6 of them served
-by adapters (code, de, fr, ja, ru, zh, as in adapters/smollm2/), the other 3 background, plus the
+by adapters (code, de, fr, ja, ru, zh, as in dlplora_triton/data/adapters/smollm2/), the other 3 background, plus the
 package's general prompts. The full-size figures are bench/bench_router.py's (docs/routing.md).
 """
 

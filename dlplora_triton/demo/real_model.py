@@ -1,4 +1,4 @@
-"""``dlplora demo`` on SmolLM2-135M-Instruct with the committed task adapters (adapters/smollm2/).
+"""``dlplora demo`` on SmolLM2-135M-Instruct with the six task adapters it ships (data/adapters/smollm2/).
 
 A router trained on the text set's training split picks each prompt's adapter mix (top-p), or the
 base model for a prompt no adapter fits (two general questions are in the batch); the batch

@@ -13,8 +13,9 @@ __all__ = ["TASKS", "HELD_OUT", "ADAPTERS_DIR", "TEXTS_PATH", "load_texts", "tas
 
 TASKS = ("de", "fr", "ru", "ja", "zh", "code")
 HELD_OUT = 100
-# The committed adapters, at the repository root (a checkout: the demo and the tests run from one).
-ADAPTERS_DIR = Path(__file__).resolve().parents[2] / "adapters" / "smollm2"
+# The six SmolLM2 task adapters ship inside the package (11 MB of package data), so `dlplora demo` runs
+# after a plain pip install as well as in a checkout.
+ADAPTERS_DIR = Path(__file__).resolve().parents[1] / "data" / "adapters" / "smollm2"
 
 TEXTS_PATH = Path(__file__).resolve().parents[1] / "data" / "router_texts.jsonl"
 
@@ -48,7 +49,7 @@ def adapter_paths(directory: str | Path = ADAPTERS_DIR) -> dict[str, Path]:
     for name, path in paths.items():
         if not (path / "adapter_config.json").is_file():
             raise FileNotFoundError(
-                f"SmolLM2 adapter {name!r}: {str(path)!r} has no adapter_config.json "
-                "(the adapters live in a checkout of the repository; bench/train_task_adapters.py makes them)"
+                f"SmolLM2 adapter {name!r}: {str(path)!r} has no adapter_config.json (the package ships "
+                f"them in {str(ADAPTERS_DIR)!r}; bench/train_task_adapters.py makes them)"
             )
     return paths
