@@ -383,7 +383,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--tables", action="store_true", help="print the Markdown tables of the result file and stop"
     )
-    parser.add_argument("--adapters", default=None, help="adapter folder (default: dlplora_triton/data/adapters/smollm2/)")
+    parser.add_argument(
+        "--adapters", default=None, help="adapter folder (default: dlplora_triton/data/adapters/smollm2/)"
+    )
     parser.add_argument("--out", default=None, help="JSON path (default: bench/results/cpu/real_model.json)")
     args = parser.parse_args(argv)
     if args.tables:
