@@ -26,7 +26,7 @@ def engine_version() -> str | None:
 
 
 ROOT = Path(__file__).resolve().parents[2]
-ADAPTER_DIR = ROOT / "adapters" / "smollm2"
+ADAPTER_DIR = ROOT / "dlplora_triton" / "data" / "adapters" / "smollm2"
 ADAPTERS = ("de", "code", "fr", "ru", "ja", "zh")
 # Prompts as token ids (vLLM and transformers read the same ids; no tokenizer differences).
 PROMPT_TEXTS = (
