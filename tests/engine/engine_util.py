@@ -154,6 +154,20 @@ class PeftReference:
         tokens, logprobs = self._cache[key]
         return tokens[:max_tokens], logprobs[:max_tokens]
 
+    def prompt_logprobs(self, ids: list[int], mix) -> list[float]:
+        """Teacher-forced log-probability of each token of ``ids`` after the first, under the mix."""
+        with self._active(list(mix)):
+            return _teacher_forced(self.model, ids)
+
+
+def _teacher_forced(model, ids):
+    import torch
+
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids])).logits[0, :-1].float()
+    logp = torch.log_softmax(logits, -1)
+    return logp.gather(1, torch.tensor(ids[1:]).unsqueeze(1)).squeeze(1).tolist()
+
 
 def mix_name(mix) -> str:
     """The model name of a mix (``mix:a=0.7,b=0.3``), a plain adapter (``a``) or the base model (None)."""
