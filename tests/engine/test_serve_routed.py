@@ -250,4 +250,4 @@ def test_routed_requests_batch_and_are_counted(server, client, held_out):
     assert peak[0] > 1, "routed requests with different mixes never ran in one step"
     metrics = server.metrics()
     assert 'dlplora_routes_total{adapter="base"}' in metrics
-    assert "dlplora_route_seconds_bucket" in metrics
+    assert "dlplora_route_seconds_bucket" in metrics and "dlplora_route_cpu_seconds_bucket" in metrics

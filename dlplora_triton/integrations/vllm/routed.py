@@ -16,7 +16,7 @@ request:
 3. ``model`` becomes the base model's name, the adapter's, or ``mix:<a>=<w>,...``; the response says
    what was chosen in its ``model`` field and in the ``x-dlplora-route`` header (``base`` or
    ``adapter=weight,...``). The server's log and ``/metrics`` (``dlplora_routes_total{adapter}``,
-   ``dlplora_route_seconds``) count the routes.
+   ``dlplora_route_seconds`` wall time, ``dlplora_route_cpu_seconds`` CPU time) count the routes.
 
 Start-up (``dlplora serve``) passes the router directory and options in ``$DLPLORA_ROUTER_DIR``,
 ``$DLPLORA_ROUTE_P``, ``$DLPLORA_ROUTE_TOP_K``.
@@ -102,12 +102,14 @@ def _metrics():
     from prometheus_client import Counter, Histogram
 
     routes = Counter("dlplora_routes", "Routed requests per adapter chosen ('base': none)", ["adapter"])
-    seconds = Histogram(
-        "dlplora_route_seconds",
-        "The router's time per routed request",
-        buckets=(1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 5e-2),
+    buckets = (1e-4, 2e-4, 3e-4, 5e-4, 7.5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 5e-2)
+    seconds = Histogram("dlplora_route_seconds", "The router's wall time per routed request", buckets=buckets)
+    cpu = Histogram(
+        "dlplora_route_cpu_seconds",
+        "The router's CPU time per routed request (its cost, without waits for a busy CPU)",
+        buckets=buckets,
     )
-    return routes, seconds
+    return routes, seconds, cpu
 
 
 class RoutingMiddleware(MixMiddleware):
@@ -120,6 +122,11 @@ class RoutingMiddleware(MixMiddleware):
         router_dir = os.environ.get(ROUTER_ENV)
         if not router_dir:
             raise RuntimeError(f"RoutingMiddleware needs ${ROUTER_ENV} (dlplora serve sets it)")
+        import torch
+
+        # This process only routes and talks HTTP (the model runs in vLLM's engine processes): one
+        # intra-op thread, so the router's own one-thread sections do not resize a thread pool per call.
+        torch.set_num_threads(1)
         self.router = Router.load(router_dir)
         self.auto_name = os.environ.get(AUTO_ENV, "auto")
         self.p = float(os.environ.get(P_ENV, DEFAULT_P))
@@ -205,8 +212,8 @@ class RoutingMiddleware(MixMiddleware):
         options = self._options(routing)
         router = self._router_among(routing.get("adapters") if isinstance(routing, dict) else None)
         text = route_text(payload, chat=scope.get("path", "").endswith("/chat/completions"))
-        routes, seconds = _metrics()
-        start = time.perf_counter()
+        routes, seconds, cpu = _metrics()
+        start, start_cpu = time.perf_counter(), time.thread_time()
         (chosen,) = router.route(
             [text],
             p=options.get("p", self.p),
@@ -215,6 +222,7 @@ class RoutingMiddleware(MixMiddleware):
         )
         elapsed = time.perf_counter() - start
         seconds.observe(elapsed)
+        cpu.observe(time.thread_time() - start_cpu)
         if not chosen:
             model = self.adapters(scope).models.base_model_paths[0].name
             label = "base"
