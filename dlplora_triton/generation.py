@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .routing.select import DEFAULT_P
+
 __all__ = ["RoutedGeneration", "generate_routed"]
 
 
@@ -52,7 +54,7 @@ def generate_routed(
     router,
     tokenizer,
     prompts: Sequence[str],
-    p: float = 0.6,
+    p: float = DEFAULT_P,
     top_k: int | None = None,
     weighting: str = "renorm",
     min_confidence: float | None = None,

@@ -203,8 +203,13 @@ class MultiLoRA:
         """``[B, num_layers, num_modules]`` gates of MiLoRA adapter ``name`` at the last prefill (None before
         one; 0 outside a row's top-k and for rows that do not select ``name``). KeyError if not MiLoRA."""
         if name not in self._milora:
+            what = (
+                "a plain LoRA adapter (no milora_config.json), which has no gates"
+                if name in self.names
+                else "not an attached adapter"
+            )
             raise KeyError(
-                f"{name!r} is not an attached MiLoRA adapter; MiLoRA adapters: {sorted(self._milora)}"
+                f"{name!r} is {what}, not an attached MiLoRA adapter; MiLoRA adapters: {sorted(self._milora)}"
             )
         return self._milora[name].gates
 

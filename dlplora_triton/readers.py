@@ -4,6 +4,9 @@ Every reader takes ``owner``, what the file belongs to (``"adapter 'math'"``, ``
 ``"training data"``), and raises ``FileNotFoundError`` for a missing file or ``ValueError`` for a
 broken one (empty, truncated, not UTF-8, not JSON, not an object, garbage bytes), the message naming
 the owner and the file. Nothing is returned until the whole file has been read and checked.
+
+The commands also check the paths they will *write* before any work (:func:`check_output_dir`,
+:func:`check_output_file`): a training run never ends in "cannot write there".
 """
 
 from __future__ import annotations
@@ -16,7 +19,15 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["read_jsonl", "read_labelled_jsonl", "read_json_object", "read_safetensors", "read_torch_state"]
+__all__ = [
+    "read_jsonl",
+    "read_labelled_jsonl",
+    "read_json_object",
+    "read_safetensors",
+    "read_torch_state",
+    "check_output_dir",
+    "check_output_file",
+]
 
 
 def _existing_file(path: str | os.PathLike, owner: str) -> Path:
@@ -75,11 +86,13 @@ def read_labelled_jsonl(
     label_key: str = "task",
     labels: Sequence[str] | None = None,
     owner: str = "labelled data",
+    int_labels: bool = True,
 ) -> tuple[list[str], list[str]]:
     """``(texts, labels)`` of a JSONL file whose lines are ``{"text": str, <label_key>: str | int}``.
 
-    Texts must be non-empty strings; labels strings or integers, returned as strings; with ``labels``
-    given, every label must be one of them. Errors as :func:`read_jsonl`, naming file and line.
+    Texts must be non-empty strings; labels strings or integers (``int_labels``; else strings only, as
+    ``Router.train`` takes task names), returned as strings; with ``labels`` given, every label must be
+    one of them. Errors as :func:`read_jsonl`, naming file and line.
     """
     texts, out = [], []
     for number, row in _numbered_rows(path, owner, ("text", label_key)):
@@ -87,8 +100,16 @@ def read_labelled_jsonl(
         where = f"{owner}: {path}:{number}"
         if not isinstance(text, str) or not text.strip():
             raise ValueError(f'{where}: "text" must be a non-empty string, got {text!r}')
+        if not int_labels and not isinstance(label, str):
+            number = isinstance(label, (int, float)) and not isinstance(label, bool)
+            hint = f' (write "{label}" if that is its name)' if number else ""
+            raise ValueError(
+                f"{where}: {label_key!r} must be a task name, a non-empty string; got "
+                f"{type(label).__name__} {json.dumps(label)}{hint}"
+            )
         if isinstance(label, bool) or not isinstance(label, (str, int)) or label == "":
-            raise ValueError(f"{where}: {label_key!r} must be a non-empty string or an int, got {label!r}")
+            kind = "a non-empty string or an int" if int_labels else "a non-empty string"
+            raise ValueError(f"{where}: {label_key!r} must be {kind}, got {label!r}")
         label = str(label)
         if labels is not None and label not in labels:
             raise ValueError(f"{where}: {label_key} {label!r} is not one of {list(labels)}")
@@ -144,3 +165,39 @@ def read_torch_state(path: str | os.PathLike, owner: str) -> dict:
     if not isinstance(state, dict):
         raise ValueError(f"{owner}: {str(path)!r} holds a {type(state).__name__}, expected a dict")
     return state
+
+
+def check_output_dir(path: str | os.PathLike, what: str) -> Path:
+    """Check, before any work, that a folder can be written at ``path`` (existing, or created later with
+    its parents); ``ValueError`` naming ``what`` (``"--out"``) and the path otherwise. Creates nothing."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{what} {str(path)!r} is a file; it takes a folder (created if missing)")
+    _check_writable_ancestor(path, what)
+    return path
+
+
+def check_output_file(path: str | os.PathLike, what: str) -> Path:
+    """Check, before any work, that a file can be written at ``path`` (its folder exists and is
+    writable; the path is not a folder); ``ValueError`` naming ``what`` and the path otherwise."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{what} {str(path)!r} is a folder; it takes a file name")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        why = "is a file" if parent.exists() else "does not exist"
+        raise ValueError(f"{what} {str(path)!r}: its folder {str(parent)!r} {why}")
+    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise ValueError(f"{what} {str(path)!r}: no permission to write there")
+    return path
+
+
+def _check_writable_ancestor(path: Path, what: str) -> None:
+    """The deepest existing ancestor of ``path`` must be a writable folder (mkdir(parents=True) works)."""
+    ancestor = path if path.exists() else path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if ancestor.exists() and not ancestor.is_dir():
+        raise ValueError(f"{what} {str(path)!r}: {str(ancestor)!r} is a file, so no folder can be made there")
+    if not os.access(ancestor if str(ancestor) else Path("."), os.W_OK):
+        raise ValueError(f"{what} {str(path)!r}: no permission to write in {str(ancestor)!r}")

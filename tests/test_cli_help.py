@@ -28,3 +28,28 @@ def test_help_of_every_subcommand(command, capsys):
     assert exit_info.value.code == 0
     usage = capsys.readouterr().out.splitlines()[0]
     assert usage.startswith("usage: dlplora") and command in usage, usage
+
+
+def _option_parsers() -> dict[str, argparse.ArgumentParser]:
+    """Each subcommand's parser, finetune's and serve's own parsers included."""
+    from dlplora_triton.finetune.command import _build_finetune_parser
+    from dlplora_triton.integrations.vllm.serve import build_parser as build_serve_parser
+
+    (sub,) = [a for a in _build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    parsers = dict(sub.choices)
+    parsers["finetune"], parsers["serve"] = _build_finetune_parser(), build_serve_parser()
+    return parsers
+
+
+@pytest.mark.parametrize("command", _subcommands())
+def test_every_option_says_what_it_does_and_its_default(command):
+    parser = _option_parsers()[command]
+    missing = []
+    for action in parser._actions:
+        if not action.option_strings or isinstance(action, argparse._HelpAction):
+            continue
+        help_text = action.help or ""
+        has_default = action.default not in (None, False) and not action.required
+        if not help_text.strip() or (has_default and "default" not in help_text):
+            missing.append(f"{'/'.join(action.option_strings)} (default {action.default!r}): {help_text!r}")
+    assert not missing, f"dlplora {command}: options without help or without their default: {missing}"

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..readers import read_labelled_jsonl, read_torch_state
+from ..readers import check_output_dir, read_labelled_jsonl, read_torch_state
 from .dynamic import DynamicLoRA
 from .export import GATE_NOTE, plot_ranks, write_rank_csv
 from .importance import IMPORTANCE_KINDS
@@ -53,12 +53,12 @@ def _build_finetune_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--out",
         required=True,
-        help="output folder: adapter/, checkpoint.pt, ranks.csv, ranks.png, summary.json",
+        help="output folder: adapter/, checkpoint.pt, ranks.csv, ranks.png, summary.json (checked first)",
     )
     parser.add_argument(
         "--target-modules",
         default="query,key,value,attention.output.dense",
-        help="comma-separated module names (PEFT rule: exact path or .suffix)",
+        help="comma-separated module names (PEFT rule: exact path or .suffix; default: BERT attention)",
     )
     parser.add_argument(
         "--budget",
@@ -66,11 +66,21 @@ def _build_finetune_parser() -> argparse.ArgumentParser:
         default=None,
         help="sum of ranks over the adapted modules (default 4 per module)",
     )
-    parser.add_argument("--max-rank", type=int, default=None)
+    parser.add_argument(
+        "--max-rank",
+        type=int,
+        default=None,
+        help="largest rank one module may reach (default: min(the smallest K or N, 4 x budget / modules))",
+    )
     parser.add_argument(
         "--lora-alpha", type=float, default=8.0, help="scale = lora_alpha / (budget / modules) (default 8)"
     )
-    parser.add_argument("--importance", choices=IMPORTANCE_KINDS, default="sensitivity")
+    parser.add_argument(
+        "--importance",
+        choices=IMPORTANCE_KINDS,
+        default="sensitivity",
+        help="how a module's rank units are scored (default sensitivity; docs/dynamic-rank.md)",
+    )
     parser.add_argument(
         "--gate", action="store_true", help="add the input-feature gate (saved apart; PEFT ignores it)"
     )
@@ -84,14 +94,17 @@ def _build_finetune_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--moves", type=int, default=None, help="rank units moved per reallocation (default modules // 8)"
     )
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--weight-decay", type=float, default=0.01)
-    parser.add_argument("--max-len", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--epochs", type=int, default=3, help="passes over --train (default 3)")
+    parser.add_argument("--batch-size", type=int, default=16, help="texts per step (default 16)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
+    parser.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (default 0.01)")
+    parser.add_argument("--max-len", type=int, default=64, help="texts cut to this many tokens (default 64)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument(
-        "--checkpoint-every", type=int, default=50, help="steps between checkpoints (and at each epoch end)"
+        "--checkpoint-every",
+        type=int,
+        default=50,
+        help="steps between checkpoints, and one at each epoch end (default 50)",
     )
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     parser.add_argument(
@@ -173,9 +186,7 @@ def finetune_main(argv: Sequence[str] | None = None) -> int:
         raise FileNotFoundError(f"model directory {args.model!r} does not exist")
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"model directory {args.model!r} has no config.json")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {args.out!r} exists and is not a directory")
+    out = check_output_dir(args.out, "--out")
     ckpt_path = out / "checkpoint.pt"
     if args.resume and not ckpt_path.is_file():
         raise FileNotFoundError(f"--resume: no checkpoint at {str(ckpt_path)!r}")

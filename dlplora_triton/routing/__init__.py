@@ -10,7 +10,7 @@
 from ..readers import read_labelled_jsonl
 from .features import featurize, pooled_hidden_states
 from .router import BASE_THRESHOLD, CONFIG_FILE, FORMAT_VERSION, GENERAL, WEIGHTS_FILE, Router
-from .select import WEIGHTINGS, top_p_select
+from .select import DEFAULT_P, WEIGHTINGS, top_p_select
 from .train import format_report, general_prompts, train_router
 
 __all__ = [
@@ -28,4 +28,5 @@ __all__ = [
     "CONFIG_FILE",
     "WEIGHTS_FILE",
     "WEIGHTINGS",
+    "DEFAULT_P",
 ]

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..readers import read_json_object, read_safetensors
 from .features import featurize, pooled_hidden_states
-from .select import _check_p, _check_top_k, _check_weighting, top_p_select
+from .select import DEFAULT_P, _check_p, _check_top_k, _check_weighting, top_p_select
 
 __all__ = ["Router", "FORMAT_VERSION", "CONFIG_FILE", "WEIGHTS_FILE", "GENERAL", "BASE_THRESHOLD"]
 
@@ -299,7 +299,7 @@ class Router:
     def route_tensors(
         self,
         texts: Sequence[str],
-        p: float = 0.6,
+        p: float = DEFAULT_P,
         top_k: int | None = None,
         weighting: str = "renorm",
         min_confidence: float | None = None,
@@ -325,7 +325,7 @@ class Router:
     def route(
         self,
         texts: Sequence[str],
-        p: float = 0.6,
+        p: float = DEFAULT_P,
         top_k: int | None = None,
         weighting: str = "renorm",
         min_confidence: float | None = None,
@@ -402,11 +402,17 @@ class Router:
     @classmethod
     def load(cls, directory: str | os.PathLike, model=None, tokenizer=None) -> Router:
         """Load a router written by :meth:`save` (``model`` and ``tokenizer``: only for a router trained
-        on ``features="model"``). A missing directory or file raises ``FileNotFoundError``; a corrupt or
-        inconsistent file, another format version or a missing model raises ``ValueError`` naming the
-        file; both before anything is built. A format_version 1 router (saved before abstention) loads
-        as one without background (``can_abstain`` False): :meth:`with_adapters` can give it one."""
+        on ``features="model"``). A missing directory or file raises ``FileNotFoundError``; a path that
+        is a file, a corrupt or inconsistent file, another format version or a missing model raises
+        ``ValueError`` naming the file; all before anything is built. A format_version 1 router (saved
+        before abstention) loads as one without background (``can_abstain`` False): :meth:`with_adapters`
+        can give it one."""
         directory = Path(directory)
+        if directory.exists() and not directory.is_dir():
+            raise ValueError(
+                f"router {str(directory)!r} is a file; a saved router is a folder holding {CONFIG_FILE} and "
+                f"{WEIGHTS_FILE} (what train-router --out and Router.save write)"
+            )
         if not directory.is_dir():
             raise FileNotFoundError(f"router directory {str(directory)!r} does not exist")
         owner = f"router at {str(directory)!r}"
