@@ -15,8 +15,8 @@ from dlplora_triton.cli import main
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_demo_runs_and_checks_its_output(capsys):
-    assert main(["demo", "--device", "cpu", "--quick"]) == 0
+def test_random_demo_runs_and_checks_its_output(capsys):
+    assert main(["demo", "--device", "cpu", "--random", "--quick"]) == 0
     printed = capsys.readouterr().out
     assert "relative error vs the float64 reference" in printed
     assert "RANDOM weights" in printed and "PEFT mixed batch" in printed
@@ -65,6 +65,9 @@ def test_wheel_ships_the_kernels(wheel):
     assert "dlplora_triton/ops.py" in names
     assert "dlplora_triton/data/router_texts.jsonl" in names
     assert "dlplora_triton/data/NOTICE" in names
+    for task in ("code", "de", "fr", "ja", "ru", "zh"):  # the demo's adapters (tests/test_wheel_demo.py)
+        for file in ("adapter_config.json", "adapter_model.safetensors"):
+            assert f"dlplora_triton/data/adapters/smollm2/{task}/{file}" in names
 
 
 # -- kernels/ never shadows Hugging Face's `kernels` -----------------------------------------------------

