@@ -62,14 +62,9 @@ MIX_POOL = (
 )
 
 
-def server_args(ours: bool) -> list[str]:
+def server_args(ours: bool, max_loras: int) -> list[str]:
     args = ["--model", str(model_folder()), "--served-model-name", "smollm2", "--enable-lora"]
-    args += [
-        "--max-loras",
-        str(ENGINE_ARGS["max_loras"]),
-        "--max-lora-rank",
-        str(ENGINE_ARGS["max_lora_rank"]),
-    ]
+    args += ["--max-loras", str(max_loras), "--max-lora-rank", str(ENGINE_ARGS["max_lora_rank"])]
     args += ["--dtype", "float32", "--max-model-len", str(ENGINE_ARGS["max_model_len"]), "--enforce-eager"]
     args += ["--gpu-memory-utilization", str(ENGINE_ARGS["gpu_memory_utilization"])]
     args += ["--lora-modules", *[f"{n}={adapter_path(n)}" for n in ADAPTERS]]
