@@ -112,9 +112,11 @@ class PunicaWrapperDLP(PunicaWrapperBase):
     ``lora_config`` (unused) and ``backend`` (``"auto"`` | ``"triton"`` | ``"torch"``, default
     ``$DLPLORA_VLLM_BACKEND`` or ``"auto"``).
 
-    ``update_metadata(mapping, lora_index_to_id, max_loras, vocab_size, route=None)`` takes vLLM's
-    ``LoRAMapping`` (one LoRA id per token, ``0`` = none) and optionally a
-    :class:`LoRARouteMapping` that replaces the per-token ids for the linear layers.
+    ``update_metadata(mapping, lora_index_to_id, max_loras, vocab_size, route=None, sample_route=None)``
+    takes vLLM's ``LoRAMapping`` (one LoRA id per token, ``0`` = none) and optionally
+    :class:`LoRARouteMapping` s that replace the per-token ids (``route``, the linear layers) and the
+    per-sampled-row ids (``sample_route``, the logits layer); inside :func:`next_step_routes` (the
+    engine hook's mixes) the routes come from there.
     """
 
     def __init__(self, max_num_batched_tokens: int, max_batches: int, device: torch.device | str, **kwargs):
