@@ -17,7 +17,7 @@ import warnings
 import torch
 
 from ..routing.select import DEFAULT_P
-from .smollm2 import load_smollm2
+from .smollm2 import load_smollm2, smollm2_folder
 from .tasks import TASKS, adapter_paths, load_texts, task_split
 from .text import fit, one_line
 
@@ -92,7 +92,7 @@ def run_real_demo(
     one. Returns whether every routed row matched PEFT.
 
     ``quick``: 8 new tokens instead of 16 and no timings (what the tests run); otherwise the base model,
-    PEFT and ours are each timed over ``rounds`` runs after a warm-up, and the medians printed.
+    PEFT and ours are each timed over ``rounds`` interleaved runs after a warm-up, and the medians printed.
     """
     from ..generation import generate_routed
     from ..patch import attach
@@ -112,6 +112,7 @@ def run_real_demo(
         f"{ROUTING['p']}, at most {ROUTING['top_k']} adapters"
     )
     print(f"{len(paths)} task adapters ({', '.join(paths)}) from {next(iter(paths.values())).parent}")
+    print(f"the model as a transformers folder (for dlplora generate / serve --model): {smollm2_folder()}")
     print(WEAK_MODEL)
 
     prompts, labels = demo_prompts()
@@ -123,41 +124,35 @@ def run_real_demo(
     prompt_len = batch["input_ids"].shape[1]
     times: dict[str, list[float]] = {"base": [], "peft": [], "ours": []}
 
-    def timed(key: str, fn):
-        start = time.perf_counter()
-        out = fn()
-        times[key].append(time.perf_counter() - start)
-        return out
-
-    with torch.no_grad():
-        if not quick:
-            model.generate(**batch, **{**gen, "max_new_tokens": 1})  # warm-up: first-call costs left out
-        base_out = timed("base", lambda: model.generate(**batch, **gen))
-        for _ in range(0 if quick else rounds - 1):
-            timed("base", lambda: model.generate(**batch, **gen))
-    base_texts = tokenizer.batch_decode(base_out[:, prompt_len:], skip_special_tokens=True)
-
     start = time.perf_counter()
     peft_model, row_names = peft_mixed_batch(copy.deepcopy(model), paths, selection)
     merge_s = time.perf_counter() - start
-    with torch.no_grad():
-        peft_out = peft_model.generate(**batch, adapter_names=row_names, **gen)  # also the warm-up
-        for _ in range(0 if quick else rounds):
-            timed("peft", lambda: peft_model.generate(**batch, adapter_names=row_names, **gen))
-        peft_logits = peft_model(**batch, adapter_names=row_names).logits
-    peft_model = None  # free its copy of the model before attach
-
-    lora = attach(model, paths)
+    ours_model = copy.deepcopy(model)  # the base model stays unpatched, so the rounds can interleave
+    lora = attach(ours_model, paths)
     try:
-        results = generate_routed(model, lora, router, tokenizer, prompts, **ROUTING, **gen)  # also warm-up
+        # one run each: the answers and the check (and the warm-up of every path)
+        with torch.no_grad():
+            base_out = model.generate(**batch, **gen)
+            peft_out = peft_model.generate(**batch, adapter_names=row_names, **gen)
+            peft_logits = peft_model(**batch, adapter_names=row_names).logits
+        results = generate_routed(ours_model, lora, router, tokenizer, prompts, **ROUTING, **gen)
+        with lora.selection(selection), torch.no_grad():
+            ours_logits = ours_model(**batch).logits
+        # the timings: rounds interleaved, so that a busy machine slows every path alike
         runs = []
         for _ in range(0 if quick else rounds):
-            runs.append(generate_routed(model, lora, router, tokenizer, prompts, **ROUTING, **gen))
-            times["ours"].append(sum((runs[-1][0].route_s, runs[-1][0].prefill_s, runs[-1][0].decode_s)))
-        with lora.selection(selection), torch.no_grad():
-            ours_logits = model(**batch).logits
+            with torch.no_grad():
+                start = time.perf_counter()
+                model.generate(**batch, **gen)
+                times["base"].append(time.perf_counter() - start)
+                start = time.perf_counter()
+                peft_model.generate(**batch, adapter_names=row_names, **gen)
+                times["peft"].append(time.perf_counter() - start)
+            runs.append(generate_routed(ours_model, lora, router, tokenizer, prompts, **ROUTING, **gen))
+            times["ours"].append(runs[-1][0].route_s + runs[-1][0].prefill_s + runs[-1][0].decode_s)
     finally:
         lora.detach()
+    base_texts = tokenizer.batch_decode(base_out[:, prompt_len:], skip_special_tokens=True)
 
     new_peft = peft_out[:, prompt_len:].tolist()
     logit_err = float((ours_logits - peft_logits).norm() / peft_logits.norm())
@@ -181,7 +176,7 @@ def run_real_demo(
         base_s, peft_s, ours_s = (_median(times[k]) for k in ("base", "peft", "ours"))
         r0 = sorted(runs, key=lambda r: r[0].route_s + r[0].prefill_s + r[0].decode_s)[len(runs) // 2][0]
         spread = {k: f"{min(v):.2f}-{max(v):.2f} s" for k, v in times.items()}
-        print(f"timings, median of {rounds} runs after a warm-up (min-max in brackets):")
+        print(f"timings, median of {rounds} interleaved runs after a warm-up (min-max in brackets):")
         print(f"  base model alone            {base_s:7.2f} s ({spread['base']})")
         print(
             f"  PEFT, adapter_names per row {peft_s:7.2f} s ({spread['peft']}; {peft_s / base_s:.2f}x base), "
