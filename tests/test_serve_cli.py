@@ -14,7 +14,7 @@ from dlplora_triton.cli import main
 from dlplora_triton.integrations.vllm.serve import adapter_directories, build_parser, vllm_command
 
 ROOT = Path(__file__).resolve().parents[1]
-ADAPTERS = ROOT / "adapters" / "smollm2"
+ADAPTERS = ROOT / "dlplora_triton" / "data" / "adapters" / "smollm2"
 
 
 @pytest.fixture(scope="module")
