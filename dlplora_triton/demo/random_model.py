@@ -121,6 +121,7 @@ def demo_system(seed: int, max_new_tokens: int = 12, quick: bool = False) -> boo
     from ..routing import DEFAULT_P, Router
     from .peft_baseline import peft_mixed_batch
     from .tasks import load_texts
+    from .text import fit, one_line
     from .toy_model import build_llama, build_tokenizer, make_peft_adapters
 
     texts, tasks = load_texts()
@@ -186,10 +187,10 @@ def demo_system(seed: int, max_new_tokens: int = 12, quick: bool = False) -> boo
     print(f"\n{'prompt':<44} {'adapters (weight)':<34} {'= PEFT':<7} generated (random weights)")
     for result, peft_tokens in zip(results, new_peft):
         mix = ", ".join(f"{name} {weight:.2f}" for name, weight in result.adapters) or "base model"
-        prompt = result.prompt.replace("\n", " ")
-        prompt = prompt if len(prompt) <= 42 else prompt[:41] + "…"
         text = result.text.replace("\n", " ")[:30]
-        print(f"{prompt:<44} {mix:<34} {'yes' if result.token_ids == peft_tokens else 'NO':<7} {text!r}")
+        same = "yes" if result.token_ids == peft_tokens else "NO"
+        # fit() pads by display width: a wide (CJK) character takes two columns
+        print(f"{fit(one_line(result.prompt), 42)}   {mix:<34} {same:<7} {text!r}")
     r0 = results[0]
     print(
         f"\nbatch of {len(prompts)} prompts, {max_new_tokens} new tokens each (median of 3 runs, CPU fp32):"
