@@ -144,6 +144,9 @@ def main(argv=None) -> int:
         kind: workload(kind, prompts, args.requests, seed)
         for seed, kind in enumerate(("base", "plain", "mix"))
     }
+    if args.solo:
+        plan += [("vllm", "base-1"), ("ours", "base-1"), ("vllm", "plain-1"), ("ours", "plain-1")]
+        work["base-1"], work["plain-1"] = work["base"][: args.solo], work["plain"][: args.solo]
     print("references (transformers + PEFT, each request alone) ...", flush=True)
     for rows in work.values():
         for ids, mix, _ in sorted(rows, key=lambda row: -row[2]):  # longest first: shorter ones are prefixes
