@@ -216,14 +216,12 @@ def main(argv=None) -> int:
             ),
         }
         metrics = server.metrics()
-        p99, count = histogram_quantile(metrics, "dlplora_route_seconds", 0.99)
-        p50, _ = histogram_quantile(metrics, "dlplora_route_seconds", 0.50)
-        result["router_seconds"] = {
-            "p50_at_most": p50,
-            "p99_at_most": p99,
-            "requests": count,
-            "target_p99": 1e-3,
-        }
+        # Wall time includes waits for a CPU busy with the model (2 cores); CPU time is the router's cost.
+        result["router_seconds"] = {"target_p99": 1e-3}
+        for name, key in (("dlplora_route_seconds", "wall"), ("dlplora_route_cpu_seconds", "cpu")):
+            p99, count = histogram_quantile(metrics, name, 0.99)
+            p50, _ = histogram_quantile(metrics, name, 0.50)
+            result["router_seconds"][key] = {"p50_at_most": p50, "p99_at_most": p99, "requests": count}
         common.write_json(args.out, result)
         print(
             "routing cost:",
