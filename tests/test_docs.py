@@ -315,9 +315,6 @@ PATH = re.compile(
     r"(?<![\w/.~<-])((?:dlplora_triton|bench|tests|docs|kernels|requirements)/[\w./-]*[\w/])(?![\w<*{])"
 )
 MODULE_FILE = re.compile(r"(?<![\w/.-])(\w[\w-]*\.(?:py|md|sh))(?![\w/])")
-# Named by docs/vllm.md as bench/bench_serve.py's output, not committed yet (that page belongs to the
-# vLLM serving work); remove once the results are in.
-NOT_YET = {"bench/results/cpu/serve.json"}
 
 
 def _tracked() -> set[str]:
@@ -335,7 +332,7 @@ def test_every_path_command_and_target_a_doc_names_exists(doc):
     missing = []
     for match in PATH.finditer(text):
         path = match.group(1).rstrip(".")
-        if path in NOT_YET or path.startswith("bench/results/<"):
+        if path.startswith("bench/results/<"):
             continue
         if not ((ROOT / path).exists() or (doc.parent / path).exists()):
             missing.append(path)

@@ -31,6 +31,8 @@ import os
 import time
 from http import HTTPStatus
 
+import torch
+
 from dlplora_triton.integrations.vllm.mixes import canonical_mix_name
 from dlplora_triton.integrations.vllm.server import MixMiddleware, RequestError
 
@@ -122,8 +124,6 @@ class RoutingMiddleware(MixMiddleware):
         router_dir = os.environ.get(ROUTER_ENV)
         if not router_dir:
             raise RuntimeError(f"RoutingMiddleware needs ${ROUTER_ENV} (dlplora serve sets it)")
-        import torch
-
         # This process only routes and talks HTTP (the model runs in vLLM's engine processes): one
         # intra-op thread, so the router's own one-thread sections do not resize a thread pool per call.
         torch.set_num_threads(1)
@@ -213,6 +213,8 @@ class RoutingMiddleware(MixMiddleware):
         router = self._router_among(routing.get("adapters") if isinstance(routing, dict) else None)
         text = route_text(payload, chat=scope.get("path", "").endswith("/chat/completions"))
         routes, seconds, cpu = _metrics()
+        if torch.get_num_threads() != 1:  # set again: vLLM may change it after start-up (see __init__)
+            torch.set_num_threads(1)
         start, start_cpu = time.perf_counter(), time.thread_time()
         (chosen,) = router.route(
             [text],
