@@ -35,6 +35,7 @@ import torch
 
 from dlplora_triton.integrations.vllm.mixes import canonical_mix_name
 from dlplora_triton.integrations.vllm.server import MixMiddleware, RequestError
+from dlplora_triton.routing.select import DEFAULT_P
 
 __all__ = ["AUTO_ENV", "MAX_ROUTE_CHARS", "ROUTE_HEADER", "RoutingMiddleware", "route_text"]
 
@@ -48,7 +49,6 @@ ROUTER_ENV, P_ENV, TOP_K_ENV, AUTO_ENV = (
 )
 ROUTE_HEADER = "x-dlplora-route"
 MAX_ROUTE_CHARS = 4096  # the router's hashed n-grams of a prompt's start say its task; bounds the cost
-DEFAULT_P = 0.8
 
 
 def route_text(payload: dict, chat: bool) -> str:

@@ -18,6 +18,8 @@ import os
 import sys
 from pathlib import Path
 
+from dlplora_triton.routing.select import DEFAULT_P
+
 __all__ = ["ServeError", "adapter_directories", "build_parser", "serve_main", "vllm_command"]
 
 MIDDLEWARE = "dlplora_triton.integrations.vllm.routed.RoutingMiddleware"
@@ -42,7 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--router", required=True, help="a router saved by `dlplora train-router` (Router.save)"
     )
     parser.add_argument(
-        "--p", type=float, default=0.8, help="top-p of the router's adapter mix (default 0.8)"
+        "--p",
+        type=float,
+        default=DEFAULT_P,
+        help=f"top-p of the router's adapter mix (default {DEFAULT_P})",
     )
     parser.add_argument(
         "--top-k", type=int, default=3, help="at most this many adapters per request (default 3)"
