@@ -33,15 +33,9 @@ sys.path.insert(0, str(ROOT / "tests" / "engine"))  # the engine tests' server h
 sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_real_model import PAIRS  # noqa: E402
-from engine_util import ADAPTER_DIR, ENGINE_ARGS, PeftReference, Server, model_folder  # noqa: E402
+from engine_util import ADAPTER_DIR, ENGINE_ARGS, PeftReference, Server, model_folder, route_of_header  # noqa: E402
 
 P, TOP_K = 0.8, 3
-
-
-def parse_route(header: str) -> tuple:
-    if header == "base":
-        return ()
-    return tuple((part.split("=")[0], float(part.split("=")[1])) for part in header.split(","))
 
 
 def routed_scores(client, texts):
@@ -60,7 +54,7 @@ def routed_scores(client, texts):
         choice = raw.parse().choices[0]
         ids = list(choice.prompt_token_ids)
         logprobs = [lp for lp in choice.logprobs.token_logprobs[1 : len(ids)]]
-        out.append((parse_route(raw.headers["x-dlplora-route"]), ids, logprobs))
+        out.append((route_of_header(raw.headers["x-dlplora-route"]), ids, logprobs))
     return out
 
 

@@ -1,7 +1,6 @@
 """Helpers of the engine tests (tests/engine/): the model, the PEFT reference, a server in a subprocess."""
 
 import contextlib
-import copy
 import importlib.metadata
 import os
 import signal
@@ -10,7 +9,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-import warnings
 from pathlib import Path
 
 
@@ -70,69 +68,25 @@ class PeftReference:
     """SmolLM2 + the six adapters in PEFT; greedy tokens and their log-probs under a mix, one row alone.
 
     A mix ``[(name, weight), ...]`` is PEFT's ``add_weighted_adapter(..., combination_type="cat")``; one
-    adapter with weight ``w`` scales its LoRA by ``w``; ``[]`` is the base model.
+    adapter with weight ``w`` scales its LoRA by ``w``; ``[]`` is the base model (tests/peft_helpers.py's
+    ``PeftOracle`` does the switching).
     """
 
     def __init__(self):
         import torch
-        from peft import PeftModel
         from transformers import AutoModelForCausalLM
+
+        sys.path.insert(0, str(ROOT / "tests"))  # the model-level tests' PEFT oracle
+        from peft_helpers import PeftOracle
 
         torch.set_num_threads(1)
         base = AutoModelForCausalLM.from_pretrained(str(model_folder()), dtype=torch.float32).eval()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            self.model = PeftModel.from_pretrained(
-                copy.deepcopy(base), adapter_path(ADAPTERS[0]), ADAPTERS[0]
-            )
-            for name in ADAPTERS[1:]:
-                self.model.load_adapter(adapter_path(name), adapter_name=name)
-        self.model.eval()
+        self.oracle = PeftOracle(base, {name: adapter_path(name) for name in ADAPTERS})
+        self.model = self.oracle.model
         self._cache: dict = {}
-        self._mixes = 0
 
-    def _lora_modules(self, adapter: str):
-        return [
-            m
-            for m in self.model.modules()
-            if isinstance(getattr(m, "scaling", None), dict) and adapter in m.scaling
-        ]
-
-    @contextlib.contextmanager
     def _active(self, mix):
-        if not mix:
-            with self.model.disable_adapter():
-                yield
-            return
-        if len(mix) == 1:
-            ((name, weight),) = mix
-            modules = self._lora_modules(name)
-            saved = [m.scaling[name] for m in modules]
-            for m in modules:
-                m.scaling[name] *= weight
-            self.model.set_adapter(name)
-            try:
-                yield
-            finally:
-                for m, s in zip(modules, saved):
-                    m.scaling[name] = s
-            return
-        self._mixes += 1
-        merged = f"mix{self._mixes}"
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            self.model.add_weighted_adapter(
-                [n for n, _ in mix], [w for _, w in mix], adapter_name=merged, combination_type="cat"
-            )
-        for m in self._lora_modules(merged):
-            m.scaling[merged] = 1.0  # the "cat" factors carry each adapter's scale already
-        self.model.set_adapter(merged)
-        try:
-            yield
-        finally:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                self.model.delete_adapter(merged)
+        return self.oracle.active(list(mix))
 
     def greedy(self, ids: list[int], mix, max_tokens: int) -> tuple[list[int], list[float]]:
         """Greedy tokens after ``ids`` and each one's log-probability (fp32), cached per (ids, mix)."""
@@ -142,7 +96,7 @@ class PeftReference:
         if key not in self._cache or len(self._cache[key][0]) < max_tokens:
             tokens, logprobs = [], []
             step_ids, past = torch.tensor([ids]), None
-            with self._active(list(mix)), torch.no_grad():
+            with self._active(mix), torch.no_grad():
                 for _ in range(max_tokens):
                     out = self.model(input_ids=step_ids, past_key_values=past, use_cache=True)
                     logits, past = out.logits[0, -1].float(), out.past_key_values
@@ -156,7 +110,7 @@ class PeftReference:
 
     def prompt_logprobs(self, ids: list[int], mix) -> list[float]:
         """Teacher-forced log-probability of each token of ``ids`` after the first, under the mix."""
-        with self._active(list(mix)):
+        with self._active(mix):
             return _teacher_forced(self.model, ids)
 
 
@@ -178,6 +132,13 @@ def mix_name(mix) -> str:
     return "mix:" + ",".join(f"{n}={w!r}" for n, w in mix)
 
 
+def route_of_header(header: str) -> tuple:
+    """The mix an ``x-dlplora-route`` header names: ``()`` for ``base``, else ``((name, weight), ...)``."""
+    if header == "base":
+        return ()
+    return tuple((part.split("=")[0], float(part.split("=")[1])) for part in header.split(","))
+
+
 def assert_matches(tokens, logprobs, ref, what: str, tol: float = 1e-4) -> None:
     ref_tokens, ref_logprobs = ref
     assert list(tokens) == list(ref_tokens), f"{what}: tokens {list(tokens)} != reference {list(ref_tokens)}"
@@ -186,6 +147,18 @@ def assert_matches(tokens, logprobs, ref, what: str, tol: float = 1e-4) -> None:
 
 
 # -- an OpenAI server of vLLM's in a subprocess --------------------------------------------------------
+
+
+def serve_for_module(request, log_path: Path, args: list[str], **kwargs):
+    """A module fixture's body: start a :class:`Server`, yield it, stop it; its log is kept (and its
+    path printed) when a test of the session failed meanwhile."""
+    failed_before = request.session.testsfailed
+    server = Server(args, log_path, **kwargs)
+    yield server
+    keep = request.session.testsfailed > failed_before
+    server.stop(keep_log=keep)
+    if keep:
+        print(f"\nserver log kept: {server.log_path}")
 
 
 def free_port() -> int:

@@ -22,9 +22,10 @@ from engine_util import (
     ADAPTERS,
     ENGINE_ARGS,
     PeftReference,
-    Server,
     assert_matches,
     model_folder,
+    route_of_header,
+    serve_for_module,
 )
 
 MAX_TOKENS = 6
@@ -67,13 +68,7 @@ def server(tmp_path_factory, router_dir, request):
     args += ["--model", str(model_folder()), "--served-model-name", "smollm2", "--max-loras", "4"]
     args += ["--dtype", "float32", "--max-model-len", str(ENGINE_ARGS["max_model_len"])]
     args += ["--gpu-memory-utilization", str(ENGINE_ARGS["gpu_memory_utilization"])]
-    failed_before = request.session.testsfailed
-    srv = Server(args, root / "server.log", command=dlplora)
-    yield srv
-    keep = request.session.testsfailed > failed_before
-    srv.stop(keep_log=keep)
-    if keep:
-        print(f"\nserver log kept: {srv.log_path}")
+    yield from serve_for_module(request, root / "server.log", args, command=dlplora)
 
 
 @pytest.fixture(scope="module")
@@ -102,16 +97,10 @@ def _routed(client, prompt: str, max_tokens=MAX_TOKENS, **extra):
     return raw.headers["x-dlplora-route"], out.model, choice
 
 
-def _mix_of(header: str):
-    if header == "base":
-        return ()
-    return tuple((part.split("=")[0], float(part.split("=")[1])) for part in header.split(","))
-
-
 def test_routed_request_equals_the_direct_mix_and_peft(client, reference, held_out):
     for text in (held_out["de"][0], held_out["code"][1], held_out["ja"][2]):
         header, model, choice = _routed(client, text)
-        mix = _mix_of(header)
+        mix = route_of_header(header)
         assert mix, f"{text[:40]!r} was not routed to an adapter"
         direct = client.completions.create(
             model=model,
@@ -135,7 +124,7 @@ def test_held_out_texts_route_as_in_process(client, router, held_out):
         for text in held_out[task][:4]:
             header, _, _ = _routed(client, text, max_tokens=1)
             (expected,) = router.route([text], p=P, top_k=TOP_K)
-            assert _mix_of(header) == tuple(expected), f"{task}: {text[:50]!r}"
+            assert route_of_header(header) == tuple(expected), f"{task}: {text[:50]!r}"
 
 
 def test_off_topic_prompts_reach_the_base_model(client):
@@ -155,7 +144,7 @@ def test_chat_routes_the_last_user_message_and_streams(client, held_out):
         model="auto", messages=messages, max_tokens=8, temperature=0.0, extra_body={"ignore_eos": True}
     )
     route = raw.headers["x-dlplora-route"]
-    assert "fr" in dict(_mix_of(route)), route
+    assert "fr" in dict(route_of_header(route)), route
     whole = raw.parse().choices[0].message.content
     stream = client.chat.completions.create(
         model="auto",
@@ -171,9 +160,9 @@ def test_chat_routes_the_last_user_message_and_streams(client, held_out):
 def test_per_request_overrides(client, held_out):
     text = held_out["de"][3]
     header, _, _ = _routed(client, text, max_tokens=1, routing={"adapters": ["fr", "code"]})
-    assert set(dict(_mix_of(header))) <= {"fr", "code"}, header
+    assert set(dict(route_of_header(header))) <= {"fr", "code"}, header
     header, _, _ = _routed(client, text, max_tokens=1, routing={"p": 1.0, "top_k": 1})
-    assert len(_mix_of(header)) == 1, header
+    assert len(route_of_header(header)) == 1, header
     header, _, _ = _routed(client, text, max_tokens=1, routing={"base_threshold": 1e-9})
     assert header == "base"
 

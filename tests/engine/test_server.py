@@ -22,12 +22,12 @@ from engine_util import (
     ADAPTERS,
     ENGINE_ARGS,
     PeftReference,
-    Server,
     adapter_path,
     assert_matches,
     mix_name,
     model_folder,
     prompt_ids,
+    serve_for_module,
 )
 
 MAX_TOKENS = 6
@@ -83,13 +83,9 @@ def server(tmp_path_factory, request):
         "--middleware",
         MIDDLEWARE,
     ]
-    failed_before = request.session.testsfailed
-    srv = Server(args, root / "server.log", env={"DLPLORA_VLLM_ADAPTER_DIR": str(adapters)})
-    yield srv
-    keep = request.session.testsfailed > failed_before
-    srv.stop(keep_log=keep)
-    if keep:
-        print(f"\nserver log kept: {srv.log_path}")
+    yield from serve_for_module(
+        request, root / "server.log", args, env={"DLPLORA_VLLM_ADAPTER_DIR": str(adapters)}
+    )
 
 
 @pytest.fixture(scope="module")
