@@ -19,13 +19,12 @@ Installed by :func:`dlplora_triton.integrations.vllm.register` in every vLLM pro
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 
 import numpy as np
 
-from dlplora_triton.integrations.vllm.mixes import LoRARouteMapping, decode_mix, request_mix
+from dlplora_triton.integrations.vllm.mixes import MIX_ARG, LoRARouteMapping, decode_mix, request_mix
 
 logger = logging.getLogger(__name__)
 
@@ -47,42 +46,33 @@ def _adapter_rank(path: str) -> int:
 
 
 def _check_safetensors(path: str) -> None:
-    """The header parses and the data section is as long as it says (a truncated copy fails here)."""
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise ValueError(f"{path}: truncated safetensors file ({size} bytes)")
-        n = int.from_bytes(head, "little")
-        if n <= 0 or 8 + n > size:
-            raise ValueError(f"{path}: truncated or corrupt safetensors header")
-        try:
-            header = json.loads(f.read(n))
-        except ValueError:
-            raise ValueError(f"{path}: corrupt safetensors header (not JSON)") from None
-    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)]
-    if not ends:
-        raise ValueError(f"{path}: holds no tensors")
-    if 8 + n + max(ends) > size:
-        raise ValueError(f"{path}: truncated ({size} bytes; its header describes {8 + n + max(ends)})")
+    """safetensors reads the header and checks it covers the file (a truncated copy fails here)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, "pt") as f:
+            if not list(f.keys()):
+                raise ValueError(f"{path}: holds no tensors")
+    except SafetensorError as e:
+        raise ValueError(f"{path}: truncated or corrupt safetensors file ({e})") from None
 
 
-def check_adapter_dir(path: str, max_lora_rank: int | None, label: str) -> None:
-    """ValueError / FileNotFoundError naming ``label`` when ``path`` is no servable LoRA directory."""
+def check_adapter_dir(path: str, max_lora_rank: int | None, label: str) -> int:
+    """The adapter's largest rank; ValueError / FileNotFoundError naming ``label`` when ``path`` is no
+    servable LoRA directory."""
     try:
         rank = _adapter_rank(path)
     except (OSError, ValueError) as e:
         raise type(e)(f"{label}: {e}") from None
     if max_lora_rank is not None and rank > max_lora_rank:
         raise ValueError(f"{label}: rank {rank} is above this server's max_lora_rank ({max_lora_rank})")
+    return rank
 
 
 def check_mix_request(sampling_params, lora_request, lora_config) -> None:
     """Raise ValueError (FileNotFoundError for a missing component) when a request's mix cannot be
     served; no-op for plain requests."""
     extra = getattr(sampling_params, "extra_args", None) or {}
-    from dlplora_triton.integrations.vllm.mixes import MIX_ARG
-
     if MIX_ARG not in extra:
         return
     mix = decode_mix(extra[MIX_ARG])

@@ -75,13 +75,9 @@ def adapter_directories(root: str | os.PathLike) -> dict[str, tuple[str, int]]:
                 f"--adapters: {path.name!r} is not a usable adapter name (letters, digits, '_', '.', '-')"
             )
         try:
-            check_adapter_dir(str(path), None, f"adapter {path.name!r}")
+            rank = check_adapter_dir(str(path), None, f"adapter {path.name!r}")
         except (OSError, ValueError) as e:
             raise ServeError(str(e)) from None
-        from dlplora_triton.adapters import read_adapter_config
-
-        config = read_adapter_config(path)
-        rank = max([int(config["r"]), *(int(v) for v in (config.get("rank_pattern") or {}).values())])
         found[path.name] = (str(path.resolve()), rank)
     if not found:
         raise ServeError(
