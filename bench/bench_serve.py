@@ -39,12 +39,13 @@ import common
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "engine"))  # the engine tests' server harness and PEFT oracle
 
-from engine_util import (  # noqa: E402  # noqa: E402
+from engine_util import (  # noqa: E402
     ADAPTERS,
     ENGINE_ARGS,
     PeftReference,
     Server,
     adapter_path,
+    greedy_completion,
     mix_name,
     model_folder,
     prompt_ids,
@@ -91,16 +92,8 @@ def run(client, rows, clients: int) -> dict:
     def one(row):
         ids, mix, length = row
         start = time.perf_counter()
-        out = client.completions.create(
-            model=mix_name(mix) or "smollm2",
-            prompt=ids,
-            max_tokens=length,
-            temperature=0.0,
-            logprobs=0,
-            extra_body={"return_token_ids": True, "ignore_eos": True},
-        )
-        choice = out.choices[0]
-        return time.perf_counter() - start, list(choice.token_ids), list(choice.logprobs.token_logprobs)
+        tokens, logprobs = greedy_completion(client, ids, mix, length)
+        return time.perf_counter() - start, tokens, logprobs
 
     start = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:

@@ -2,7 +2,7 @@
 with the engine venv's Python (``.venv-engine``). In any other environment every module here skips."""
 
 import pytest
-from engine_util import engine_version
+from engine_util import PeftReference, engine_version, prompt_ids
 
 
 def pytest_collection_modifyitems(config, items):
@@ -14,3 +14,23 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "tests/engine/" in item.nodeid.replace("\\", "/"):
             item.add_marker(skip)
+
+
+# Module-scoped, like the engine or server each test module starts.
+@pytest.fixture(scope="module")
+def reference():
+    """transformers + PEFT serving one request alone (engine_util.PeftReference)."""
+    return PeftReference()
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    return prompt_ids()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    """The ``openai`` client of the test module's ``server`` fixture."""
+    from openai import OpenAI
+
+    return OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=300)

@@ -2,12 +2,15 @@
 
 import contextlib
 import importlib.metadata
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -139,6 +142,22 @@ def route_of_header(header: str) -> tuple:
     return tuple((part.split("=")[0], float(part.split("=")[1])) for part in header.split(","))
 
 
+def greedy_completion(client, ids, mix, max_tokens: int, model: str = "smollm2", **kw):
+    """``(tokens, log-probs)`` of a greedy completion request for ``mix`` through the ``openai`` client
+    (``mix`` ``()``: the served base model ``model``)."""
+    out = client.completions.create(
+        model=mix_name(mix) or model,
+        prompt=ids,
+        max_tokens=max_tokens,
+        temperature=0.0,
+        logprobs=0,
+        extra_body={"return_token_ids": True, "ignore_eos": True},
+        **kw,
+    )
+    choice = out.choices[0]
+    return list(choice.token_ids), list(choice.logprobs.token_logprobs)
+
+
 def assert_matches(tokens, logprobs, ref, what: str, tol: float = 1e-4) -> None:
     ref_tokens, ref_logprobs = ref
     assert list(tokens) == list(ref_tokens), f"{what}: tokens {list(tokens)} != reference {list(ref_tokens)}"
@@ -219,6 +238,43 @@ class Server:
     def metrics(self) -> str:
         with urllib.request.urlopen(self.url + "/metrics", timeout=10) as r:
             return r.read().decode()
+
+    def post(self, path: str, payload: dict) -> tuple[int, dict]:
+        """``(HTTP status, JSON body)`` of a POST, error statuses included (a raw client's view)."""
+        request = urllib.request.Request(
+            self.url + path, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"}
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=120) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    def running(self) -> float:
+        """``vllm:num_requests_running`` on /metrics now."""
+        for line in self.metrics().splitlines():
+            if line.startswith("vllm:num_requests_running"):
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+    @contextlib.contextmanager
+    def peak_running(self):
+        """Within the block, /metrics is polled; yields a list whose one entry is the most requests seen
+        running at once."""
+        peak, done = [0.0], threading.Event()
+
+        def watch():
+            while not done.is_set():
+                peak[0] = max(peak[0], self.running())
+                time.sleep(0.05)
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        try:
+            yield peak
+        finally:
+            done.set()
+            watcher.join()
 
     def stop(self, keep_log: bool) -> None:
         if self.proc.poll() is None:

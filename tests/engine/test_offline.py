@@ -13,11 +13,9 @@ from engine_util import (
     ADAPTERS,
     ENGINE_ARGS,
     ENGINE_ENV,
-    PeftReference,
     adapter_path,
     assert_matches,
     model_folder,
-    prompt_ids,
 )
 
 MAX_TOKENS = 6
@@ -30,16 +28,6 @@ MIXES = (
     (("code", 0.9), ("fr", 0.1)),
     (("ru", 2.0),),
 )
-
-
-@pytest.fixture(scope="module")
-def reference():
-    return PeftReference()
-
-
-@pytest.fixture(scope="module")
-def prompts():
-    return prompt_ids()
 
 
 @pytest.fixture(scope="module")

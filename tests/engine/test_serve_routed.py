@@ -7,12 +7,7 @@ mix named directly and against transformers + PEFT; the held-out texts' routes t
 against ``Router.route`` in this process.
 """
 
-import json
 import sys
-import threading
-import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -21,7 +16,6 @@ from engine_util import (
     ADAPTER_DIR,
     ADAPTERS,
     ENGINE_ARGS,
-    PeftReference,
     assert_matches,
     model_folder,
     route_of_header,
@@ -69,18 +63,6 @@ def server(tmp_path_factory, router_dir, request):
     args += ["--dtype", "float32", "--max-model-len", str(ENGINE_ARGS["max_model_len"])]
     args += ["--gpu-memory-utilization", str(ENGINE_ARGS["gpu_memory_utilization"])]
     yield from serve_for_module(request, root / "server.log", args, command=dlplora)
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    from openai import OpenAI
-
-    return OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=300)
-
-
-@pytest.fixture(scope="module")
-def reference():
-    return PeftReference()
 
 
 def _routed(client, prompt: str, max_tokens=MAX_TOKENS, **extra):
@@ -167,17 +149,6 @@ def test_per_request_overrides(client, held_out):
     assert header == "base"
 
 
-def _post(server, path, payload):
-    req = urllib.request.Request(
-        server.url + path, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"}
-    )
-    try:
-        with urllib.request.urlopen(req, timeout=120) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
-
-
 BAD = [
     ("/v1/completions", {"prompt": "   "}, "empty"),
     ("/v1/completions", {"prompt": [1, 2, 3]}, "one prompt given as text"),
@@ -201,7 +172,7 @@ BAD = [
 
 @pytest.mark.parametrize("path, body, words", BAD, ids=[w for _, _, w in BAD])
 def test_unreadable_requests_are_4xx_and_the_server_stays_up(server, client, held_out, path, body, words):
-    code, answer = _post(server, path, {"model": "auto", "max_tokens": 2, **body})
+    code, answer = server.post(path, {"model": "auto", "max_tokens": 2, **body})
     assert code == 400, answer
     assert words in answer["error"]["message"], answer
     assert server.alive()
@@ -210,8 +181,8 @@ def test_unreadable_requests_are_4xx_and_the_server_stays_up(server, client, hel
 
 
 def test_a_100k_character_prompt_is_routed_on_its_start_and_refused_by_length(server, held_out):
-    code, answer = _post(
-        server, "/v1/completions", {"model": "auto", "prompt": held_out["de"][0] * 2000, "max_tokens": 2}
+    code, answer = server.post(
+        "/v1/completions", {"model": "auto", "prompt": held_out["de"][0] * 2000, "max_tokens": 2}
     )
     assert 400 <= code < 500, answer  # vLLM's own refusal: longer than --max-model-len
     assert server.alive()
@@ -219,23 +190,8 @@ def test_a_100k_character_prompt_is_routed_on_its_start_and_refused_by_length(se
 
 def test_routed_requests_batch_and_are_counted(server, client, held_out):
     texts = [held_out[t][5] for t in ADAPTERS] + ["hello", "What is the capital of France?"]
-    peak, done = [0.0], threading.Event()
-
-    def watch():
-        while not done.is_set():
-            for line in server.metrics().splitlines():
-                if line.startswith("vllm:num_requests_running"):
-                    peak[0] = max(peak[0], float(line.rsplit(" ", 1)[1]))
-            time.sleep(0.05)
-
-    watcher = threading.Thread(target=watch)
-    watcher.start()
-    try:
-        with ThreadPoolExecutor(len(texts)) as pool:
-            list(pool.map(lambda t: _routed(client, t, max_tokens=24), texts))
-    finally:
-        done.set()
-        watcher.join()
+    with server.peak_running() as peak, ThreadPoolExecutor(len(texts)) as pool:
+        list(pool.map(lambda t: _routed(client, t, max_tokens=24), texts))
     assert peak[0] > 1, "routed requests with different mixes never ran in one step"
     metrics = server.metrics()
     assert 'dlplora_routes_total{adapter="base"}' in metrics

@@ -10,10 +10,6 @@ alone by transformers + PEFT (greedy tokens, log-probs within 1e-4).
 import json
 import random
 import shutil
-import threading
-import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -21,12 +17,11 @@ from engine_util import (
     ADAPTER_DIR,
     ADAPTERS,
     ENGINE_ARGS,
-    PeftReference,
     adapter_path,
     assert_matches,
+    greedy_completion,
     mix_name,
     model_folder,
-    prompt_ids,
     serve_for_module,
 )
 
@@ -88,36 +83,8 @@ def server(tmp_path_factory, request):
     )
 
 
-@pytest.fixture(scope="module")
-def client(server):
-    from openai import OpenAI
-
-    return OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=300)
-
-
-@pytest.fixture(scope="module")
-def reference():
-    return PeftReference()
-
-
-@pytest.fixture(scope="module")
-def prompts():
-    return prompt_ids()
-
-
 def complete(client, ids, mix, max_tokens=MAX_TOKENS, **kw):
-    """``(tokens, log-probs)`` of a completion request for the mix (None model name: the base)."""
-    out = client.completions.create(
-        model=mix_name(mix) or "smollm2",
-        prompt=ids,
-        max_tokens=max_tokens,
-        temperature=0.0,
-        logprobs=0,
-        extra_body={"return_token_ids": True, "ignore_eos": True},
-        **kw,
-    )
-    choice = out.choices[0]
-    return list(choice.token_ids), list(choice.logprobs.token_logprobs)
+    return greedy_completion(client, ids, mix, max_tokens, **kw)
 
 
 MIXES = (
@@ -194,33 +161,14 @@ def test_a_burst_needing_more_slots_than_exist(server, client, reference, prompt
     assert server.alive()
 
 
-def _running(server) -> float:
-    for line in server.metrics().splitlines():
-        if line.startswith("vllm:num_requests_running"):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
-
-
 def test_32_weightings_of_three_adapters_run_at_once(server, client, reference, prompts):
     rng = random.Random(32)
     rows = []
     for i in range(32):
         a, b = round(rng.uniform(-1, 1), 3), round(rng.uniform(-1, 1), 3)
         rows.append((prompts[i % 3], (("de", a), ("code", b), ("fr", round(1 - a - b, 3)))))
-    peak, done = [0.0], threading.Event()
-
-    def watch():
-        while not done.is_set():
-            peak[0] = max(peak[0], _running(server))
-            time.sleep(0.05)
-
-    watcher = threading.Thread(target=watch)
-    watcher.start()
-    try:
+    with server.peak_running() as peak:
         results = _concurrently(client, rows, max_tokens=16)
-    finally:
-        done.set()
-        watcher.join()
     for (ids, mix), got in zip(rows, results):
         assert_matches(*got, reference.greedy(ids, mix, 16), f"{mix_name(mix)}")
     # 32 weightings of 3 adapters share 3 slots: far more than max_loras=4 requests run in one step.
@@ -263,23 +211,11 @@ BAD_REQUESTS = [
 ]
 
 
-def _post(server, payload: dict):
-    data = json.dumps(payload).encode()
-    req = urllib.request.Request(
-        server.url + "/v1/completions", data=data, headers={"Content-Type": "application/json"}
-    )
-    try:
-        with urllib.request.urlopen(req, timeout=120) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
-
-
 @pytest.mark.parametrize("model, status, words", BAD_REQUESTS, ids=[m[:24] for m, _, _ in BAD_REQUESTS])
 def test_bad_requests_are_4xx_and_the_server_stays_right(
     server, client, reference, prompts, model, status, words
 ):
-    code, body = _post(server, {"model": model, "prompt": "Hallo", "max_tokens": 4})
+    code, body = server.post("/v1/completions", {"model": model, "prompt": "Hallo", "max_tokens": 4})
     assert code == status, body
     assert words in body["error"]["message"], body
     assert server.alive()
@@ -288,8 +224,9 @@ def test_bad_requests_are_4xx_and_the_server_stays_right(
 
 
 def test_a_client_cannot_set_the_mix_argument(server):
-    code, body = _post(
-        server, {"model": "de", "prompt": "Hallo", "max_tokens": 2, "vllm_xargs": {"dlplora_mix": "[]"}}
+    code, body = server.post(
+        "/v1/completions",
+        {"model": "de", "prompt": "Hallo", "max_tokens": 2, "vllm_xargs": {"dlplora_mix": "[]"}},
     )
     assert code == 400 and "dlplora_mix" in body["error"]["message"]
     assert server.alive()
