@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -103,8 +104,10 @@ def test_slot_routing_bad_slots():
 
 
 def test_parse_mix_name():
-    assert mixes.parse_mix_name("mix:math=0.7, code = -0.3") == [("math", 0.7), ("code", -0.3)]
+    assert mixes.parse_mix_name("mix:math=0.7,code=-0.3") == [("math", 0.7), ("code", -0.3)]
     assert mixes.parse_mix_name("mix:de-v2.1=1e-3,x_y=2") == [("de-v2.1", 1e-3), ("x_y", 2.0)]
+    assert mixes.parse_mix_name("mix:a=+.5,b=3.,c=-2E+2") == [("a", 0.5), ("b", 3.0), ("c", -200.0)]
+    assert mixes.parse_mix_name("mix:a=1000,b=-1e3") == [("a", 1000.0), ("b", -1000.0)]  # the bounds
     assert mixes.parse_mix_name("math") is None and mixes.parse_mix_name(None) is None
     many = "mix:" + ",".join(f"a{i}=1" for i in range(4))
     assert len(mixes.parse_mix_name(many, max_components=4)) == 4
@@ -116,15 +119,15 @@ def test_parse_mix_name():
     "name, words",
     [
         ("mix:", "names no adapter"),
-        ("mix:  ", "names no adapter"),
+        ("mix:  ", "is not .adapter=weight."),
         ("mix:a=", "adapter=weight"),
         ("mix:a", "adapter=weight"),
         ("mix:=1", "adapter=weight"),
         ("mix:a=1,", "adapter=weight"),
         ("mix:a=x", "not a number"),
-        ("mix:a=nan", "not finite"),
+        ("mix:a=nan", "not a number"),
         ("mix:a=1e999", "not finite"),
-        ("mix:a=inf", "not finite"),
+        ("mix:a=inf", "not a number"),
         ("mix:a=1,a=2", "twice"),
         ("mix:../x=1", "not an adapter name"),
         ("mix:a/b=1", "not an adapter name"),
@@ -132,11 +135,78 @@ def test_parse_mix_name():
         ("mix:" + ",".join(f"a{i}=1" for i in range(64)), "64 components"),
         ("mix:a=0.5,b=-0.5", "sum to 0"),
         ("mix:a=0", "sum to 0"),
+        ("mix:a=-0", "sum to 0"),
+        ("mix:a=1e39", "outside"),
+        ("mix:a=-1e39,b=1", "outside"),
+        ("mix:a=1000.001", "outside"),
+        ("mix:a=3e38", "outside"),
+        ("mix:a=1e-50", "is 0 in float32"),
+        ("mix:a=1_0", "not a number"),
+        ("mix:a=\u0661", "not a number"),  # an Arabic-Indic digit: float() reads it
+        ("mix:a=0x10", "not a number"),
+        ("mix:a=1" + "0" * 80, "not a number"),  # over 64 characters
+        ("mix:a\n=1", "not an adapter name"),
+        ("mix: a=1", "not an adapter name"),
+        ("mix:a= 1", "not a number"),
+        ("mix:\u0430=1", "not an adapter name"),  # Cyrillic a
+        ("mix:a\x00=1", "not an adapter name"),
     ],
 )
 def test_parse_mix_name_errors(name, words):
     with pytest.raises(ValueError, match=words):
         mixes.parse_mix_name(name, max_components=4)
+
+
+def test_a_huge_mix_name_is_refused_at_once():
+    # 40,000 components: the component count is checked before anything else is parsed.
+    name = "mix:" + ",".join(f"a{i}=1" for i in range(40_000))
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match="40000 components"):
+        mixes.parse_mix_name(name, max_components=4)
+    assert time.perf_counter() - start < 0.1
+    with pytest.raises(ValueError, match="twice"):  # without a cap: linear, not quadratic
+        mixes.parse_mix_name(name + ",a0=1")
+
+
+def test_check_weight():
+    assert mixes.check_weight(2, "w") == 2.0 and mixes.check_weight(-0.5, "w") == -0.5
+    for bad, words in [
+        (10**400, "not finite"),
+        (1e30, "outside"),
+        (float("nan"), "not finite"),
+        (True, "number"),
+        ("1", "number"),
+    ]:
+        with pytest.raises(ValueError, match=words):
+            mixes.check_weight(bad, "w")
+
+
+def test_mix_args_are_signed_and_checked(monkeypatch):
+    monkeypatch.setenv(mixes.MIX_KEY_ENV, "k1")
+    components = (mixes.MixComponent("de", 1, "/ad/de", 0.7),)
+    args = mixes.mix_args(components)
+    assert mixes.decode_mix(mixes.verify_mix_args(args)) == components
+    forged = [
+        {mixes.MIX_ARG: args[mixes.MIX_ARG]},  # no signature
+        {
+            mixes.MIX_ARG: args[mixes.MIX_ARG].replace("/ad/de", "/tmp/x"),
+            mixes.MIX_SIGNATURE_ARG: args[mixes.MIX_SIGNATURE_ARG],
+        },
+        {mixes.MIX_ARG: args[mixes.MIX_ARG], mixes.MIX_SIGNATURE_ARG: "0" * 64},
+        {mixes.MIX_ARG: args[mixes.MIX_ARG], mixes.MIX_SIGNATURE_ARG: 7},
+    ]
+    for extra in forged:
+        with pytest.raises(ValueError, match="signature"):
+            mixes.verify_mix_args(extra)
+    monkeypatch.setenv(mixes.MIX_KEY_ENV, "k2")  # another deployment's key
+    with pytest.raises(ValueError, match="signature"):
+        mixes.verify_mix_args(args)
+
+
+def test_the_mix_key_is_made_once_and_inherited(monkeypatch):
+    monkeypatch.delenv(mixes.MIX_KEY_ENV, raising=False)
+    key = mixes.mix_key()
+    assert len(key) == 64 and os.environ[mixes.MIX_KEY_ENV] == key.decode() and mixes.mix_key() == key
 
 
 def test_encode_decode_mix_round_trip():
@@ -175,6 +245,8 @@ def test_encode_decode_mix_round_trip():
         ('[["a", 1, "/p", Infinity]]', "is not"),
         ('[["a", 1, null, 1.0]]', "is not"),
         ('[["a", 1, "/p", 0.5], ["b", 1, "/q", 0.5]]', "twice"),
+        ('[["a", 1, "/p", 1e39]]', "outside"),
+        ('[["a", 1, "/p", 1' + "0" * 400 + "]]", "not finite"),
     ],
 )
 def test_decode_mix_errors(value, words):

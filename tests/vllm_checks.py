@@ -672,7 +672,7 @@ def case_engine_hooks():
     from vllm.v1.engine.core import EngineCore
     from vllm.v1.worker.lora_model_runner_mixin import LoRAModelRunnerMixin
 
-    from dlplora_triton.integrations.vllm import engine, mix_request
+    from dlplora_triton.integrations.vllm import engine, mix_request, mixes
 
     engine.install_engine_hooks()
     again = engine.install_engine_hooks()
@@ -741,6 +741,17 @@ def case_engine_hooks():
     ):
         checks.append((ok, detail))
     checks.append(_expect(ValueError, lambda: engine.check_mix_request(params, None, cfg), "anchor"))
+    # A client's own mix argument (no signature, or another path under a copied one) is refused
+    # before any path is read, and so is a weight outside [-1000, 1000].
+    text = params.extra_args[mixes.MIX_ARG]
+    for label, extra in (
+        ("unsigned", {mixes.MIX_ARG: text}),
+        ("re-pointed", dict(params.extra_args, **{mixes.MIX_ARG: text.replace(req["b"].lora_path, root)})),
+    ):
+        forged = SamplingParams(max_tokens=4, extra_args=extra)
+        ok, detail = _expect(ValueError, lambda: engine.check_mix_request(forged, anchor, cfg), "signature")
+        checks.append((ok, f"{label}: {detail}"))
+    checks.append(_expect(ValueError, lambda: mix_request([(req["a"], 1e30)]), "outside"))
     return all(ok for ok, _ in checks), "; ".join(str(d) for _, d in checks)
 
 

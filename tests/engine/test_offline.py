@@ -159,6 +159,12 @@ def test_bad_mixes_fail_alone_and_the_engine_goes_on(llm, reference, prompts, tm
         "a truncated component": mix_request([(lora("de"), 0.5), (lora("t", truncated, 91), 0.5)], params),
         "a rank above max_lora_rank": mix_request([(lora("de"), 0.5), (lora("b", big, 92), 0.5)], params),
     }
+    # A mix argument written by hand (no signature; another adapter's path under de's id): refused
+    # before any path is read.
+    anchor, signed = mix_request([(lora("de"), 0.5), (lora("code"), 0.5)], params)
+    forged = params.clone()
+    forged.extra_args = {"dlplora_mix": signed.extra_args["dlplora_mix"].replace("/code", "/fr")}
+    bad["an unsigned mix"] = (anchor, forged)
     good = [(prompts[0], MIXES[0]), (prompts[1], (("code", 1.0),))]
     requests = [_request(mix) for _, mix in good] + list(bad.values())
     ids = [ids for ids, _ in good] + [prompts[2]] * len(bad)

@@ -75,7 +75,12 @@ def register() -> None:
     from vllm.platforms import current_platform
 
     from dlplora_triton.integrations.vllm.engine import install_engine_hooks
+    from dlplora_triton.integrations.vllm.mixes import mix_key
     from dlplora_triton.integrations.vllm.wrapper import WRAPPER_QUALNAME
+
+    # The key signing mixes, made now (vLLM loads plugins while it parses its arguments) so that every
+    # process it starts later, the engine core first, inherits the same one.
+    mix_key()
 
     platform_cls = type(current_platform)
     if getattr(platform_cls.get_punica_wrapper, "_dlplora", False):

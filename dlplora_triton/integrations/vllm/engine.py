@@ -3,8 +3,9 @@
 Installed by :func:`dlplora_triton.integrations.vllm.register` in every vLLM process (vLLM unchanged):
 
 - **Arrival** (``EngineCore.preprocess_add_request``): a request carrying a mix
-  (:mod:`~dlplora_triton.integrations.vllm.mixes`) is checked before it is queued: its components decode,
-  its LoRA is the mix's anchor, it fits ``max_loras``, each component directory holds a LoRA within
+  (:mod:`~dlplora_triton.integrations.vllm.mixes`) is checked before it is queued: it carries this
+  deployment's signature (so its adapter paths are the server's, not a client's), its components decode
+  with weights in [-1000, 1000], its LoRA is the mix's anchor, it fits ``max_loras``, each component directory holds a LoRA within
   ``max_lora_rank``. A bad one fails alone (vLLM answers that request with an error); the engine goes on.
 - **Scheduling**: vLLM's scheduler counts one LoRA per request. A mix needs a slot per component, so
   the scheduler class vLLM picks is given a first pass that holds back, for this step, the waiting
@@ -15,6 +16,9 @@ Installed by :func:`dlplora_triton.integrations.vllm.register` in every vLLM pro
   mixes' components, and the punica wrapper gets each token's and each sampled row's
   ``(adapter, weight)`` list, so a mix's rows run ``sum_c w_c * LoRA_c(x)`` in the same kernel launch as
   every other row.
+- **Metrics** (vLLM's per-LoRA request counts, ``vllm:lora_requests_info`` on ``/metrics``): a request
+  under a mix name counts for each of its components, so the labels name the operator's adapters,
+  never a client's weights, and their number stays bounded as with vLLM alone.
 """
 
 from __future__ import annotations
@@ -24,44 +28,61 @@ import os
 
 import numpy as np
 
-from dlplora_triton.integrations.vllm.mixes import MIX_ARG, LoRARouteMapping, decode_mix, request_mix
+from dlplora_triton.integrations.vllm.mixes import (
+    MIX_ARG,
+    MIX_SIGNATURE_ARG,
+    LoRARouteMapping,
+    decode_mix,
+    parse_mix_name,
+    request_mix,
+    verify_mix_args,
+)
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["check_mix_request", "install_engine_hooks", "lora_ids_of"]
 
 
-def _adapter_rank(path: str) -> int:
+def _adapter_rank(path: str, values: bool) -> int:
     """The largest rank of a PEFT adapter directory (``r`` and ``rank_pattern``); ValueError if not LoRA."""
     from dlplora_triton.adapters import read_adapter_config
 
     config = read_adapter_config(path)
     ranks = [int(config["r"]), *(int(v) for v in (config.get("rank_pattern") or {}).values())]
     weights = os.path.join(path, "adapter_model.safetensors")
-    if not os.path.isfile(weights) and not os.path.isfile(os.path.join(path, "adapter_model.bin")):
-        raise FileNotFoundError(f"adapter at {path!r}: no adapter_model.safetensors")
-    if os.path.isfile(weights):
-        _check_safetensors(weights)
+    if not os.path.isfile(weights):
+        if os.path.isfile(os.path.join(path, "adapter_model.bin")):  # never unpickled: it could run code
+            raise ValueError("holds only adapter_model.bin (a pickle); save it as adapter_model.safetensors")
+        raise FileNotFoundError("no adapter_model.safetensors")
+    _check_safetensors(weights, values)
     return max(ranks)
 
 
-def _check_safetensors(path: str) -> None:
-    """safetensors reads the header and checks it covers the file (a truncated copy fails here)."""
+def _check_safetensors(path: str, values: bool) -> None:
+    """safetensors reads the header and checks it covers the file (a truncated copy fails here); with
+    ``values``, every tensor is read and must be finite (a NaN adapter would serve NaN)."""
+    import torch
     from safetensors import SafetensorError, safe_open
 
+    name = os.path.basename(path)
     try:
         with safe_open(path, "pt") as f:
-            if not list(f.keys()):
-                raise ValueError(f"{path}: holds no tensors")
+            keys = list(f.keys())
+            if not keys:
+                raise ValueError(f"{name} holds no tensors")
+            for key in keys if values else ():
+                if not bool(torch.isfinite(f.get_tensor(key)).all()):
+                    raise ValueError(f"{name}: tensor {key!r} holds NaN or inf")
     except SafetensorError as e:
-        raise ValueError(f"{path}: truncated or corrupt safetensors file ({e})") from None
+        raise ValueError(f"{name} is truncated or corrupt ({e})") from None
 
 
-def check_adapter_dir(path: str, max_lora_rank: int | None, label: str) -> int:
+def check_adapter_dir(path: str, max_lora_rank: int | None, label: str, values: bool = False) -> int:
     """The adapter's largest rank; ValueError / FileNotFoundError naming ``label`` when ``path`` is no
-    servable LoRA directory."""
+    servable LoRA directory. ``values`` also reads every tensor (NaN / inf refused): for first loads,
+    not for the engine's check of each request."""
     try:
-        rank = _adapter_rank(path)
+        rank = _adapter_rank(path, values)
     except (OSError, ValueError) as e:
         raise type(e)(f"{label}: {e}") from None
     if max_lora_rank is not None and rank > max_lora_rank:
@@ -73,12 +94,16 @@ def check_mix_request(sampling_params, lora_request, lora_config) -> None:
     """Raise ValueError (FileNotFoundError for a missing component) when a request's mix cannot be
     served; no-op for plain requests."""
     extra = getattr(sampling_params, "extra_args", None) or {}
-    if MIX_ARG not in extra:
+    if MIX_ARG not in extra and MIX_SIGNATURE_ARG not in extra:
         return
-    mix = decode_mix(extra[MIX_ARG])
+    mix = decode_mix(verify_mix_args(extra))
     if lora_config is None:
         raise ValueError("a mix needs LoRA enabled (enable_lora=True / --enable-lora)")
-    if lora_request is None or lora_request.lora_int_id != mix[0].lora_int_id:
+    if (
+        lora_request is None
+        or lora_request.lora_int_id != mix[0].lora_int_id
+        or lora_request.lora_path != mix[0].lora_path
+    ):
         raise ValueError(
             "a mix request's LoRA must be its anchor (use mix_request, or the server's mix: names)"
         )
@@ -168,11 +193,21 @@ def _rows(mixes, lora_ids, counts) -> LoRARouteMapping:
     return LoRARouteMapping(np.repeat(ids, counts, axis=0), np.repeat(weights, counts, axis=0))
 
 
+def _component_names(lora_name) -> list[str] | None:
+    """The adapters of a mix name (``mix:de=0.7,code=0.3`` -> ``["de", "code"]``), None for other names."""
+    try:
+        pairs = parse_mix_name(lora_name)
+    except ValueError:
+        return None
+    return None if pairs is None else [name for name, _ in pairs]
+
+
 def install_engine_hooks() -> bool:
-    """Install the three hooks (idempotent); True when installed by this call."""
+    """Install the hooks (idempotent); True when installed by this call."""
     from vllm.config.scheduler import SchedulerConfig
     from vllm.lora.request import LoRARequest
     from vllm.v1.engine.core import EngineCore
+    from vllm.v1.metrics.stats import LoRARequestStates
     from vllm.v1.worker.lora_model_runner_mixin import LoRAModelRunnerMixin
 
     from dlplora_triton.integrations.vllm.wrapper import next_step_routes
@@ -182,6 +217,7 @@ def install_engine_hooks() -> bool:
     get_scheduler_cls = SchedulerConfig.get_scheduler_cls
     preprocess = EngineCore.preprocess_add_request
     set_active_loras = LoRAModelRunnerMixin.set_active_loras
+    lora_update = LoRARequestStates._request_update
 
     def get_mix_scheduler_cls(self):
         return mix_slots_scheduler(get_scheduler_cls(self))
@@ -221,6 +257,15 @@ def install_engine_hooks() -> bool:
                 prompt_mapping, token_mapping, list(requested.values()), *args, **kwargs
             )
 
+    def request_update(self, req_id, lora_name, waiting, running):
+        names = _component_names(lora_name)
+        if names is None:
+            return lora_update(self, req_id, lora_name, waiting, running)
+        for name in names:
+            lora_update(self, req_id, name, waiting, running)
+
+    request_update._dlplora = True
+    LoRARequestStates._request_update = request_update
     get_mix_scheduler_cls._dlplora = True
     set_active_mixes._dlplora = True
     SchedulerConfig.get_scheduler_cls = get_mix_scheduler_cls
