@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from dlplora_triton.cli import main
-from dlplora_triton.integrations.vllm.serve import adapter_directories, build_parser, vllm_command
+from dlplora_triton.integrations.vllm.serve import ServeError, adapter_directories, build_parser, vllm_command
 
 ROOT = Path(__file__).resolve().parents[1]
 ADAPTERS = ROOT / "dlplora_triton" / "data" / "adapters" / "smollm2"
@@ -107,3 +107,34 @@ def test_the_vllm_command_adds_what_routed_serving_needs():
     assert cmd[cmd.index("--middleware") + 1].endswith("RoutingMiddleware")
     modules = cmd[cmd.index("--lora-modules") + 1 : cmd.index("--middleware")]
     assert modules == [f"{n}={(ADAPTERS / n).resolve()}" for n in sorted(adapters)]
+
+
+def test_max_loras_follows_top_k():
+    adapters = adapter_directories(ADAPTERS)
+
+    def command(*extra):
+        args, rest = build_parser().parse_known_args(
+            ["--adapters", "a", "--router", "r", "--model", "m", *extra]
+        )
+        return vllm_command(args, rest, adapters)
+
+    cmd = command("--top-k", "2")  # vLLM's default, 1, would refuse every routed mix
+    assert cmd[cmd.index("--max-loras") + 1] == "2"
+    cmd = command("--top-k", "2", "--max-loras=6")
+    assert cmd.count("--max-loras") == 0 and "--max-loras=6" in cmd
+    with pytest.raises(ServeError, match="below --top-k 3"):
+        command("--top-k", "3", "--max-loras", "2")
+    with pytest.raises(ServeError, match="must be an integer"):
+        command("--max-loras=x")
+
+
+def test_serve_puts_the_mix_key_in_vllms_environment(monkeypatch, router_dir):
+    import os
+
+    from dlplora_triton.integrations.vllm import serve
+
+    seen = {}
+    monkeypatch.delenv("DLPLORA_MIX_KEY", raising=False)
+    monkeypatch.setattr(os, "execve", lambda path, argv, env: seen.update(env=env))
+    assert serve.serve_main(["--adapters", str(ADAPTERS), "--router", str(router_dir), "--model", "m"]) == 0
+    assert len(seen["env"]["DLPLORA_MIX_KEY"]) == 64

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 import os
 import time
 from http import HTTPStatus
@@ -34,7 +33,7 @@ from http import HTTPStatus
 import torch
 
 from dlplora_triton.integrations.vllm.mixes import canonical_mix_name
-from dlplora_triton.integrations.vllm.server import MixMiddleware, RequestError
+from dlplora_triton.integrations.vllm.server import MixMiddleware, Prepared, RequestError
 from dlplora_triton.routing.select import DEFAULT_P
 
 __all__ = ["AUTO_ENV", "MAX_ROUTE_CHARS", "ROUTE_HEADER", "RoutingMiddleware", "route_text"]
@@ -146,9 +145,10 @@ class RoutingMiddleware(MixMiddleware):
             )
         unknown = sorted(set(adapters) - set(self.router.names))
         if unknown:
+            shown = [name[:40] for name in unknown[:8]] + (["..."] if len(unknown) > 8 else [])
             raise RequestError(
                 HTTPStatus.BAD_REQUEST,
-                f"routing.adapters names {unknown}, which the router does not route to (it knows {self.router.names})",
+                f"routing.adapters names {shown}, which the router does not route to (it knows {self.router.names})",
                 "routing",
             )
         key = tuple(sorted(set(adapters)))
@@ -160,7 +160,10 @@ class RoutingMiddleware(MixMiddleware):
             )
         return self._restricted[key]
 
-    def _options(self, routing) -> dict:
+    def reserved_name(self, name) -> bool:
+        return name == self.auto_name or super().reserved_name(name)
+
+    def _options(self, routing, max_loras: int) -> dict:
         if routing is None:
             return {}
         if not isinstance(routing, dict):
@@ -169,36 +172,30 @@ class RoutingMiddleware(MixMiddleware):
         if unknown:
             raise RequestError(
                 HTTPStatus.BAD_REQUEST,
-                f"routing has unknown fields {unknown} (p, top_k, adapters, base_threshold)",
+                f"routing has unknown fields {[u[:40] for u in unknown[:8]]} (p, top_k, adapters, base_threshold)",
                 "routing",
             )
         options = {}
-        if "p" in routing:
-            p = routing["p"]
-            if isinstance(p, bool) or not isinstance(p, (int, float)) or not (0 < p <= 1):
-                raise RequestError(
-                    HTTPStatus.BAD_REQUEST, f"routing.p must lie in (0, 1], got {p!r}", "routing"
-                )
-            options["p"] = float(p)
+        for key in ("p", "base_threshold"):
+            if key in routing:
+                value = routing[key]
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value <= 1):
+                    raise RequestError(
+                        HTTPStatus.BAD_REQUEST,
+                        f"routing.{key} must lie in (0, 1], got {value!r:.40}",
+                        "routing",
+                    )
+                options[key] = float(value)
         if "top_k" in routing:
             k = routing["top_k"]
-            if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            if isinstance(k, bool) or not isinstance(k, int) or not (1 <= k <= max_loras):
                 raise RequestError(
-                    HTTPStatus.BAD_REQUEST, f"routing.top_k must be an integer >= 1, got {k!r}", "routing"
+                    HTTPStatus.BAD_REQUEST,
+                    f"routing.top_k must be an integer from 1 to {max_loras} (this server's max_loras), "
+                    f"got {k!r:.40}",
+                    "routing",
                 )
             options["top_k"] = k
-        if "base_threshold" in routing:
-            t = routing["base_threshold"]
-            if (
-                isinstance(t, bool)
-                or not isinstance(t, (int, float))
-                or not (0 < t <= 1)
-                or not math.isfinite(t)
-            ):
-                raise RequestError(
-                    HTTPStatus.BAD_REQUEST, f"routing.base_threshold must lie in (0, 1], got {t!r}", "routing"
-                )
-            options["base_threshold"] = float(t)
         return options
 
     async def prepare(self, scope, payload: dict):
@@ -209,36 +206,42 @@ class RoutingMiddleware(MixMiddleware):
                     HTTPStatus.BAD_REQUEST, f"routing applies to model {self.auto_name!r} only", "routing"
                 )
             return await super().prepare(scope, payload)
-        options = self._options(routing)
+        adapters = self.adapters(scope)
+        if adapters.max_loras == 0:
+            raise RequestError(
+                HTTPStatus.BAD_REQUEST, "this server has LoRA disabled (start it with --enable-lora)"
+            )
+        options = self._options(routing, adapters.max_loras)
         router = self._router_among(routing.get("adapters") if isinstance(routing, dict) else None)
         text = route_text(payload, chat=scope.get("path", "").endswith("/chat/completions"))
-        routes, seconds, cpu = _metrics()
         if torch.get_num_threads() != 1:  # set again: vLLM may change it after start-up (see __init__)
             torch.set_num_threads(1)
         start, start_cpu = time.perf_counter(), time.thread_time()
         (chosen,) = router.route(
             [text],
             p=options.get("p", self.p),
-            top_k=options.get("top_k", self.top_k),
+            # A routed mix needs a slot per adapter: never more than the server holds at once.
+            top_k=min(options.get("top_k", self.top_k or adapters.max_loras), adapters.max_loras),
             base_threshold=options.get("base_threshold"),
         )
-        elapsed = time.perf_counter() - start
-        seconds.observe(elapsed)
-        cpu.observe(time.thread_time() - start_cpu)
+        elapsed, elapsed_cpu = time.perf_counter() - start, time.thread_time() - start_cpu
         if not chosen:
-            model = self.adapters(scope).models.base_model_paths[0].name
-            label = "base"
-            routes.labels(adapter="base").inc()
+            model, label = adapters.models.base_model_paths[0].name, "base"
         else:
             model = chosen[0][0] if len(chosen) == 1 else canonical_mix_name(chosen)
             label = ",".join(f"{name}={weight!r}" for name, weight in chosen)
-            for name, _ in chosen:
-                routes.labels(adapter=name).inc()
         logger.info("dlplora route: %s (%.3f ms)", label, elapsed * 1e3)
+
+        def count():  # once vLLM has accepted the request: refused ones are not routes served
+            routes, seconds, cpu = _metrics()
+            seconds.observe(elapsed)
+            cpu.observe(elapsed_cpu)
+            for name in [name for name, _ in chosen] or ["base"]:
+                routes.labels(adapter=name).inc()
+
         payload = {k: v for k, v in payload.items() if k != "routing"}
         payload["model"] = model
-        prepared = await super().prepare(scope, payload)
-        if prepared is None:
-            return payload, None, [(ROUTE_HEADER, label)]
-        payload, lent, headers = prepared
-        return payload, lent, [*headers, (ROUTE_HEADER, label)]
+        prepared = await super().prepare(scope, payload) or Prepared(payload)
+        prepared.headers.append((ROUTE_HEADER, label))
+        prepared.on_success.append(count)
+        return prepared

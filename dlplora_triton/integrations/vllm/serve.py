@@ -6,7 +6,8 @@ Checks everything it can before vLLM starts (the adapters, the router, the route
 the directory) and stops with one line naming the problem, then replaces itself with
 ``python -m vllm.entrypoints.openai.api_server`` (same PID), adding ``--enable-lora``, every adapter of
 DIR as ``--lora-modules``, ``--max-lora-rank`` (the largest rank in DIR, unless given),
-``--enforce-eager`` (CUDA graphs are not supported yet) and the routing middleware. Everything else on
+``--enforce-eager`` (CUDA graphs are not supported yet), ``--max-loras`` (``--top-k``, unless given;
+at least ``--top-k``) and the routing middleware. Everything else on
 the command line goes to vLLM unchanged (``--model`` first of all).
 """
 
@@ -75,7 +76,7 @@ def adapter_directories(root: str | os.PathLike) -> dict[str, tuple[str, int]]:
                 f"--adapters: {path.name!r} is not a usable adapter name (letters, digits, '_', '.', '-')"
             )
         try:
-            rank = check_adapter_dir(str(path), None, f"adapter {path.name!r}")
+            rank = check_adapter_dir(str(path), None, f"adapter {path.name!r}", values=True)
         except (OSError, ValueError) as e:
             raise ServeError(str(e)) from None
         found[path.name] = (str(path.resolve()), rank)
@@ -107,6 +108,17 @@ def _has(rest: list[str], flag: str) -> bool:
     return any(arg == flag or arg.startswith(flag + "=") for arg in rest)
 
 
+def _value(rest: list[str], flag: str) -> str | None:
+    """The value of ``flag`` in ``rest`` (``--flag v`` or ``--flag=v``; the last wins), or None."""
+    value = None
+    for i, arg in enumerate(rest):
+        if arg == flag and i + 1 < len(rest):
+            value = rest[i + 1]
+        elif arg.startswith(flag + "="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
 def vllm_command(args: argparse.Namespace, rest: list[str], adapters: dict) -> list[str]:
     """The argv of vLLM's server: ``rest`` plus what routed serving needs."""
     if not _has(rest, "--model") and not (rest and not rest[0].startswith("-")):
@@ -115,7 +127,16 @@ def vllm_command(args: argparse.Namespace, rest: list[str], adapters: dict) -> l
         raise ServeError(
             "dlplora serve sets --middleware and --lora-modules itself (adapters come from --adapters)"
         )
+    max_loras = _value(rest, "--max-loras")
+    if max_loras is not None and not (max_loras.isascii() and max_loras.isdigit()):
+        raise ServeError(f"--max-loras must be an integer, got {max_loras!r}")
+    if max_loras is not None and int(max_loras) < args.top_k:
+        raise ServeError(
+            f"--max-loras {max_loras} is below --top-k {args.top_k}: a routed mix needs a slot per adapter"
+        )
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *rest]
+    if max_loras is None:  # vLLM's default, 1, would refuse every routed mix
+        cmd += ["--max-loras", str(args.top_k)]
     if not _has(rest, "--enable-lora"):
         cmd.append("--enable-lora")
     rank = max(r for _, r in adapters.values())
@@ -142,6 +163,9 @@ def serve_main(argv: list[str]) -> int:
     except ServeError as e:
         print(f"dlplora serve: error: {e}", file=sys.stderr)
         return 2
+    from dlplora_triton.integrations.vllm.mixes import mix_key
+
+    mix_key()  # the key signing mixes, in this environment for every process vLLM starts
     env = dict(os.environ)
     env.update(
         DLPLORA_VLLM_ADAPTER_DIR=str(Path(args.adapters).resolve()),

@@ -1,47 +1,62 @@
 """Mixes in vLLM's OpenAI server: ``"model": "mix:de=0.7,code=0.3"`` (an ASGI middleware; docs/vllm.md).
 
 Start vLLM's server with ``--middleware dlplora_triton.integrations.vllm.server.MixMiddleware``
-(``dlplora serve`` does). For each completion or chat request whose ``model`` is a mix name, the
-middleware, before vLLM sees the request:
+(``dlplora serve`` does). vLLM adds ``--middleware`` classes outside its own (authentication among
+them), so the middleware does its work further in: on construction it places a guard between the
+app's innermost middleware and its router (:func:`install_guard`). Every request reaches the guard
+only after every other middleware has let it through: with ``--api-key`` (or any authentication
+middleware the operator adds), nothing is read, loaded, routed or revealed for a request refused with
+401.
+
+For each completion or chat request (``SERVED_ROUTES``) whose ``model`` is a mix name, the guard:
 
 1. parses the name (a bad one is a 400 naming the part);
 2. finds each component among the server's adapters (``--lora-modules`` or loaded earlier), or loads it
    from ``$DLPLORA_VLLM_ADAPTER_DIR/<name>`` after checking the directory (missing: 404; truncated, not a
    LoRA, rank above ``--max-lora-rank``: 400), so a mix reuses the slots of adapters already loaded;
-3. writes the mix into the request's ``vllm_xargs`` and lends vLLM's model registry the mix's anchor
-   (:mod:`~dlplora_triton.integrations.vllm.mixes`) under the request's model name until the response
-   has been sent. Nothing outlives the request: what the server keeps per mix is bounded by the
-   requests in flight.
+3. writes the signed mix into the request's ``vllm_xargs`` and lends vLLM's model registry the mix's
+   anchor (:mod:`~dlplora_triton.integrations.vllm.mixes`) under the request's model name, visible to
+   this request's handler only (a context variable): ``/v1/models`` and every other request never see it.
 
-A plain adapter name found in the adapter directory but not loaded yet is loaded the same way. Every
-other request passes through untouched. Errors are vLLM's JSON error body, ``{"error": {"message",
-"type", "param", "code"}}``, with the HTTP status in ``code``.
+A plain adapter name found in the adapter directory but not loaded yet is loaded the same way. On every
+other endpoint, mix names, and the mix arguments in any field, get a 400 saying where mixes are served.
+Errors are vLLM's JSON error body, ``{"error": {"message", "type", "param", "code"}}``, with the HTTP
+status in ``code``; they name adapters, never the server's paths.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import json
 import logging
 import os
+from dataclasses import dataclass, field
 from http import HTTPStatus
 
 from dlplora_triton.integrations.vllm.mixes import (
     ADAPTER_NAME,
     MIX_ARG,
     MIX_PREFIX,
+    MIX_SIGNATURE_ARG,
     MixComponent,
-    encode_mix,
+    mix_args,
     parse_mix_name,
 )
 
-__all__ = ["ADAPTER_DIR_ENV", "MIX_HEADER", "MixMiddleware", "RequestError"]
+__all__ = ["ADAPTER_DIR_ENV", "MIX_HEADER", "SERVED_ROUTES", "MixMiddleware", "RequestError", "install_guard"]
 
 logger = logging.getLogger(__name__)
 
 ADAPTER_DIR_ENV = "DLPLORA_VLLM_ADAPTER_DIR"
 MIX_HEADER = "x-dlplora-mix"  # the response header naming the mix served (adapter=weight,...)
-ROUTES = ("/v1/completions", "/v1/chat/completions")
+SERVED_ROUTES = ("/v1/completions", "/v1/chat/completions")  # where mix names (and auto) are served
 MAX_BODY = 64 * 1024 * 1024
+RESERVED_ARGS = (MIX_ARG, MIX_SIGNATURE_ARG)  # extra_args only the server writes
+NAME_FIELDS = ("model", "lora_name")  # fields that name a model or adapter on vLLM's endpoints
+
+# The mix anchors lent to the request being handled: {model name: LoRARequest}, per asyncio task.
+_LENT: contextvars.ContextVar[dict | None] = contextvars.ContextVar("dlplora_lent", default=None)
 
 
 class RequestError(Exception):
@@ -83,6 +98,17 @@ async def read_body(receive) -> bytes:
             return b"".join(chunks)
 
 
+def parse_json_body(body: bytes):
+    """The parsed body, or None when it is not JSON (vLLM answers that itself); RequestError (400) for
+    JSON nested deeper than Python's parser goes."""
+    try:
+        return json.loads(body)
+    except RecursionError:
+        raise RequestError(HTTPStatus.BAD_REQUEST, "the JSON body is nested too deeply", None) from None
+    except ValueError:
+        return None
+
+
 def replay(body: bytes, receive):
     """An ASGI ``receive`` that yields ``body`` once, then defers to the client's (disconnects)."""
     sent = False
@@ -97,22 +123,73 @@ def replay(body: bytes, receive):
     return receive_again
 
 
+def is_json(scope) -> bool:
+    """Whether the request's body is JSON to FastAPI (no content type, or a JSON one)."""
+    for name, value in scope.get("headers") or ():
+        if name.lower() == b"content-type":
+            kind = value.split(b";")[0].strip().lower()
+            return kind == b"application/json" or kind.endswith(b"+json")
+    return True
+
+
+def install_guard(app, guard_of):
+    """Put ``guard_of(router)`` between the innermost middleware below ``app`` and the router.
+
+    Starlette's middlewares keep the next app in ``.app``; ``app`` is the one below ours. Returns the
+    router. RuntimeError when a middleware on the way keeps no ``.app`` (the guard cannot be placed
+    after authentication, so the server must not start).
+    """
+    from starlette.routing import Router
+
+    node = app
+    while True:
+        inner = getattr(node, "app", None)
+        if isinstance(inner, Router):
+            node.app = guard_of(inner)
+            return inner
+        if inner is None:
+            raise RuntimeError(
+                f"MixMiddleware: {type(node).__name__} keeps no .app, so the guard cannot be placed after "
+                "authentication; list MixMiddleware last among --middleware"
+            )
+        node = inner
+
+
+class LentLoRARequests(dict):
+    """vLLM's registry of adapters by name, plus the anchors lent to the request being handled."""
+
+    @staticmethod
+    def _lent(name):
+        lent = _LENT.get()
+        return lent.get(name) if lent else None
+
+    def __contains__(self, name) -> bool:
+        return self._lent(name) is not None or dict.__contains__(self, name)
+
+    def __getitem__(self, name):
+        lent = self._lent(name)
+        return lent if lent is not None else dict.__getitem__(self, name)
+
+    def get(self, name, default=None):
+        lent = self._lent(name)
+        return lent if lent is not None else dict.get(self, name, default)
+
+
 class Adapters:
     """The server's adapters by name: vLLM's registry, plus loading from the adapter directory."""
 
     def __init__(self, state):
         self.models = state.openai_serving_models
+        if not isinstance(self.models.lora_requests, LentLoRARequests):
+            self.models.lora_requests = LentLoRARequests(self.models.lora_requests)
         lora_config = state.vllm_config.lora_config
         self.max_loras = lora_config.max_loras if lora_config else 0
         self.max_lora_rank = lora_config.max_lora_rank if lora_config else 0
         self.adapter_dir = os.environ.get(ADAPTER_DIR_ENV) or None
-        self.lent: dict[str, list] = {}  # mix name -> [anchor LoRARequest, requests in flight]
+        self._loading: dict[str, asyncio.Lock] = {}
 
     def registered(self, name: str):
-        request = self.models.lora_requests.get(name)
-        if request is None or name in self.lent:
-            return None
-        return request
+        return dict.get(self.models.lora_requests, name)
 
     def can_load(self, name: str) -> bool:
         return (
@@ -121,52 +198,67 @@ class Adapters:
             and os.path.isdir(os.path.join(self.adapter_dir, name))
         )
 
+    def redact(self, message: str) -> str:
+        """``message`` without the adapter directory's path (error bodies name adapters, not paths)."""
+        if self.adapter_dir:
+            for root in {self.adapter_dir, os.path.realpath(self.adapter_dir)}:
+                message = message.replace(os.path.join(root, ""), "").replace(root, "<adapter directory>")
+        return message
+
     async def get(self, name: str):
-        """The ``LoRARequest`` of adapter ``name``, loading it from the adapter directory if needed."""
+        """The ``LoRARequest`` of adapter ``name``, loading it from the adapter directory if needed.
+
+        Concurrent first requests for one adapter load it once: the others wait for that load.
+        """
         request = self.registered(name)
         if request is not None:
             return request
-        if not ADAPTER_NAME.fullmatch(name) or not self.can_load(name):
+        if not self.can_load(name):
+            known = sorted(self.models.lora_requests)
+            listed = ", ".join(known[:20]) + (f" and {len(known) - 20} more" if len(known) > 20 else "")
             where = (
-                f" or in {self.adapter_dir}" if self.adapter_dir else f" (no ${ADAPTER_DIR_ENV} to load from)"
+                " or in the adapter directory"
+                if self.adapter_dir
+                else f" (no ${ADAPTER_DIR_ENV} to load from)"
             )
-            known = sorted(n for n in self.models.lora_requests if n not in self.lent)
             raise RequestError(
                 HTTPStatus.NOT_FOUND,
-                f"adapter {name!r} is not loaded (loaded: {', '.join(known) or 'none'}){where}",
+                f"adapter {name[:128]!r} is not loaded (loaded: {listed or 'none'}){where}",
             )
+        # One lock per folder of the directory (so bounded by it); the waiters find the adapter loaded.
+        async with self._loading.setdefault(name, asyncio.Lock()):
+            return self.registered(name) or await self._load(name)
+
+    async def _load(self, name: str):
         from vllm.entrypoints.serve.lora.protocol import LoadLoRAAdapterRequest
 
         from dlplora_triton.integrations.vllm.engine import check_adapter_dir
 
         path = os.path.join(self.adapter_dir, name)
         try:
-            check_adapter_dir(path, self.max_lora_rank, f"adapter {name!r}")
+            check_adapter_dir(path, self.max_lora_rank, f"adapter {name!r}", values=True)
         except FileNotFoundError as e:
-            raise RequestError(HTTPStatus.NOT_FOUND, str(e)) from None
+            raise RequestError(HTTPStatus.NOT_FOUND, self.redact(str(e))) from None
         except ValueError as e:
-            raise RequestError(HTTPStatus.BAD_REQUEST, str(e)) from None
+            raise RequestError(HTTPStatus.BAD_REQUEST, self.redact(str(e))) from None
         result = await self.models.load_lora_adapter(LoadLoRAAdapterRequest(lora_name=name, lora_path=path))
         if not isinstance(result, str):  # vLLM's ErrorResponse
             raise RequestError(
-                HTTPStatus.BAD_REQUEST, f"adapter {name!r} did not load: {result.error.message}"
+                HTTPStatus.BAD_REQUEST, f"adapter {name!r} did not load: {self.redact(result.error.message)}"
             )
         logger.info("dlplora: loaded adapter %r from %s", name, path)
-        return self.models.lora_requests[name]
+        return self.registered(name)
 
-    def lend(self, name: str, anchor) -> None:
-        entry = self.lent.setdefault(name, [anchor, 0])
-        entry[1] += 1
-        self.models.lora_requests[name] = entry[0]
 
-    def give_back(self, name: str) -> None:
-        entry = self.lent.get(name)
-        if entry is None:
-            return
-        entry[1] -= 1
-        if entry[1] == 0:
-            del self.lent[name]
-            self.models.lora_requests.pop(name, None)
+@dataclass
+class Prepared:
+    """A request rewritten for vLLM: its body, the anchors lent to its handler, response headers, and
+    what to count once vLLM has accepted it."""
+
+    payload: dict
+    lent: dict = field(default_factory=dict)
+    headers: list = field(default_factory=list)
+    on_success: list = field(default_factory=list)
 
 
 class MixMiddleware:
@@ -175,59 +267,88 @@ class MixMiddleware:
     def __init__(self, app):
         self.app = app
         self._adapters: Adapters | None = None
+        self._router = install_guard(app, lambda router: self.guard)
+
+    async def __call__(self, scope, receive, send):
+        # The work happens in guard(), after the middlewares below this one (authentication first).
+        return await self.app(scope, receive, send)
 
     def adapters(self, scope) -> Adapters:
         if self._adapters is None:
             self._adapters = Adapters(scope["app"].state)
         return self._adapters
 
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope.get("method") != "POST" or scope.get("path") not in ROUTES:
-            return await self.app(scope, receive, send)
+    def reserved_name(self, name) -> bool:
+        """Whether ``name`` is a model name only this middleware serves (mix names)."""
+        return isinstance(name, str) and name.startswith(MIX_PREFIX)
+
+    def reserved_field(self, payload, served: bool) -> RequestError | None:
+        """The 400 for a field a client may not send here, or None. Mix arguments are refused anywhere
+        in the body; on the endpoints that do not serve mixes, mix names in any name field."""
+        stack = [payload]
+        while stack:
+            node = stack.pop()
+            if isinstance(node, dict):
+                for key, value in node.items():
+                    if key in RESERVED_ARGS:
+                        return RequestError(
+                            HTTPStatus.BAD_REQUEST,
+                            f"{key} is set by the server; name a mix in 'model' on {' or '.join(SERVED_ROUTES)}",
+                            "vllm_xargs",
+                        )
+                    if not served and key in NAME_FIELDS and self.reserved_name(value):
+                        return RequestError(
+                            HTTPStatus.BAD_REQUEST,
+                            f"{key} {value[:80]!r} is served on {' and '.join(SERVED_ROUTES)} only (this "
+                            "endpoint serves the base model and adapters by name)",
+                            key,
+                        )
+                    if isinstance(value, (dict, list)):
+                        stack.append(value)
+            elif isinstance(node, list):
+                stack.extend(v for v in node if isinstance(v, (dict, list)))
+        return None
+
+    async def guard(self, scope, receive, send):
+        """Every request after the other middlewares (authenticated): mix names served, misuse refused."""
+        if scope["type"] != "http" or scope.get("method") in ("GET", "HEAD", "OPTIONS") or not is_json(scope):
+            return await self._router(scope, receive, send)
+        path = scope["path"].removeprefix(scope.get("root_path", ""))
+        served = scope.get("method") == "POST" and path in SERVED_ROUTES
         try:
             body = await read_body(receive)
+            payload = parse_json_body(body)
+            refused = self.reserved_field(payload, served)
+            if refused is not None:
+                raise refused
+            prepared = await self.prepare(scope, payload) if served and isinstance(payload, dict) else None
         except ConnectionError:
             return None
         except RequestError as e:
             return await send_error(send, e)
-        try:
-            payload = json.loads(body)
-        except ValueError:
-            payload = None
-        if not isinstance(payload, dict):  # vLLM answers malformed bodies itself
-            return await self.app(scope, replay(body, receive), send)
-        try:
-            prepared = await self.prepare(scope, payload)
-        except RequestError as e:
-            return await send_error(send, e)
-        if prepared is None:
-            return await self.app(scope, replay(body, receive), send)
-        payload, lent, headers = prepared
-        adapters = self.adapters(scope)
-        extra = [(name.encode(), value.encode()) for name, value in headers]
+        if prepared is None:  # everything else goes to vLLM untouched
+            return await self._router(scope, replay(body, receive), send)
+        extra = [(name.encode(), value.encode()) for name, value in prepared.headers]
 
         async def send_with_headers(message):
-            if message["type"] == "http.response.start" and extra:
-                message = dict(message, headers=[*message.get("headers", []), *extra])
+            if message["type"] == "http.response.start":
+                if extra:
+                    message = dict(message, headers=[*message.get("headers", []), *extra])
+                if message.get("status", 500) < 400:
+                    for count in prepared.on_success:
+                        count()
             await send(message)
 
+        token = _LENT.set(prepared.lent or None)
         try:
-            return await self.app(scope, replay(json.dumps(payload).encode(), receive), send_with_headers)
+            body = json.dumps(prepared.payload).encode()
+            return await self._router(scope, replay(body, receive), send_with_headers)
         finally:
-            if lent:
-                adapters.give_back(lent)
+            _LENT.reset(token)
 
-    async def prepare(self, scope, payload: dict):
-        """``(payload, lent name or None, [(header, value)])`` for a request to rewrite, None to pass it
-        through untouched; RequestError for one to refuse."""
+    async def prepare(self, scope, payload: dict) -> Prepared | None:
+        """The rewritten request, None to pass it through untouched; RequestError for one to refuse."""
         model = payload.get("model")
-        xargs = payload.get("vllm_xargs")
-        if isinstance(xargs, dict) and MIX_ARG in xargs:
-            raise RequestError(
-                HTTPStatus.BAD_REQUEST,
-                f"vllm_xargs.{MIX_ARG} is set by the server; name a mix in 'model'",
-                "vllm_xargs",
-            )
         if not isinstance(model, str):
             return None
         adapters = self.adapters(scope)
@@ -235,6 +356,9 @@ class MixMiddleware:
             if adapters.registered(model) is None and adapters.can_load(model):
                 await adapters.get(model)  # a plain adapter of the directory, loaded on first use
             return None
+        xargs = payload.get("vllm_xargs")
+        if xargs is not None and not isinstance(xargs, dict):
+            raise RequestError(HTTPStatus.BAD_REQUEST, "vllm_xargs must be an object", "vllm_xargs")
         if adapters.max_loras == 0:
             raise RequestError(
                 HTTPStatus.BAD_REQUEST, "this server has LoRA disabled (start it with --enable-lora)"
@@ -256,6 +380,6 @@ class MixMiddleware:
         anchor = LoRARequest(
             lora_name=model, lora_int_id=components[0].lora_int_id, lora_path=components[0].lora_path
         )
-        payload = dict(payload, vllm_xargs=dict(xargs or {}, **{MIX_ARG: encode_mix(components)}))
-        adapters.lend(model, anchor)
-        return payload, model, [(MIX_HEADER, ",".join(f"{c.name}={c.weight!r}" for c in components))]
+        payload = dict(payload, vllm_xargs=dict(xargs or {}, **mix_args(components)))
+        header = ",".join(f"{c.name}={c.weight!r}" for c in components)
+        return Prepared(payload, lent={model: anchor}, headers=[(MIX_HEADER, header)])
