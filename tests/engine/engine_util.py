@@ -198,7 +198,7 @@ class Server:
         args: list[str],
         log_path: Path,
         env: dict | None = None,
-        timeout: float = 300,
+        timeout: float = 600,
         command: list[str] | None = None,
     ):
         self.port = free_port()

@@ -196,7 +196,7 @@ BAD_REQUESTS = [
     ("mix:", 400, "names no adapter"),
     ("mix:de=", 400, "is not 'adapter=weight'"),
     ("mix:de", 400, "is not 'adapter=weight'"),
-    ("mix:de=nan", 400, "not finite"),
+    ("mix:de=nan", 400, "not a number"),
     ("mix:de=1e999", 400, "not finite"),
     ("mix:de=abc", 400, "not a number"),
     ("mix:de=0.5,de=0.5", 400, "twice"),

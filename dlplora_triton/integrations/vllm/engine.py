@@ -5,8 +5,9 @@ Installed by :func:`dlplora_triton.integrations.vllm.register` in every vLLM pro
 - **Arrival** (``EngineCore.preprocess_add_request``): a request carrying a mix
   (:mod:`~dlplora_triton.integrations.vllm.mixes`) is checked before it is queued: it carries this
   deployment's signature (so its adapter paths are the server's, not a client's), its components decode
-  with weights in [-1000, 1000], its LoRA is the mix's anchor, it fits ``max_loras``, each component directory holds a LoRA within
-  ``max_lora_rank``. A bad one fails alone (vLLM answers that request with an error); the engine goes on.
+  with weights in [-1000, 1000], its LoRA is the mix's anchor, it fits ``max_loras``, each component
+  directory holds a LoRA within ``max_lora_rank``. A bad one fails alone (vLLM answers that request
+  with an error); the engine goes on.
 - **Scheduling**: vLLM's scheduler counts one LoRA per request. A mix needs a slot per component, so
   the scheduler class vLLM picks is given a first pass that holds back, for this step, the waiting
   requests whose adapters would overflow the slots left by the running ones and the ones admitted before

@@ -100,13 +100,16 @@ async def read_body(receive) -> bytes:
 
 def parse_json_body(body: bytes):
     """The parsed body, or None when it is not JSON (vLLM answers that itself); RequestError (400) for
-    JSON nested deeper than Python's parser goes."""
+    JSON that Python's parser will not read (nested too deeply, an integer too long), so that nothing
+    reaches vLLM unscreened."""
     try:
         return json.loads(body)
     except RecursionError:
         raise RequestError(HTTPStatus.BAD_REQUEST, "the JSON body is nested too deeply", None) from None
-    except ValueError:
+    except (json.JSONDecodeError, UnicodeDecodeError):
         return None
+    except ValueError as e:  # valid JSON Python will not read (an integer of over 4300 digits)
+        raise RequestError(HTTPStatus.BAD_REQUEST, f"the JSON body cannot be read: {e}", None) from None
 
 
 def replay(body: bytes, receive):
