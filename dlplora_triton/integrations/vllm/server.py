@@ -135,12 +135,13 @@ def is_json(scope) -> bool:
     return True
 
 
-def install_guard(app, guard_of):
-    """Put ``guard_of(router)`` between the innermost middleware below ``app`` and the router.
+def install_guard(app, guard):
+    """Put the ASGI app ``guard`` between the innermost middleware below ``app`` and the router, and
+    return the router (which ``guard`` calls next).
 
-    Starlette's middlewares keep the next app in ``.app``; ``app`` is the one below ours. Returns the
-    router. RuntimeError when a middleware on the way keeps no ``.app`` (the guard cannot be placed
-    after authentication, so the server must not start).
+    Starlette's middlewares keep the next app in ``.app``; ``app`` is the one below ours. RuntimeError
+    when a middleware on the way keeps no ``.app`` (the guard cannot be placed after authentication,
+    so the server must not start).
     """
     from starlette.routing import Router
 
@@ -148,12 +149,12 @@ def install_guard(app, guard_of):
     while True:
         inner = getattr(node, "app", None)
         if isinstance(inner, Router):
-            node.app = guard_of(inner)
+            node.app = guard
             return inner
         if inner is None:
             raise RuntimeError(
                 f"MixMiddleware: {type(node).__name__} keeps no .app, so the guard cannot be placed after "
-                "authentication; list MixMiddleware last among --middleware"
+                "authentication; list MixMiddleware first among --middleware"
             )
         node = inner
 
@@ -270,7 +271,7 @@ class MixMiddleware:
     def __init__(self, app):
         self.app = app
         self._adapters: Adapters | None = None
-        self._router = install_guard(app, lambda router: self.guard)
+        self._router = install_guard(app, self.guard)
 
     async def __call__(self, scope, receive, send):
         # The work happens in guard(), after the middlewares below this one (authentication first).
