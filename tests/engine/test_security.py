@@ -547,14 +547,15 @@ def test_a_slow_client_does_not_block_others(server, prompts, reference_normal):
 
 # -- 7. the fuzzer ------------------------------------------------------------------------------------------
 #
-# hypothesis draws auto and mix: requests: adapter names (served, unknown, malicious, arbitrary text
-# with control characters), weights (any float or text: NaN, inf, 1e39, -0, subnormals), components
-# from none to thousands, routing options of any JSON type. Every answer must be a 2xx or a 4xx naming
+# hypothesis draws auto and mix: requests: valid mixes of the six adapters, hostile ones (adapter names
+# served, unknown, malicious or arbitrary text with control characters; weights any float or text:
+# NaN, inf, 1e39, -0, subnormals; components from none to thousands), and auto with valid routing
+# options or ones of any JSON type. Every answer must be a 2xx or a 4xx naming
 # a field, the server must stay up, and a served mix of real adapters with modest weights must equal
 # transformers + PEFT. `make test` runs FUZZ_EXAMPLES (seeded); `make fuzz-serve` runs more and
 # records the count in bench/results/cpu/fuzz_serve.json.
 
-FUZZ_EXAMPLES = int(os.environ.get("DLPLORA_FUZZ_EXAMPLES", "60"))
+FUZZ_EXAMPLES = int(os.environ.get("DLPLORA_FUZZ_EXAMPLES", "150"))
 FUZZ_RECORD = os.environ.get("DLPLORA_FUZZ_RECORD")
 NAMES = st.one_of(
     st.sampled_from(
@@ -580,7 +581,27 @@ JSON_VALUES = st.recursive(
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
     max_leaves=12,
 )
+VALID_MIXES = (
+    st.lists(st.sampled_from(ADAPTERS), min_size=1, max_size=3, unique=True)
+    .flatmap(
+        lambda names: st.tuples(
+            st.just(names), st.lists(st.integers(-3000, 3000), min_size=len(names), max_size=len(names))
+        )
+    )
+    .filter(lambda nw: sum(nw[1]) != 0)
+    .map(lambda nw: "mix:" + ",".join(f"{n}={w / 1000!r}" for n, w in zip(*nw)))
+)
+VALID_ROUTING = st.fixed_dictionaries(
+    {},
+    optional={
+        "p": st.floats(min_value=0.05, max_value=1.0),
+        "top_k": st.integers(1, ENGINE_ARGS["max_loras"]),
+        "adapters": st.lists(st.sampled_from(ADAPTERS), min_size=1, max_size=6, unique=True),
+        "base_threshold": st.floats(min_value=0.05, max_value=1.0),
+    },
+)
 ROUTING = st.one_of(
+    VALID_ROUTING,
     st.none(),
     st.fixed_dictionaries(
         {},
@@ -593,7 +614,7 @@ ROUTING = st.one_of(
     ),
     JSON_VALUES,
 )
-SENT = {"requests": 0, "statuses": {}}
+SENT = {"requests": 0, "statuses": {}, "checked_against_peft": 0}
 
 
 def _served_exactly(model) -> tuple | None:
@@ -617,7 +638,7 @@ def _served_exactly(model) -> tuple | None:
     suppress_health_check=list(HealthCheck),
 )
 @given(
-    model=st.one_of(MIX_NAMES, st.just("auto")),
+    model=st.one_of(VALID_MIXES, MIX_NAMES, st.just("auto")),
     routing=ROUTING,
     chat=st.booleans(),
     stream=st.booleans(),
@@ -645,6 +666,7 @@ def test_fuzzed_auto_and_mix_requests_never_stop_the_server(
     elif not chat and not stream and (mix := _served_exactly(model)) is not None:
         tokens = answer["choices"][0]["token_ids"]
         assert tokens == reference.greedy(ids, mix, 2)[0], model
+        SENT["checked_against_peft"] += 1
     assert server.healthy(), f"the server stopped after {model[:80]!r}"
 
 
