@@ -48,9 +48,9 @@ import common
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "engine"))  # the engine tests' server harness
 
-from engine_util import ADAPTERS, ENGINE_ARGS, PROMPT_TEXTS, Server, adapter_path, model_folder  # noqa: E402
+from bench_serve import server_args  # noqa: E402  (the same server settings as the load benchmark)
+from engine_util import ADAPTERS, ENGINE_ARGS, PROMPT_TEXTS, Server  # noqa: E402
 
-MIDDLEWARE = "dlplora_triton.integrations.vllm.server.MixMiddleware"
 CLIENTS = 4
 MAX_TOKENS = 8
 WARMUP = 48
@@ -65,22 +65,6 @@ def jemalloc_path() -> str | None:
     candidates = [os.environ.get("DLPLORA_JEMALLOC", ""), "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"]
     candidates += ["/usr/lib/aarch64-linux-gnu/libjemalloc.so.2", "/usr/lib64/libjemalloc.so.2"]
     return next((p for p in candidates if p and os.path.isfile(p)), None)
-
-
-def server_args(ours: bool) -> list[str]:
-    args = ["--model", str(model_folder()), "--served-model-name", "smollm2", "--enable-lora"]
-    args += [
-        "--max-loras",
-        str(ENGINE_ARGS["max_loras"]),
-        "--max-lora-rank",
-        str(ENGINE_ARGS["max_lora_rank"]),
-    ]
-    args += ["--dtype", "float32", "--max-model-len", str(ENGINE_ARGS["max_model_len"]), "--enforce-eager"]
-    args += ["--gpu-memory-utilization", str(ENGINE_ARGS["gpu_memory_utilization"])]
-    args += ["--lora-modules", *[f"{n}={adapter_path(n)}" for n in ADAPTERS]]
-    if ours:
-        args += ["--middleware", MIDDLEWARE]
-    return args
 
 
 def server_env(traffic: str, allocator: str) -> dict:
@@ -238,7 +222,8 @@ def run_config(config: str, requests: int, every: int, logs: Path, on_sample) ->
     names = model_names(traffic, WARMUP + requests, rng)
     names[: len(ADAPTERS)] = ADAPTERS  # every adapter served in the warm-up
     t0 = time.monotonic()
-    server = Server(server_args(traffic.startswith("ours")), logs / f"{config}.log", env=env)
+    args = server_args(traffic.startswith("ours"), ENGINE_ARGS["max_loras"])
+    server = Server(args, logs / f"{config}.log", env=env)
     result = {"traffic": traffic, "allocator": allocator, "env": env, "requests": requests, "every": every}
     result["distinct_models"] = len(set(names))
     result["started"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")

@@ -50,6 +50,33 @@ ENGINE_ARGS = dict(
 ENGINE_ENV = {"VLLM_LOGGING_LEVEL": "WARNING", "TOKENIZERS_PARALLELISM": "false"}
 
 
+def server_args(*extra: str) -> list[str]:
+    """vLLM server arguments for SmolLM2 with ``ENGINE_ARGS``, ``de`` and ``code`` in ``--lora-modules``,
+    then ``extra``."""
+    return [
+        "--model",
+        str(model_folder()),
+        "--served-model-name",
+        "smollm2",
+        "--enable-lora",
+        "--max-loras",
+        str(ENGINE_ARGS["max_loras"]),
+        "--max-lora-rank",
+        str(ENGINE_ARGS["max_lora_rank"]),
+        "--dtype",
+        "float32",
+        "--max-model-len",
+        str(ENGINE_ARGS["max_model_len"]),
+        "--enforce-eager",
+        "--gpu-memory-utilization",
+        str(ENGINE_ARGS["gpu_memory_utilization"]),
+        "--lora-modules",
+        f"de={adapter_path('de')}",
+        f"code={adapter_path('code')}",
+        *extra,
+    ]
+
+
 def model_folder() -> Path:
     from dlplora_triton.demo.smollm2 import smollm2_folder
 

@@ -26,8 +26,8 @@ from engine_util import (
     ENGINE_ARGS,
     adapter_path,
     assert_matches,
-    model_folder,
     serve_for_module,
+    server_args,
 )
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -83,33 +83,6 @@ def router_dir(tmp_path_factory):
     return router.save(tmp_path_factory.mktemp("router") / "router")
 
 
-def _server_args(extra):
-    return [
-        "--model",
-        str(model_folder()),
-        "--served-model-name",
-        "smollm2",
-        "--enable-lora",
-        "--max-loras",
-        str(ENGINE_ARGS["max_loras"]),
-        "--max-lora-rank",
-        str(ENGINE_ARGS["max_lora_rank"]),
-        "--dtype",
-        "float32",
-        "--max-model-len",
-        str(ENGINE_ARGS["max_model_len"]),
-        "--enforce-eager",
-        "--gpu-memory-utilization",
-        str(ENGINE_ARGS["gpu_memory_utilization"]),
-        "--api-key",
-        KEY,
-        "--lora-modules",
-        f"de={adapter_path('de')}",
-        f"code={adapter_path('code')}",
-        *extra,
-    ]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, router_dir, request):
     root = tmp_path_factory.mktemp("security")
@@ -121,7 +94,7 @@ def server(tmp_path_factory, router_dir, request):
         "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1",
     }
     yield from serve_for_module(
-        request, root / "server.log", _server_args(["--middleware", MIDDLEWARE]), env=env
+        request, root / "server.log", server_args("--api-key", KEY, "--middleware", MIDDLEWARE), env=env
     )
 
 
@@ -138,7 +111,7 @@ def vllm_alone(tmp_path_factory, request):
     """vLLM as shipped (the plugin not loaded), the same model, key and adapters."""
     root = tmp_path_factory.mktemp("alone")
     env = {"VLLM_PLUGINS": "", "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1"}
-    yield from serve_for_module(request, root / "server.log", _server_args([]), env=env)
+    yield from serve_for_module(request, root / "server.log", server_args("--api-key", KEY), env=env)
 
 
 # -- a raw HTTP client -----------------------------------------------------------------------------------

@@ -17,12 +17,11 @@ from engine_util import (
     ADAPTER_DIR,
     ADAPTERS,
     ENGINE_ARGS,
-    adapter_path,
     assert_matches,
     greedy_completion,
     mix_name,
-    model_folder,
     serve_for_module,
+    server_args,
 )
 
 MAX_TOKENS = 6
@@ -55,29 +54,7 @@ def _adapter_dir(root):
 def server(tmp_path_factory, request):
     root = tmp_path_factory.mktemp("server")
     adapters = _adapter_dir(root / "adapters")
-    args = [
-        "--model",
-        str(model_folder()),
-        "--served-model-name",
-        "smollm2",
-        "--enable-lora",
-        "--max-loras",
-        str(ENGINE_ARGS["max_loras"]),
-        "--max-lora-rank",
-        str(ENGINE_ARGS["max_lora_rank"]),
-        "--dtype",
-        "float32",
-        "--max-model-len",
-        str(ENGINE_ARGS["max_model_len"]),
-        "--enforce-eager",
-        "--gpu-memory-utilization",
-        str(ENGINE_ARGS["gpu_memory_utilization"]),
-        "--lora-modules",
-        f"de={adapter_path('de')}",
-        f"code={adapter_path('code')}",
-        "--middleware",
-        MIDDLEWARE,
-    ]
+    args = server_args("--middleware", MIDDLEWARE)
     yield from serve_for_module(
         request, root / "server.log", args, env={"DLPLORA_VLLM_ADAPTER_DIR": str(adapters)}
     )
