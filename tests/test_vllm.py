@@ -107,7 +107,8 @@ def test_parse_mix_name():
     assert mixes.parse_mix_name("mix:math=0.7,code=-0.3") == [("math", 0.7), ("code", -0.3)]
     assert mixes.parse_mix_name("mix:de-v2.1=1e-3,x_y=2") == [("de-v2.1", 1e-3), ("x_y", 2.0)]
     assert mixes.parse_mix_name("mix:a=+.5,b=3.,c=-2E+2") == [("a", 0.5), ("b", 3.0), ("c", -200.0)]
-    assert mixes.parse_mix_name("mix:a=1000,b=-1e3,c=1") == [("a", 1e3), ("b", -1e3), ("c", 1.0)]  # the bounds
+    bounds = [("a", 1e3), ("b", -1e3), ("c", 1.0)]  # the weight range's ends are served
+    assert mixes.parse_mix_name("mix:a=1000,b=-1e3,c=1") == bounds
     assert mixes.parse_mix_name("math") is None and mixes.parse_mix_name(None) is None
     many = "mix:" + ",".join(f"a{i}=1" for i in range(4))
     assert len(mixes.parse_mix_name(many, max_components=4)) == 4
