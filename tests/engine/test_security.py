@@ -9,6 +9,7 @@ answers a normal request exactly (transformers + PEFT). Where vLLM alone answers
 answer is compared with a server of vLLM as shipped (no plugin) started the same way.
 """
 
+import functools
 import http.client
 import json
 import math
@@ -26,6 +27,7 @@ from engine_util import (
     ENGINE_ARGS,
     adapter_path,
     assert_matches,
+    greedy_completion,
     serve_for_module,
     server_args,
 )
@@ -98,12 +100,17 @@ def server(tmp_path_factory, router_dir, request):
     )
 
 
-@pytest.fixture(scope="module")
-def client(server):
-    """The ``openai`` client of the server, with its key."""
+@functools.cache
+def keyed_client(url: str):
+    """The ``openai`` client of a server, with its key."""
     from openai import OpenAI
 
-    return OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=300)
+    return OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return keyed_client(server.url)
 
 
 @pytest.fixture(scope="module")
@@ -179,24 +186,8 @@ def reference_normal(reference, prompts):
 def assert_healthy(server, prompts, reference_normal, what=""):
     """The server is up, and a normal mix is answered exactly."""
     assert server.alive(), f"the server died after {what}"
-    status, answer, _ = call(
-        server,
-        "/v1/completions",
-        {
-            "model": "mix:de=0.7,code=0.3",
-            "prompt": prompts[0],
-            "max_tokens": MAX_TOKENS,
-            "temperature": 0,
-            "logprobs": 0,
-            "return_token_ids": True,
-            "ignore_eos": True,
-        },
-    )
-    assert status == 200, f"after {what}: {answer}"
-    choice = answer["choices"][0]
-    assert_matches(
-        choice["token_ids"], choice["logprobs"]["token_logprobs"], reference_normal, f"after {what}"
-    )
+    got = greedy_completion(keyed_client(server.url), prompts[0], NORMAL, MAX_TOKENS)
+    assert_matches(*got, reference_normal, f"after {what}")
 
 
 def assert_no_leak(server_root, answer):

@@ -207,10 +207,7 @@ class RoutingMiddleware(MixMiddleware):
                 )
             return await super().prepare(scope, payload)
         adapters = self.adapters(scope)
-        if adapters.max_loras == 0:
-            raise RequestError(
-                HTTPStatus.BAD_REQUEST, "this server has LoRA disabled (start it with --enable-lora)"
-            )
+        adapters.require_lora()
         options = self._options(routing, adapters.max_loras)
         router = self._router_among(routing.get("adapters") if isinstance(routing, dict) else None)
         text = route_text(payload, chat=scope.get("path", "").endswith("/chat/completions"))

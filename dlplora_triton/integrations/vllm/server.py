@@ -192,6 +192,13 @@ class Adapters:
         self.adapter_dir = os.environ.get(ADAPTER_DIR_ENV) or None
         self._loading: dict[str, asyncio.Lock] = {}
 
+    def require_lora(self) -> None:
+        """RequestError (400) when the server has LoRA disabled: no mix and no route can be served."""
+        if self.max_loras == 0:
+            raise RequestError(
+                HTTPStatus.BAD_REQUEST, "this server has LoRA disabled (start it with --enable-lora)"
+            )
+
     def registered(self, name: str):
         return dict.get(self.models.lora_requests, name)
 
@@ -363,10 +370,7 @@ class MixMiddleware:
         xargs = payload.get("vllm_xargs")
         if xargs is not None and not isinstance(xargs, dict):
             raise RequestError(HTTPStatus.BAD_REQUEST, "vllm_xargs must be an object", "vllm_xargs")
-        if adapters.max_loras == 0:
-            raise RequestError(
-                HTTPStatus.BAD_REQUEST, "this server has LoRA disabled (start it with --enable-lora)"
-            )
+        adapters.require_lora()
         try:
             pairs = parse_mix_name(model, max_components=adapters.max_loras)
         except ValueError as e:
