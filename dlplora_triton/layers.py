@@ -18,75 +18,69 @@ files or routers.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .backends.torch_path import TorchPathCache
 from .modules import linear_features
-from .ops import dense_layer_delta, expand_shared, fused_lora_planned, shrink_shared
+from .ops import LoRABatch, LoRAStacks, ModuleRoute, SharedShrink, add_layer_delta
 from .plan import LoRAPlan
 
 __all__ = ["MultiLoRALinear", "ModuleRoute", "PlanSource", "FixedPlan", "ShrinkGroup", "stack_factors"]
 
 
-@dataclass(frozen=True, eq=False)
-class ModuleRoute:
-    """The slots of the selection that one layer drops (MiLoRA: a module whose gate is 0 for a row).
-
-    ``key``: the flat indices ``s * P + p`` of the dropped slots, sorted (layers with the same key get
-    the same plan); ``dropped``: ``[S, P]`` bool on the layers' device; ``adapter_mask``: bit ``i`` set
-    when adapter ``i`` is still used by some slot that is not dropped (0: the layer does no LoRA work).
-    Made by ``MultiLoRA.set_module_gates`` once per gate update (at MiLoRA's prefill), never per step.
-    """
-
-    key: tuple[int, ...]
-    dropped: torch.Tensor
-    adapter_mask: int
-
-
 class PlanSource:
-    """Where the :class:`MultiLoRALinear` layers of one model get the plan of the current forward pass.
+    """Where the :class:`MultiLoRALinear` layers of one model get the batch of the current forward pass.
 
     ``adapter_mask`` has bit ``i`` set when adapter ``i`` is used by some row of the batch (0: every
     row gets the base model, layers skip all LoRA work; -1: treat every adapter as used).
-    ``plan_for(x)`` returns the plan for a layer input ``x`` (``[..., K]``); it is called only when
-    some adapter of the layer is used, and should return the same plan object to every layer.
+    A source implements ``batch(x)`` (the :class:`~dlplora_triton.ops.LoRABatch` for a layer input
+    ``x`` ``[..., K]``, the same object for every layer of a forward pass), or only ``plan_for(x)``,
+    whose plan is then wrapped in a batch once.
     """
 
     adapter_mask: int = 0
     active: bool = False  # adapter_mask != 0, kept by the source (what torch.compile guards on)
+    _wrapped: LoRABatch | None = None
 
     def plan_for(self, x: torch.Tensor) -> LoRAPlan:
-        raise NotImplementedError(f"{type(self).__name__} must implement plan_for(x)")
+        raise NotImplementedError(f"{type(self).__name__} must implement batch(x) or plan_for(x)")
 
-    def batch_for(
-        self, x: torch.Tensor, route: ModuleRoute | None = None
-    ) -> tuple[LoRAPlan, TorchPathCache | None]:
-        """The plan for ``x`` and the PyTorch path's cache of it (None: none kept).
+    def batch(self, x: torch.Tensor) -> LoRABatch:
+        plan = self.plan_for(x)
+        if self._wrapped is None or self._wrapped.plan is not plan:
+            self._wrapped = LoRABatch(plan)
+        return self._wrapped
 
-        ``route``: slots this layer drops (a layer with a :class:`ModuleRoute` calls with it). A source
-        may return a plan without those slots (no work for them) or ignore ``route``: the layer's
-        per-row weights are 0 there, so either is exact.
-        """
-        return self.plan_for(x), None
+    def layer_batch(self, x: torch.Tensor, route: ModuleRoute | None, adapter_mask: int) -> LoRABatch | None:
+        """The batch a layer with adapters ``adapter_mask`` runs on, or None when no row uses one of them
+        there (the layer then adds nothing). ``route``: the slots the layer drops (MiLoRA), if any."""
+        if torch.compiler.is_compiling():
+            # Under torch.compile read only whether some adapter is used: the mask differs between
+            # routings, and a value read here would make every new routing compile again. A route is
+            # not followed there (the row weights, 0 in its dropped slots, keep the result exact).
+            return self.batch(x) if self.active else None
+        if not ((self.adapter_mask if route is None else route.adapter_mask) & adapter_mask):
+            return None  # no row uses an adapter of this layer (or every row that does dropped it here)
+        batch = self.batch(x)
+        return batch if route is None else batch.dropping(route)
 
 
 class FixedPlan(PlanSource):
-    """A plan built by the caller, used for every input (its ``num_tokens`` must match the input)."""
+    """A plan (or a prepared :class:`~dlplora_triton.ops.LoRABatch`) built by the caller, used for every
+    input (its ``num_tokens`` must match the input)."""
 
-    def __init__(self, plan: LoRAPlan):
-        self.plan = plan
-        self.cache = TorchPathCache(plan)
-        self.adapter_mask = -1 if plan.num_tokens * plan.num_slots > 0 else 0
+    def __init__(self, plan: LoRAPlan | LoRABatch):
+        self.prepared = plan if isinstance(plan, LoRABatch) else LoRABatch(plan)
+        self.plan = self.prepared.plan
+        self.adapter_mask = -1 if self.plan.num_tokens * self.plan.num_slots > 0 else 0
         self.active = self.adapter_mask != 0
 
     def plan_for(self, x: torch.Tensor) -> LoRAPlan:
         return self.plan
 
-    def batch_for(self, x: torch.Tensor, route: ModuleRoute | None = None) -> tuple[LoRAPlan, TorchPathCache]:
-        return self.plan, self.cache
+    def batch(self, x: torch.Tensor) -> LoRABatch:
+        return self.prepared
 
 
 def stack_factors(
@@ -212,20 +206,35 @@ class MultiLoRALinear(nn.Module):
             for i, r in enumerate(ranks):
                 lora_a[i, r:].zero_()
                 lora_b[i, :, r:].zero_()
-        self.lora_a, self.lora_b = lora_a, lora_b
-        self.ranks = torch.tensor(ranks, dtype=torch.int32, device=lora_a.device)
-        self.scales = torch.tensor(scales, dtype=torch.float32, device=lora_a.device)
-        # Host copies (for factors() and repr) and the bit set of the adapters this layer has.
-        self._rank_list = ranks
-        self._scale_list = scales
-        self._rank_tuple, self._scale_tuple = tuple(ranks), tuple(scales)
-        self._adapter_mask = sum(1 << i for i, r in enumerate(ranks) if r > 0)
+        stacks = LoRAStacks.of(lora_a, lora_b, ranks, scales)
+        self.lora_a, self.lora_b, self.ranks, self.scales = lora_a, lora_b, stacks.ranks, stacks.scales
+        self._stacks = stacks
+        self._adapter_mask = stacks.adapter_mask  # the bit set of the adapters this layer has
+        if self.shrink_group is not None:
+            self.shrink_group.changed()
+
+    def _apply(self, fn, recurse: bool = True):
+        # .to() / .double() / .cuda() replace the buffers: the stacks handed to ops follow them.
+        super()._apply(fn, recurse)
+        old = self._stacks
+        self._stacks = LoRAStacks(
+            self.lora_a, self.lora_b, self.ranks, self.scales, old.rank_tuple, old.scale_tuple
+        )
+        if self.shrink_group is not None:
+            self.shrink_group.changed()
+        return self
+
+    @property
+    def stacks(self) -> LoRAStacks:
+        """The layer's adapters as plain tensors (what :func:`dlplora_triton.ops.add_layer_delta` takes)."""
+        return self._stacks
 
     def factors(self) -> list[tuple[torch.Tensor, torch.Tensor, float] | None]:
         """The adapters as ``(A [r, K], B [N, r], scale)`` views of the stacks, None where rank is 0."""
+        stacks = self._stacks
         return [
             None if r == 0 else (self.lora_a[i, :r], self.lora_b[i, :, :r], s)
-            for i, (r, s) in enumerate(zip(self._rank_list, self._scale_list))
+            for i, (r, s) in enumerate(zip(stacks.rank_tuple, stacks.scale_tuple))
         ]
 
     @property
@@ -245,82 +254,16 @@ class MultiLoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         source = self.plan_source
-        if source is None:
+        batch = None if source is None else source.layer_batch(x, self.route, self._adapter_mask)
+        if batch is None:
             return y
-        route = self.route
-        if torch.compiler.is_compiling():
-            # Under torch.compile read only whether some adapter is used: the mask differs between
-            # routings, and a value read here would make every new routing compile again. A route is
-            # not followed there (the row weights, 0 in its dropped slots, keep the result exact).
-            if not source.active:
-                return y
-            route = None
-        elif not ((source.adapter_mask if route is None else route.adapter_mask) & self._adapter_mask):
-            return y  # no row uses an adapter of this layer (or every row that does dropped it here)
-        plan, cache = source.batch_for(x) if route is None else source.batch_for(x, route)
-        if not y.is_contiguous():
-            y = y.contiguous()
-        group = self.shrink_group
-        eager_cpu = (
-            cache is not None
-            and not x.is_cuda
-            and self.backend != "triton"
-            and not torch.compiler.is_compiling()
-        )
-        weights = self.row_weights
-        trusted_weights = weights is None or not (weights.requires_grad and torch.is_grad_enabled())
-        shares = group is not None and eager_cpu and group.shares(self)
-        if eager_cpu and not shares and trusted_weights and x.dtype == self.lora_a.dtype:
-            # Views taken per call: .to() and set_stacks replace the stacks.
-            a, b_t = self.lora_a, self.lora_b.transpose(1, 2)
-            fits = x.numel() == plan.num_tokens * self.in_features and plan.num_adapters == a.shape[0]
-            if a.is_contiguous() and b_t.is_contiguous() and fits:
-                L, R = a.shape[:2]
-                flat = (a.view(L * R, self.in_features), b_t.view(L * R, self.out_features))
-                out = y.view(-1, self.out_features)
-                if dense_layer_delta(
-                    x.reshape(-1, self.in_features),
-                    *flat,
-                    cache,
-                    out,
-                    self._rank_tuple,
-                    self._scale_tuple,
-                    weights,
-                ):
-                    return y
-        if shares:
-            shrunk = group.shrink(self, x, plan, cache)
-            if shrunk is not None:
-                expand_shared(
-                    shrunk,
-                    group.offset(self),
-                    self.lora_b,
-                    plan,
-                    cache,
-                    y.view(-1, self.out_features),
-                    self.scales,
-                    weights,
-                    self._scale_tuple,
-                )
-                return y
-        # ranks / scales as the tensors held here: fused_lora_planned takes them as they are on every
-        # backend, where host lists would be converted to tensors on each call.
-        fused_lora_planned(
-            x.reshape(-1, self.in_features),
-            self.lora_a,
-            self.lora_b,
-            plan,
-            ranks=self.ranks,
-            scales=self.scales,
-            out=y.view(-1, self.out_features),
-            backend=self.backend,
-            adapter_weights=weights,
-            cache=cache,
-        )
+        y = y.contiguous()
+        share = None if self.shrink_group is None else self.shrink_group.share(self, x)
+        add_layer_delta(x, y, self._stacks, batch, self.row_weights, self.backend, share)
         return y
 
     def extra_repr(self) -> str:
-        ranks = ",".join(map(str, self._rank_list))
+        ranks = ",".join(map(str, self._stacks.rank_tuple))
         return f"in_features={self.in_features}, out_features={self.out_features}, adapters={self.num_adapters}, ranks=[{ranks}]"
 
 
@@ -328,11 +271,11 @@ class ShrinkGroup:
     """Layers that read the same input tensor (q/k/v, gate/up): their A stacked along the rank axis so
     one shrink matmul on the PyTorch path serves all of them.
 
-    The first member called with an input computes the shrink of the stacked A and keeps it; the
-    others called with that same tensor (same object, unchanged since) expand their columns of it;
-    it is dropped once every member has used it. Any other input, a change of a member's stacks, or
-    a member whose A requires grad makes the member run alone, so results never depend on the
-    grouping. On CUDA and under torch.compile members run alone.
+    The first member called with an input computes the shrink of the stacked A (kept in the batch,
+    :meth:`~dlplora_triton.ops.LoRABatch.shared_shrink`); the others called with that same tensor
+    expand their columns of it. Any other input, a member whose A requires grad, or members that keep
+    different rows make a member run alone, so results never depend on the grouping. On CUDA, with
+    ``backend="triton"`` and under torch.compile members run alone.
     """
 
     def __init__(self, members: Sequence[MultiLoRALinear]):
@@ -342,15 +285,17 @@ class ShrinkGroup:
         if any(m.in_features != K or m.num_adapters != members[0].num_adapters for m in members):
             raise ValueError("the layers of a shrink group must share K and the adapter count L")
         self.members = list(members)
-        self._stacked: torch.Tensor | None = None
-        self._sources: list[tuple[torch.Tensor, int]] = []
-        self._offsets: dict[int, int] = {}
-        self._pending: tuple | None = None
+        self._shares: dict[MultiLoRALinear, SharedShrink] | None = None
+        self._versions: tuple[int, ...] = ()
         for m in self.members:
             m.shrink_group = self
 
+    def changed(self) -> None:
+        """A member's stacks were replaced (``set_stacks``, ``.to()``): stack the A again at next use."""
+        self._shares = None
+
     def offset(self, layer: MultiLoRALinear) -> int:
-        return self._offsets[self.members.index(layer)]
+        return self._current()[layer].offset
 
     def shares(self, layer: MultiLoRALinear) -> bool:
         """Whether ``layer`` may take the shared shrink: every member keeps the same slots (the same
@@ -366,46 +311,28 @@ class ShrinkGroup:
                 return False
         return True
 
-    def _stacks(self) -> torch.Tensor | None:
-        """``[L, R_tot, K]``: the members' A side by side (rebuilt when one of them changed)."""
-        current = [(m.lora_a, _version(m.lora_a)) for m in self.members]
-        if any(a.requires_grad for a, _ in current):
+    def share(self, layer: MultiLoRALinear, x: torch.Tensor) -> SharedShrink | None:
+        """``layer``'s part in the shared shrink of input ``x``, or None where it must run alone."""
+        if x.is_cuda or layer.backend == "triton" or torch.compiler.is_compiling() or not self.shares(layer):
             return None
-        fresh = len(current) == len(self._sources) and all(
-            a is b and va == vb for (a, va), (b, vb) in zip(current, self._sources)
-        )
-        if not fresh:
-            self._stacked = torch.cat([m.lora_a for m in self.members], dim=1)
-            offsets, total = {}, 0
-            for i, m in enumerate(self.members):
-                offsets[i], total = total, total + m.lora_a.shape[1]
-            self._offsets, self._sources, self._pending = offsets, current, None
-        return self._stacked
+        if any(m.lora_a.requires_grad or m.lora_a.dtype != x.dtype for m in self.members):
+            return None
+        return self._current()[layer]
 
-    def shrink(self, layer: MultiLoRALinear, x: torch.Tensor, plan: LoRAPlan, cache: TorchPathCache):
-        """The shared shrink for ``layer``'s input ``x``, or None when ``layer`` must run alone."""
-        pending = self._pending
-        if (
-            pending is None
-            or pending[0] is not x
-            or pending[1] != _version(x)
-            or pending[2] is not plan
-            or layer in pending[4]
-        ):
-            stacked = self._stacks()
-            if stacked is None or stacked.dtype != x.dtype or stacked.device != x.device:
-                return None
-            shrunk = shrink_shared(x.reshape(-1, x.shape[-1]), stacked, plan, cache)
-            if shrunk is None:
-                self._pending = None
-                return None
-            pending = self._pending = (x, _version(x), plan, shrunk, [])
-        pending[4].append(layer)
-        if len(pending[4]) == len(self.members):
-            self._pending = None
-        return pending[3]
+    def _current(self) -> dict[MultiLoRALinear, SharedShrink]:
+        # The A side by side, stacked again when a member's stacks were replaced or edited in place
+        # (their version counters: a copy_ into a member's lora_a must not leave a stale stack here).
+        versions = tuple(_version(m.lora_a) for m in self.members)
+        if self._shares is None or versions != self._versions:
+            stacked = torch.cat([m.lora_a for m in self.members], dim=1)
+            shares, offset = {}, 0
+            for i, m in enumerate(self.members):
+                shares[m] = SharedShrink(self, len(self.members), i, offset, stacked)
+                offset += m.lora_a.shape[1]
+            self._shares, self._versions = shares, versions
+        return self._shares
 
 
 def _version(t: torch.Tensor) -> int:
-    """The tensor's in-place version counter (inference tensors have none: -1, identity alone counts)."""
+    """The tensor's in-place version counter (inference tensors have none: -1)."""
     return -1 if t.is_inference() else t._version

@@ -12,7 +12,6 @@ Two forms:
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import torch
@@ -23,166 +22,34 @@ from .backends.torch_path import (
     dense_layer_delta,
     expand_shared,
     fused_lora_torch,
-    shrink_shared,
     token_weights,
+)
+from .batch import LoRABatch, LoRAStacks, ModuleRoute, SharedShrink, prepare_batch
+from .checks import (
+    BACKENDS,
+    DTypeError,
+    _as_tensor,
+    _check_ranks_scales,
+    _check_shapes,
+    _resolve_backend,
+    check_routing,
 )
 from .plan import LoRAPlan, build_plan, plan_from_args, plan_to_args
 
 __all__ = [
     "fused_lora",
     "fused_lora_planned",
-    "shrink_shared",
-    "expand_shared",
-    "dense_layer_delta",
+    "prepare_batch",
+    "add_layer_delta",
+    "LoRABatch",
+    "LoRAStacks",
+    "ModuleRoute",
+    "SharedShrink",
     "check_routing",
     "workspace_bytes",
     "DTypeError",
     "BACKENDS",
 ]
-
-BACKENDS = ("auto", "triton", "torch")
-_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-class DTypeError(TypeError, ValueError):
-    """A tensor of the wrong dtype. Both a TypeError and a ValueError, so either catch works."""
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _resolve_backend(backend: str, x: torch.Tensor) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        return "triton" if x.is_cuda else "torch"
-    if backend == "triton" and not x.is_cuda and not _interpreting():
-        raise ValueError(
-            "backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before triton is imported "
-            f"to run the kernels on {x.device.type} tensors in the interpreter"
-        )
-    if backend == "triton" and x.dtype not in _TRITON_DTYPES:
-        raise DTypeError(f"backend='triton' takes float16, bfloat16 or float32 inputs, got x of {x.dtype}")
-    return backend
-
-
-def _as_tensor(value, name: str, length: int, kind: str, device: torch.device) -> torch.Tensor | None:
-    """ranks / scales: None, or a length-L sequence or tensor of ints ('int') / floats ('float')."""
-    if value is None:
-        return None
-    t = torch.as_tensor(value, device=device)
-    if t.shape != (length,):
-        raise ValueError(f"{name} must have shape [L] = [{length}], got {list(t.shape)}")
-    if kind == "int" and (t.is_floating_point() or t.is_complex()):
-        raise DTypeError(f"{name} must hold integers, got {t.dtype}")
-    if kind == "float" and not (t.is_floating_point() or t.dtype in (torch.int32, torch.int64)):
-        raise DTypeError(f"{name} must hold real numbers, got {t.dtype}")
-    return t
-
-
-def _check_shapes(x, lora_a, lora_b, out):
-    """Shape, dtype and device checks that need no host sync; returns (T, K, L, R, N)."""
-    for name, t in (("x", x), ("lora_a", lora_a), ("lora_b", lora_b)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if not t.is_floating_point():
-            raise DTypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
-    if x.dim() != 2:
-        raise ValueError(f"x must be [T, K], got shape {list(x.shape)}")
-    if lora_a.dim() != 3:
-        raise ValueError(f"lora_a must be [L, R, K], got shape {list(lora_a.shape)}")
-    if lora_b.dim() != 3:
-        raise ValueError(f"lora_b must be [L, N, R], got shape {list(lora_b.shape)}")
-    T, K = x.shape
-    L, R, K_a = lora_a.shape
-    L_b, N, R_b = lora_b.shape
-    if K_a != K:
-        raise ValueError(f"lora_a is [L, R, K] = {list(lora_a.shape)} but x has K = {K}")
-    if (L_b, R_b) != (L, R):
-        raise ValueError(f"lora_b is [L, N, R] = {list(lora_b.shape)} but lora_a has L = {L}, R = {R}")
-    if lora_a.dtype != x.dtype or lora_b.dtype != x.dtype:
-        raise DTypeError(
-            f"x, lora_a and lora_b must share a dtype, got {x.dtype}, {lora_a.dtype}, {lora_b.dtype}"
-        )
-    for name, t in (("lora_a", lora_a), ("lora_b", lora_b), ("out", out)):
-        if isinstance(t, torch.Tensor) and t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
-    if out is not None:
-        if not isinstance(out, torch.Tensor):
-            raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
-        if out.shape != (T, N):
-            raise ValueError(f"out must be [T, N] = [{T}, {N}], got {list(out.shape)}")
-        if out.dtype != x.dtype:
-            raise DTypeError(f"out must have x's dtype {x.dtype}, got {out.dtype}")
-    return T, K, L, R, N
-
-
-def check_routing(
-    seq_offsets: torch.Tensor,
-    adapter_ids: torch.Tensor,
-    adapter_weights: torch.Tensor,
-    num_adapters: int,
-    num_tokens: int,
-) -> None:
-    """Raise ValueError / TypeError naming the problem if the routing tensors break the contract.
-
-    Reads values back to the host: call it where inputs come from users, not on the hot path.
-    """
-    for name, t in (
-        ("seq_offsets", seq_offsets),
-        ("adapter_ids", adapter_ids),
-        ("adapter_weights", adapter_weights),
-    ):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if seq_offsets.dtype not in (torch.int32, torch.int64):
-        raise DTypeError(f"seq_offsets must be int32 or int64, got {seq_offsets.dtype}")
-    if adapter_ids.dtype not in (torch.int32, torch.int64):
-        raise DTypeError(f"adapter_ids must be int32 or int64, got {adapter_ids.dtype}")
-    if not adapter_weights.is_floating_point():
-        raise DTypeError(f"adapter_weights must be floating point, got {adapter_weights.dtype}")
-    if adapter_ids.dim() != 2:
-        raise ValueError(f"adapter_ids must be [S, P], got shape {list(adapter_ids.shape)}")
-    S, P = adapter_ids.shape
-    if adapter_weights.shape != adapter_ids.shape:
-        raise ValueError(
-            f"adapter_weights must match adapter_ids [S, P] = [{S}, {P}], got {list(adapter_weights.shape)}"
-        )
-    if seq_offsets.shape != (S + 1,):
-        raise ValueError(
-            f"seq_offsets must be [S+1] = [{S + 1}] for {S} sequences, got {list(seq_offsets.shape)}"
-        )
-    for name, t in (("adapter_ids", adapter_ids), ("adapter_weights", adapter_weights)):
-        if t.device != seq_offsets.device:
-            raise ValueError(f"{name} is on {t.device} but seq_offsets is on {seq_offsets.device}")
-    offsets = seq_offsets.tolist()
-    if offsets[0] != 0:
-        raise ValueError(f"seq_offsets[0] must be 0, got {offsets[0]}")
-    if offsets[-1] != num_tokens:
-        raise ValueError(
-            f"seq_offsets[-1] must equal the number of tokens T = {num_tokens}, got {offsets[-1]}"
-        )
-    if any(b < a for a, b in zip(offsets, offsets[1:])):
-        raise ValueError(f"seq_offsets must be non-decreasing, got {offsets}")
-    if adapter_ids.numel():
-        lo, hi = int(adapter_ids.min()), int(adapter_ids.max())
-        if lo < -1 or hi >= num_adapters:
-            bad = lo if lo < -1 else hi
-            raise ValueError(
-                f"adapter_ids must lie in -1..{num_adapters - 1} (L = {num_adapters}), got {bad}"
-            )
-    if not bool(torch.isfinite(adapter_weights).all()):
-        raise ValueError("adapter_weights must be finite (found NaN or inf)")
-
-
-def _check_ranks_scales(ranks: torch.Tensor | None, scales: torch.Tensor | None, R: int) -> None:
-    if ranks is not None and ranks.numel():
-        lo, hi = int(ranks.min()), int(ranks.max())
-        if lo < 0 or hi > R:
-            raise ValueError(f"ranks must lie in 0..R = 0..{R}, got {lo if lo < 0 else hi}")
-    if scales is not None and not bool(torch.isfinite(scales.float()).all()):
-        raise ValueError("scales must be finite (found NaN or inf)")
 
 
 def _run(
@@ -254,7 +121,7 @@ def fused_lora_planned(
     x: torch.Tensor,
     lora_a: torch.Tensor,
     lora_b: torch.Tensor,
-    plan: LoRAPlan,
+    plan: LoRAPlan | LoRABatch,
     ranks: torch.Tensor | Sequence[int] | None = None,
     scales: torch.Tensor | Sequence[float] | None = None,
     out: torch.Tensor | None = None,
@@ -269,10 +136,13 @@ def fused_lora_planned(
     checked here, so nothing syncs with the device; ranks and scales are trusted to be in range.
 
     ``adapter_weights``: optional ``[S, P]`` float fusion weights replacing the plan's for this call
-    (same grouping). ``cache``: the PyTorch path's :class:`TorchPathCache` of ``plan``, shared by the
-    layers of a forward pass (None: host data is read again on this call).
+    (same grouping). ``plan`` may be a :class:`~dlplora_triton.batch.LoRABatch`: its plan then runs with
+    the batch's host data, read once for every layer of the batch (``cache``: the PyTorch path's cache
+    of a bare plan; None: host data is read again on this call).
     """
     T, K, L, R, N = _check_shapes(x, lora_a, lora_b, out)
+    if isinstance(plan, LoRABatch):
+        plan, cache = plan.plan, plan.host if cache is None else cache
     if not isinstance(plan, LoRAPlan):
         raise TypeError(f"plan must be a LoRAPlan (from build_plan), got {type(plan).__name__}")
     if plan.num_tokens != T:
@@ -317,6 +187,72 @@ def fused_lora_planned(
         out, x, lora_a, lora_b, tensors, sizes, ranks, scales, adapter_weights, backend
     )
     return out
+
+
+def add_layer_delta(
+    x: torch.Tensor,
+    out: torch.Tensor,
+    stacks: LoRAStacks,
+    batch: LoRABatch,
+    row_weights: torch.Tensor | None = None,
+    backend: str = "auto",
+    share: SharedShrink | None = None,
+) -> None:
+    """Add one adapted layer's LoRA delta for ``batch`` into ``out`` in place (the layers' one call).
+
+    ``x`` ``[..., K]`` and ``out`` ``[..., N]`` (contiguous) hold the batch's ``T`` tokens;
+    ``row_weights``: ``[S, P]`` fusion weights replacing the plan's in this layer (MiLoRA's gated
+    weights), or None; ``share``: the layer's part in a shrink shared with its siblings, or None.
+
+    Picks the cheapest exact path: on CPU tensors (eager, not ``backend="triton"``) the shared shrink,
+    then the PyTorch path's dense method with coefficients kept in ``batch`` for every layer of the same
+    rank and scale pattern; otherwise :func:`fused_lora_planned` (Triton on CUDA, custom ops under
+    ``torch.compile`` and for gradients). Every path gives the same result.
+    """
+    K, N = stacks.lora_a.shape[2], stacks.lora_b.shape[1]
+    host = batch.host
+    eager_cpu = (
+        host is not None and not x.is_cuda and backend != "triton" and not torch.compiler.is_compiling()
+    )
+    out2 = out.view(-1, N)
+    if eager_cpu and share is not None:
+        shrunk = batch.shared_shrink(share, x)
+        if shrunk is not None:
+            expand_shared(
+                shrunk,
+                share.offset,
+                stacks.lora_b,
+                batch.plan,
+                host,
+                out2,
+                stacks.scales,
+                row_weights,
+                stacks.scale_tuple,
+            )
+            return
+    x2 = x.reshape(-1, K)
+    trusted_weights = row_weights is None or not (row_weights.requires_grad and torch.is_grad_enabled())
+    if eager_cpu and share is None and trusted_weights and x.dtype == stacks.lora_a.dtype:
+        a, b_t = stacks.lora_a, stacks.lora_b.transpose(1, 2)
+        fits = x2.shape[0] == batch.plan.num_tokens and batch.plan.num_adapters == a.shape[0]
+        if a.is_contiguous() and b_t.is_contiguous() and fits:
+            L, R = a.shape[:2]
+            rows = (a.view(L * R, K), b_t.view(L * R, N))
+            if dense_layer_delta(x2, *rows, host, out2, stacks.rank_tuple, stacks.scale_tuple, row_weights):
+                return
+    # ranks / scales as tensors: fused_lora_planned takes them as they are on every backend.
+    fused_lora_planned(
+        x2,
+        stacks.lora_a,
+        stacks.lora_b,
+        batch.plan,
+        ranks=stacks.ranks,
+        scales=stacks.scales,
+        out=out2,
+        backend=backend,
+        adapter_weights=row_weights,
+        cache=host,
+    )
 
 
 # The planned call as custom ops, so torch.compile sees one opaque node per layer (the PyTorch path's

@@ -26,67 +26,49 @@ import torch
 from torch import nn
 
 from .adapters import AdapterInfo, LoadedAdapter, load_adapter
-from .backends.torch_path import TorchPathCache
-from .layers import ModuleRoute, MultiLoRALinear, PlanSource, ShrinkGroup, stack_factors
+from .gates import ModuleGates
+from .layers import MultiLoRALinear, PlanSource, ShrinkGroup, stack_factors
 from .milora.model import milora_wrapped_modules
 from .milora.serving import MiServing, prepare_milora
 from .modules import forward_input, set_child
-from .plan import LoRAPlan, build_plan
+from .ops import LoRABatch, prepare_batch
+from .plan import LoRAPlan
 from .selection import RowSelection, Selection, check_name, normalize_selection
 
 __all__ = ["attach", "MultiLoRA"]
 
-_MAX_CACHED_PLANS = 16
-# Plans of layers that drop slots (MiLoRA's per-module routes): one per distinct route and input shape,
-# at most a few per adapted module and request (prefill and decode shapes).
-_MAX_ROUTE_PLANS = 1024
+_MAX_CACHED_BATCHES = 32  # keys: input shapes seen under one selection (and their token counts)
 # Sibling projections that transformers models call on the same input tensor: each set found adapted
 # under one parent shares one shrink (layers.ShrinkGroup checks the input is the same tensor).
 SHARED_INPUT = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("query", "key", "value"))
 
 
-class _Routing(PlanSource):
-    """The plan source all wrapped layers of one model share: the current selection and the plans
-    (each with the PyTorch path's :class:`TorchPathCache`) built for it, per input shape."""
+class SelectionSource(PlanSource):
+    """The batch source all wrapped layers of one model share: the current selection and the prepared
+    batches (:class:`~dlplora_triton.ops.LoRABatch`) built for it, one per input shape."""
 
     def __init__(self, num_adapters: int):
         self.num_adapters = num_adapters
         self.selection: RowSelection | None = None
         self.adapter_mask = 0
-        # (input shape without K, device) or (T, device) -> (plan, cache); emptied by every set().
-        self.plans: dict[tuple, tuple[LoRAPlan, TorchPathCache]] = {}
-        # The same for layers with a ModuleRoute, keyed by the route's key first; emptied by set().
-        self.route_plans: dict[tuple, tuple[LoRAPlan, TorchPathCache]] = {}
+        # (input shape without K, device) or (T, device) -> batch; emptied by every set().
+        self.batches: dict[tuple, LoRABatch] = {}
 
     def set(self, selection: RowSelection | None) -> None:
         self.selection = selection
         self.adapter_mask = 0 if selection is None else selection.adapter_mask
         self.active = self.adapter_mask != 0
-        self.plans = {}
-        self.route_plans = {}
+        self.batches = {}
 
     def plan_for(self, x: torch.Tensor) -> LoRAPlan:
-        return self.batch_for(x)[0]
+        return self.batch(x).plan
 
-    def batch_for(self, x: torch.Tensor, route: ModuleRoute | None = None) -> tuple[LoRAPlan, TorchPathCache]:
-        if route is None:
-            entry = self.plans.get((x.shape[:-1], x.device))
-            if entry is None:
-                entry = self._build(self.selection, x, (x.shape[:-1], x.device))
-            return entry
-        # A layer that drops slots: a plan without them (built once per route and input shape, shared
-        # by every layer with the same route), whose cache skips the tokens left with no adapter.
-        key = (route.key, x.shape[:-1], x.device)
-        entry = self.route_plans.get(key)
-        if entry is None:
-            entry = self._build(self.selection, x, key, route)
-        return entry
+    def batch(self, x: torch.Tensor) -> LoRABatch:
+        batch = self.batches.get((x.shape[:-1], x.device))
+        return self._build(x) if batch is None else batch
 
-    def _build(
-        self, selection: RowSelection, x: torch.Tensor, key, route: ModuleRoute | None = None
-    ) -> tuple[LoRAPlan, TorchPathCache]:
-        lead = tuple(x.shape[:-1])
-        device = x.device
+    def _build(self, x: torch.Tensor) -> LoRABatch:
+        selection, lead, device = self.selection, tuple(x.shape[:-1]), x.device
         if selection.seq_offsets is not None:
             T = selection.num_tokens
             if lead not in ((T,), (1, T)):
@@ -108,27 +90,22 @@ class _Routing(PlanSource):
             per_row = math.prod(lead[1:])
             T = lead[0] * per_row
             seq_offsets = None
-        plans = self.plans if route is None else self.route_plans
-        canonical = (T, device) if route is None else (route.key, T, device)
-        entry = plans.get(canonical)
-        if entry is None:
+        # [B, T, K] and [B*T, K] inputs share one batch (its per-route variants included).
+        batch = self.batches.get((T, device))
+        if batch is None:
             if seq_offsets is None:
                 seq_offsets = torch.arange(selection.rows + 1, device=device) * per_row
-            ids = selection.adapter_ids.to(device)
-            if route is not None:
-                ids = ids.masked_fill(route.dropped.to(device), -1)
-            plan = build_plan(
+            if len(self.batches) >= _MAX_CACHED_BATCHES:
+                self.batches.clear()
+            batch = self.batches[(T, device)] = prepare_batch(
                 seq_offsets.to(device),
-                ids,
+                selection.adapter_ids.to(device),
                 selection.adapter_weights.to(device),
                 self.num_adapters,
                 num_tokens=T,
             )
-            if len(plans) >= (_MAX_CACHED_PLANS if route is None else _MAX_ROUTE_PLANS):
-                plans.clear()
-            entry = plans[canonical] = (plan, TorchPathCache(plan, sparse=route is not None))
-        plans[key] = entry
-        return entry
+        self.batches[(x.shape[:-1], device)] = batch
+        return batch
 
 
 def _module_table(model: nn.Module) -> dict[str, nn.Module]:
@@ -167,17 +144,13 @@ class MultiLoRA:
         self._names: list[str] = []
         self._infos: dict[str, AdapterInfo] = {}
         self._layers: dict[str, MultiLoRALinear] = {}
-        self._routing = _Routing(0)
+        self._source = SelectionSource(0)
         self._saved: list[RowSelection | None] = []  # selections an enclosing `with selection(...)` restores
         self._hook = None
         self._attached = False
-        self._gates: dict[str, dict[str, torch.Tensor]] = {}  # adapter name -> module path -> [B] gates
-        self._row_bases: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # see _row_base
+        # MiLoRA's per-module gates and what they make of each layer's weights (gates.py).
+        self._gates = ModuleGates(self._layers, self._names, lambda: self._source.selection)
         self._milora: dict[str, MiServing] = {}  # MiLoRA adapter name -> its router hooks (milora/serving.py)
-        # A slot whose module gate is 0 is dropped from that module's plan (no LoRA work for it). False
-        # computes every module for every row, the gate 0 multiplied in (the dense gated computation;
-        # the benchmark's comparison), from the next set_module_gates on.
-        self.skip_zero_gates = True
 
     # ------------------------------------------------------------------ public API
     @property
@@ -194,6 +167,22 @@ class MultiLoRA:
     def layers(self) -> dict[str, MultiLoRALinear]:
         """Module path -> the wrapped layer that replaced it."""
         return dict(self._layers)
+
+    @property
+    def skip_zero_gates(self) -> bool:
+        """A slot whose module gate is 0 is dropped from that module's plan (no LoRA work for it). False
+        computes every module for every row, the gate 0 multiplied in (the dense gated computation; the
+        benchmark's comparison), from the next ``set_module_gates`` on."""
+        return self._gates.skip_zero
+
+    @skip_zero_gates.setter
+    def skip_zero_gates(self, value: bool) -> None:
+        self._gates.skip_zero = bool(value)
+
+    @property
+    def module_gates(self) -> ModuleGates:
+        """MiLoRA's per-module gates of this model (what ``set_module_gates`` sets)."""
+        return self._gates
 
     @property
     def attached(self) -> bool:
@@ -237,7 +226,7 @@ class MultiLoRA:
         """``with lora.selection(sel): ...`` selects ``sel`` inside the block, then restores the previous one."""
         self._check_attached()
         new = normalize_selection(selection, self.names, seq_offsets)
-        self._saved.append(self._routing.selection)
+        self._saved.append(self._source.selection)
         self._set_selection(new)
         try:
             yield self
@@ -265,7 +254,7 @@ class MultiLoRA:
         self._check_attached()
         if name not in self._infos:
             raise KeyError(f"unknown adapter {name!r}; attached adapters: {list(self._names)}")
-        for sel in [self._routing.selection, *self._saved]:
+        for sel in [self._source.selection, *self._saved]:
             if sel is not None and name in sel.used_names():
                 raise ValueError(
                     f"adapter {name!r} is used by the current selection (or one a `with selection(...)` "
@@ -295,7 +284,7 @@ class MultiLoRA:
             self._milora.pop(name).remove()
         self._names.remove(name)
         del self._infos[name]
-        self._routing.num_adapters = len(self._names)
+        self._source.num_adapters = len(self._names)
         self._group_shrinks()
         self._rebase_selection(new_names)
 
@@ -327,7 +316,7 @@ class MultiLoRA:
             parts.append(
                 f"{name!r}: {rank}, alpha={info.alpha:g}{rs}, {len(info.targets)} modules ({info.targets_summary})"
             )
-        sel = self._routing.selection
+        sel = self._source.selection
         if sel is None:
             current = "none (base model)"
         else:
@@ -357,95 +346,12 @@ class MultiLoRA:
         self._check_attached()
         if name not in self._infos:
             raise KeyError(f"unknown adapter {name!r}; attached adapters: {list(self._names)}")
-        sel = self._routing.selection
-        if gates is None:
-            cleared = self._gates.pop(name, {})
-            self._apply_gates(sel, list(cleared))
-            return
-        if sel is None:
-            raise ValueError("set_module_gates needs a selection: call select first")
-        if not isinstance(gates, Mapping):
-            raise TypeError(f"gates must map module paths to [B] tensors, got {type(gates).__name__}")
-        for path, gate in gates.items():
-            if path not in self._layers:
-                raise ValueError(f"gates for {path!r}: not an adapted module (see lora.layers)")
-            if not isinstance(gate, torch.Tensor) or not gate.is_floating_point():
-                raise TypeError(f"gates for {path!r} must be a float tensor [B], got {type(gate).__name__}")
-            if gate.shape != (sel.rows,):
-                raise ValueError(
-                    f"gates for {path!r} must be [B] = [{sel.rows}] (one per selection row), got {list(gate.shape)}"
-                )
-        _check_finite(gates)
-        self._gates.setdefault(name, {}).update(gates)
-        self._apply_gates(sel, list(gates))
+        self._gates.set(name, gates)
 
     # ------------------------------------------------------------------ internals
     def _set_selection(self, selection: RowSelection | None) -> None:
-        self._routing.set(selection)
-        self._gates.clear()
-        self._row_bases = {}
-        for layer in self._layers.values():
-            layer.row_weights = None
-            layer.route = None
-
-    def _apply_gates(self, sel: RowSelection | None, paths: list[str]) -> None:
-        """Give the layers at ``paths`` their ``[S, P]`` per-row weights: the selection's, times the gates
-        of every adapter at that path (None where no adapter has one). One stacked computation per device
-        for all of ``paths``: the cost does not grow with the number of other layers.
-
-        A slot whose gate is exactly 0 is dropped from that layer (its :class:`ModuleRoute`): the layer
-        then runs on a plan without it, so a (row, module) with gate 0 costs no LoRA work, and a layer
-        whose slots are all dropped costs none at all. Gates that require grad drop nothing (the
-        gradient of a gate at 0 is not 0). Reading which gates are 0 costs one device sync per call."""
-        by_device: dict[torch.device, list[str]] = {}
-        for path in paths:
-            layer = self._layers[path]
-            layer.route = None
-            if any(path in by_path for by_path in self._gates.values()):
-                by_device.setdefault(layer.lora_a.device, []).append(path)
-            else:
-                layer.row_weights = None
-        for device, group in by_device.items():
-            ids, base = self._row_base(sel, device)
-            factor = None
-            for name, by_path in self._gates.items():
-                if not any(p in by_path for p in group):
-                    continue
-                ones = None
-                rows = []
-                for p in group:
-                    gate = by_path.get(p)
-                    if gate is None:
-                        ones = torch.ones(sel.rows, device=device) if ones is None else ones
-                        gate = ones
-                    rows.append(gate.to(device=device, dtype=torch.float32))
-                stacked = torch.stack(rows)[:, :, None]  # [len(group), S, 1]
-                f = torch.where(ids == self._names.index(name), stacked, 1.0)  # [len(group), S, P]
-                factor = f if factor is None else factor * f
-            for path, weights in zip(group, (base * factor).unbind(0)):
-                self._layers[path].row_weights = weights
-            if self.skip_zero_gates and not factor.requires_grad:
-                self._set_routes(sel, group, (factor == 0) & (ids >= 0))
-
-    def _set_routes(self, sel: RowSelection, paths: list[str], dropped: torch.Tensor) -> None:
-        """``dropped`` ``[len(paths), S, P]`` bool: the slots each layer skips (one host read for all)."""
-        flat_ids = sel.adapter_ids.reshape(-1).tolist()
-        for path, flags, mask in zip(paths, dropped.reshape(len(paths), -1).tolist(), dropped.unbind(0)):
-            # Even with nothing dropped the layer gets a route (key ()): its plan's cache is sparse, so
-            # base rows ([] in the selection) are not computed either.
-            key = tuple(i for i, d in enumerate(flags) if d)
-            kept = {a for a, d in zip(flat_ids, flags) if a >= 0 and not d}
-            self._layers[path].route = ModuleRoute(key, mask, sum(1 << a for a in kept))
-
-    def _row_base(self, sel: RowSelection, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """``adapter_ids [S, P]`` and the selection's weights (0 in empty slots) on ``device``, made once
-        per selection and device."""
-        entry = self._row_bases.get(device)
-        if entry is None:
-            ids = sel.adapter_ids.to(device)
-            base = torch.where(ids >= 0, sel.adapter_weights.to(device=device, dtype=torch.float32), 0.0)
-            entry = self._row_bases[device] = (ids, base)
-        return entry
+        self._source.set(selection)
+        self._gates.reset()
 
     def _check_attached(self) -> None:
         if not self._attached:
@@ -466,7 +372,7 @@ class MultiLoRA:
             )
         created = {
             path: MultiLoRALinear.from_factors(
-                table[path], [None] * old_L + [_factor(a, path) for a in adapters], self._routing
+                table[path], [None] * old_L + [_factor(a, path) for a in adapters], self._source
             )
             for path in new_paths
         }
@@ -479,7 +385,7 @@ class MultiLoRA:
         for a in adapters:
             self._names.append(a.info.name)
             self._infos[a.info.name] = a.info
-        self._routing.num_adapters = len(self._names)
+        self._source.num_adapters = len(self._names)
         self._group_shrinks()
         self._rebase_selection(tuple(self._names))
 
@@ -498,12 +404,12 @@ class MultiLoRA:
                     ShrinkGroup(members)
 
     def _rebase_selection(self, names: tuple[str, ...]) -> None:
-        sel = self._routing.selection
+        sel = self._source.selection
         self._set_selection(None if sel is None else sel.rebased(names))
 
     def _check_batch(self, module, args, kwargs) -> None:
         """Forward pre-hook on the model: the batch must have one row per selection row."""
-        sel = self._routing.selection
+        sel = self._source.selection
         if sel is None or sel.seq_offsets is not None:
             return None
         x = forward_input(args, kwargs)
@@ -513,18 +419,6 @@ class MultiLoRA:
                 "select one list of (name, weight) per batch row"
             )
         return None
-
-
-def _check_finite(gates: Mapping[str, torch.Tensor]) -> None:
-    """ValueError naming the first path whose gates hold NaN or inf; one device sync per device."""
-    flags: dict[torch.device, list[torch.Tensor]] = {}
-    for gate in gates.values():
-        flags.setdefault(gate.device, []).append(torch.isfinite(gate.detach()).all())
-    if all(bool(torch.stack(f).all()) for f in flags.values()):
-        return
-    for path, gate in gates.items():
-        if not bool(torch.isfinite(gate.detach()).all()):
-            raise ValueError(f"gates for {path!r} must be finite (found NaN or inf)")
 
 
 def _refuse_other_loras(model: nn.Module) -> None:

@@ -110,7 +110,7 @@ def test_per_call_weights_replace_the_plan_weights():
     plan = dlp.build_plan(inputs["seq_offsets"], inputs["adapter_ids"], inputs["adapter_weights"], CASE.L)
     other = torch.randn(inputs["adapter_weights"].shape, generator=torch.Generator().manual_seed(1))
     args = (inputs["x"], inputs["lora_a"], inputs["lora_b"])
-    for backend in ("torch", "triton") if dlp.ops._interpreting() else ("torch",):
+    for backend in ("torch", "triton") if dlp.checks._interpreting() else ("torch",):
         got = dlp.fused_lora_planned(
             *args, plan, inputs["ranks"], inputs["scales"], backend=backend, adapter_weights=other
         )

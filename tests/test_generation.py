@@ -65,13 +65,13 @@ def test_batch_equals_each_prompt_alone(system):
 def test_routes_once_and_builds_one_plan_per_phase(system, monkeypatch):
     model, lora, router, tokenizer, prompts, paths, model_dir = system
     routed, built = [], []
-    real_route, real_build = router.route, patch_module.build_plan
+    real_route, real_build = router.route, patch_module.prepare_batch
     monkeypatch.setattr(
         router, "route", lambda texts, **kw: routed.append(list(texts)) or real_route(texts, **kw)
     )
     monkeypatch.setattr(
         patch_module,
-        "build_plan",
+        "prepare_batch",
         lambda *a, **kw: built.append(kw.get("num_tokens")) or real_build(*a, **kw),
     )
     dlp.generate_routed(model, lora, router, tokenizer, prompts, max_new_tokens=5, do_sample=False)

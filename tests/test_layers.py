@@ -120,9 +120,9 @@ def test_idle_layer_returns_base_output_without_lora_work(monkeypatch):
     layer = MultiLoRALinear.from_factors(base, factors_for([0, 2, 0]))  # only adapter 1 adapts this layer
 
     def fail(*args, **kwargs):
-        raise AssertionError("fused_lora_planned must not run")
+        raise AssertionError("add_layer_delta must not run")
 
-    monkeypatch.setattr(layers_module, "fused_lora_planned", fail)
+    monkeypatch.setattr(layers_module, "add_layer_delta", fail)
     x = torch.randn(2, 3, K)
     assert torch.equal(layer(x), base(x))  # no plan source
     offsets, ids, weights = routing([3, 3], [[(0, 1.0)], [(2, 1.0)]])

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from peft_helpers import make_model, save_adapter
 
 import dlplora_triton as dlp
+from dlplora_triton.gates import ModuleGates
 from dlplora_triton.milora import POOLINGS, LayerRouter, MiLoRA, balance_loss
 from dlplora_triton.milora.files import CONFIG_NAME, PEFT_WEIGHTS, ROUTERS_NAME
 
@@ -389,10 +390,10 @@ def test_each_layer_sets_only_its_own_modules_and_a_new_request_replaces_them(sa
     mi, path = saved["attention"]
     model, lora = served(path)
     calls = []
-    set_gates = dlp.MultiLoRA.set_module_gates
+    set_gates = ModuleGates.set
     monkeypatch.setattr(
-        dlp.MultiLoRA,
-        "set_module_gates",
+        ModuleGates,
+        "set",
         lambda self, name, gates: calls.append(sorted(gates)) or set_gates(self, name, gates),
     )
     lora.select([[("mi", 1.0)]] * B)

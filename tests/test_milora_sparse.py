@@ -17,7 +17,8 @@ from peft_helpers import make_model, save_adapter
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import dlplora_triton as dlp
-from dlplora_triton.layers import ShrinkGroup
+from dlplora_triton.gates import ModuleGates
+from dlplora_triton.layers import PlanSource, ShrinkGroup
 from dlplora_triton.milora import POOLINGS, LayerRouter, MiLoRA
 from dlplora_triton.patch import MultiLoRA
 from dlplora_triton.reference import fused_lora_reference
@@ -63,7 +64,7 @@ def serve(mi: MiLoRA, tmp_path, seed: int = 0, **adapters) -> tuple[torch.nn.Mod
 
 def no_routes(monkeypatch):
     """Serve densely: every module computed for every row, gate 0 included (what was served before)."""
-    monkeypatch.setattr(MultiLoRA, "_set_routes", lambda self, sel, paths, dropped: None)
+    monkeypatch.setattr(ModuleGates, "_set_routes", lambda self, sel, paths, dropped: None)
 
 
 class MatmulCount(TorchDispatchMode):
@@ -222,7 +223,7 @@ def test_a_module_no_row_picked_runs_its_base_layer_only(tmp_path, monkeypatch):
     for path in idle:
         layer = lora.layers[path]
         layer.plan_source = type(
-            "Spy", (), {"adapter_mask": -1, "active": True, "batch_for": lambda *a: calls.append(a)}
+            "Spy", (PlanSource,), {"adapter_mask": -1, "active": True, "batch": lambda *a: calls.append(a)}
         )()
     with torch.no_grad():
         model(ids, attention_mask=mask)  # a prefill: the gates are set again, the spies never asked
@@ -302,10 +303,15 @@ def test_shared_shrink_with_members_picked_by_different_rows(tmp_path, monkeypat
     model, lora = serve(mi, tmp_path, seed=8)
     ids, mask = padded_batch(8)
     shared = []
-    shrink = ShrinkGroup.shrink
-    monkeypatch.setattr(
-        ShrinkGroup, "shrink", lambda self, layer, *a: shared.append(layer) or shrink(self, layer, *a)
-    )
+    share = ShrinkGroup.share
+
+    def sharing(self, layer, x):
+        part = share(self, layer, x)
+        if part is not None:
+            shared.append(layer)
+        return part
+
+    monkeypatch.setattr(ShrinkGroup, "share", sharing)
     lora.select([[("mi", 1.0)]] * B)
     with torch.no_grad():
         got = model(ids, attention_mask=mask).logits
@@ -393,13 +399,13 @@ def test_triton_kernels_on_the_module_plans(pooling, top_k, tmp_path, monkeypatc
             h.remove()
         # Layer by layer, on the decode step's inputs: the kernels on the layer's own plan against the
         # float64 reference of every module computed with its gate.
-        sel = lora._routing.selection
+        sel = lora._source.selection
         for path, layer in lora.layers.items():
             x = inputs[path].reshape(-1, layer.in_features)
             got = torch.zeros(x.shape[0], layer.out_features)
             if layer.route is not None and not (layer.route.adapter_mask & layer._adapter_mask):
                 continue  # picked by no row: never launched
-            plan, _ = lora._routing.batch_for(inputs[path], layer.route)
+            plan = lora._source.batch(inputs[path]).dropping(layer.route).plan
             dlp.fused_lora_planned(
                 x,
                 layer.lora_a,
@@ -498,9 +504,9 @@ def test_module_plans_launch_the_kernel_variants_of_the_selection_plan(tmp_path)
     assert routed
     for shape in ((B, T, 32), (B, 1, 32)):  # prefill and decode
         x = torch.zeros(shape)
-        plan, _ = lora._routing.batch_for(x)
+        plan = lora._source.batch(x).plan
         for layer in routed:
-            mine, _ = lora._routing.batch_for(x, layer.route)
+            mine = lora._source.batch(x).dropping(layer.route).plan
             assert mine is not plan
             static = lambda p: (  # noqa: E731
                 p.num_tokens,

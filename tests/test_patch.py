@@ -246,13 +246,13 @@ def test_generate_matches_peft_with_left_padding(llama_generation):
 def test_plan_built_once_per_forward_and_per_tokens_per_row(llama_generation, monkeypatch):
     _, model, lora, _ = llama_generation
     calls = []
-    real = patch_module.build_plan
+    real = patch_module.prepare_batch
 
     def counting(*args, **kwargs):
         calls.append(kwargs.get("num_tokens"))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(patch_module, "build_plan", counting)
+    monkeypatch.setattr(patch_module, "prepare_batch", counting)
     ids = ids_for(2, 5, seed=7)
     lora.select([[("a", 1.0)], [("b", 0.5), ("a", 0.5)]])
     run(model, ids)

@@ -8,7 +8,7 @@ import torch
 from lora_cases import rel_error
 
 import dlplora_triton as dlp
-from dlplora_triton import layers as layers_module
+from dlplora_triton import batch as batch_module
 from dlplora_triton.backends import torch_path
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -45,7 +45,7 @@ def test_one_shrink_per_group_and_rows_equal_peft(setup, seq, method, monkeypatc
     lora = dlp.attach(model, paths)
     groups = {id(layer.shrink_group) for layer in lora.layers.values() if layer.shrink_group is not None}
     assert len(groups) == 4  # q/k/v and gate/up in each of the 2 decoder layers
-    real = layers_module.shrink_shared
+    real = batch_module.shrink_shared
     kinds = []
 
     def counting(*args):
@@ -53,7 +53,7 @@ def test_one_shrink_per_group_and_rows_equal_peft(setup, seq, method, monkeypatc
         kinds.append(result[0])
         return result
 
-    monkeypatch.setattr(layers_module, "shrink_shared", counting)
+    monkeypatch.setattr(batch_module, "shrink_shared", counting)
     selection = [[("a", 0.7), ("b", 0.3)], [("b", 1.0)], [], [("a", -0.5)]]
     ids = torch.randint(3, peft_helpers.VOCAB, (4, seq), generator=torch.Generator().manual_seed(seq))
     lora.select(selection)

@@ -4,9 +4,10 @@
 ``"mi"`` (fused kernels, any mix with other adapters per row) and, through :func:`prepare_milora`, its
 routers. :class:`MiServing` then hooks the model: at a prefill forward (no KV cache yet, or a cache of
 length 0) each decoder layer's router pools that layer's input hidden states over the row's prompt
-(``attention_mask``; each packed sequence alone for a packed selection) and hands the gates to
-``MultiLoRA.set_module_gates("mi", {module path: gates [B]})`` for that layer's modules only (the call
-merges, so the earlier layers keep theirs): in that module, row ``b``'s fusion weight for ``"mi"`` is
+(``attention_mask``; each packed sequence alone for a packed selection) and hands the gates to the
+model's gates (``dlplora_triton.gates.ModuleGates.set("mi", {module path: gates [B]})``, what
+``MultiLoRA.set_module_gates`` calls) for that layer's modules only (the call merges, so the earlier
+layers keep theirs): in that module, row ``b``'s fusion weight for ``"mi"`` is
 multiplied by its gate. Decode steps run no router; the gates stay. Rows that do not select ``"mi"``
 get gates 0 (they do not use it anyway).
 """
@@ -84,7 +85,8 @@ class MiServing:
     def __init__(self, handle, prepared: PreparedMiLoRA, every_step: bool = False):
         model = handle.model
         config = prepared.config
-        self.handle, self.name, self.config = handle, prepared.name, config
+        self.name, self.config = prepared.name, config
+        self.gates_room = handle.module_gates  # where the gates go (dlplora_triton/gates.py)
         self.routers = prepared.routers
         self.every_step = every_step
         self.paths = [config.module_paths(i) for i in range(config.num_layers)]
@@ -116,7 +118,7 @@ class MiServing:
             return None
         B, T = x.shape[:2]
         device = x.device
-        selection = self.handle._routing.selection
+        selection = self.gates_room.selection()
         self._packed = selection is not None and selection.seq_offsets is not None
         mask = kwargs.get("attention_mask")
         if self.every_step or not (isinstance(mask, torch.Tensor) and tuple(mask.shape) == (B, T)):
@@ -156,7 +158,7 @@ class MiServing:
             gates = torch.nan_to_num(gates) * self._keep
             self.gates[:, i] = gates
             # This layer's modules only: set_module_gates merges, the earlier layers keep their gates.
-            self.handle.set_module_gates(self.name, {p: gates[:, m] for m, p in enumerate(paths)})
+            self.gates_room.set(self.name, {p: gates[:, m] for m, p in enumerate(paths)})
             return None
 
         return hook

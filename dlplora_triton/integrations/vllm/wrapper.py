@@ -5,8 +5,8 @@ build :class:`PunicaWrapperDLP`. It serves vLLM's one-adapter-per-request mappin
 wrappers do, and beyond it weighted mixes per request (the engine hooks hand it each step's routes,
 :mod:`dlplora_triton.integrations.vllm.engine`) and per-token routes
 (:class:`~dlplora_triton.integrations.vllm.mixes.LoRARouteMapping`): every (token, slot) pair of a step
-goes into one :func:`dlplora_triton.build_plan` plan, built once per ``update_metadata`` and shared by
-every layer, and each layer is one :func:`dlplora_triton.fused_lora_planned` call per output slice
+goes into one prepared batch (:func:`dlplora_triton.ops.prepare_batch`: the plan and its host data),
+built once per ``update_metadata`` and shared by every layer, and each layer is one :func:`dlplora_triton.fused_lora_planned` call per output slice
 (Triton on CUDA tensors, the PyTorch path on CPU tensors).
 
 vLLM's stacked weights map onto the kernel's without a copy: ``lora_a_stacked[i]`` is
@@ -24,9 +24,8 @@ from typing import Any
 import torch
 from vllm.lora.punica_wrapper.punica_base import PunicaWrapperBase
 
-from dlplora_triton import build_plan, fused_lora_planned
-from dlplora_triton.backends.torch_path import TorchPathCache
 from dlplora_triton.integrations.vllm.mixes import LoRARouteMapping, slot_routing
+from dlplora_triton.ops import fused_lora_planned, prepare_batch
 
 __all__ = ["WRAPPER_QUALNAME", "PunicaWrapperDLP", "next_step_routes"]
 
@@ -47,8 +46,8 @@ def next_step_routes(tokens: LoRARouteMapping, samples: LoRARouteMapping):
         _NEXT_ROUTES[0] = None
 
 
-class _Routing:
-    """One step's routing on the device: the plan, per-row LoRA flags and the slots it involves."""
+class _StepBatch:
+    """One step's rows on the device: the prepared batch, per-row LoRA flags and the slots they involve."""
 
     def __init__(
         self,
@@ -71,7 +70,7 @@ class _Routing:
         self.num_rows = T
         self.num_slots = num_slots
         self._host = (ids, weights, row_plain, device, own)
-        self._padded: dict[int, _Routing] = {}
+        self._padded: dict[int, _StepBatch] = {}
         self.plain = bool(row_plain.all())  # vLLM's own one-adapter-per-row case everywhere
         self.any_lora = bool((ids >= 0).any())  # False: every layer call of the step adds nothing
         self.has_lora = (ids >= 0).any(1).to(device) if T else torch.zeros(0, dtype=torch.bool, device=device)
@@ -83,18 +82,17 @@ class _Routing:
         self.mixed_slots = torch.unique(mixed[mixed >= 0]).tolist()  # slots these rows read
         own_off = own[off] if own is not None else own
         self.own_slots = [] if own is None else torch.unique(own_off[own_off >= 0]).tolist()
-        self.plan = build_plan(
+        # The step's plan and its host data (read once per step for all of the step's layers).
+        self.batch = prepare_batch(
             offsets.to(device), ids[starts].to(device), weights[starts].to(device), num_slots, num_tokens=T
         )
-        # The PyTorch path's host data of the plan, read once per step for all of the step's layers.
-        self.cache = TorchPathCache(self.plan) if self.plan.device.type == "cpu" else None
 
-    def padded(self, rows: int) -> _Routing:
+    def padded(self, rows: int) -> _StepBatch:
         """This routing with ``rows - num_rows`` more rows without LoRA (vLLM may pad a batch's tokens)."""
         if rows not in self._padded:
             ids, weights, row_plain, device, own = self._host
             extra = rows - self.num_rows
-            self._padded[rows] = _Routing(
+            self._padded[rows] = _StepBatch(
                 torch.cat([ids, ids.new_full((extra, ids.shape[1]), -1)]),
                 torch.cat([weights, weights.new_zeros(extra, weights.shape[1])]),
                 torch.cat([row_plain, row_plain.new_ones(extra)]),
@@ -122,8 +120,8 @@ class PunicaWrapperDLP(PunicaWrapperBase):
     def __init__(self, max_num_batched_tokens: int, max_batches: int, device: torch.device | str, **kwargs):
         PunicaWrapperBase.__init__(self, max_num_batched_tokens, max_batches, device)
         self.backend = kwargs.get("backend") or os.environ.get("DLPLORA_VLLM_BACKEND", "auto")
-        self._tokens: _Routing | None = None
-        self._samples: _Routing | None = None
+        self._tokens: _StepBatch | None = None
+        self._samples: _StepBatch | None = None
         self._route_active = False
         self._eye: dict[tuple, torch.Tensor] = {}
 
@@ -151,7 +149,7 @@ class PunicaWrapperDLP(PunicaWrapperBase):
         else:
             ids, weights, row_plain = self._route_slots(route, lora_index_to_id, num_tokens, "tokens")
         self._route_active = route is not None and sample_route is None
-        self._tokens = _Routing(ids, weights, row_plain, L, self.device, own)
+        self._tokens = _StepBatch(ids, weights, row_plain, L, self.device, own)
         num_samples = len(mapping.prompt_mapping)
         own_samples = self.sampler_indices[:num_samples].to("cpu")
         if sample_route is None:
@@ -160,7 +158,7 @@ class PunicaWrapperDLP(PunicaWrapperBase):
             s_ids, s_w, s_plain = self._route_slots(
                 sample_route, lora_index_to_id, num_samples, "sampled rows"
             )
-        self._samples = _Routing(s_ids, s_w, s_plain, L, self.device, own_samples)
+        self._samples = _StepBatch(s_ids, s_w, s_plain, L, self.device, own_samples)
 
     @staticmethod
     def _route_slots(route: LoRARouteMapping, lora_index_to_id, rows: int, what: str):
@@ -179,7 +177,7 @@ class PunicaWrapperDLP(PunicaWrapperBase):
         slots = route_ids.clone().apply_(lambda i: slot_of.get(i, -1) if i > 0 else -1)
         return slot_routing(len(lora_index_to_id), slots, route_w)
 
-    def _routing(self, rows: int, samples: bool = False) -> _Routing:
+    def _routing(self, rows: int, samples: bool = False) -> _StepBatch:
         routing = self._samples if samples else self._tokens
         if routing is None:
             raise RuntimeError("PunicaWrapperDLP: update_metadata must be called before the LoRA layers run")
@@ -199,7 +197,7 @@ class PunicaWrapperDLP(PunicaWrapperBase):
 
     # -- the one kernel call --------------------------------------------------------------------------
 
-    def _apply(self, routing: _Routing, x, lora_a, lora_b, scale: float, out, add_inputs: bool) -> None:
+    def _apply(self, routing: _StepBatch, x, lora_a, lora_b, scale: float, out, add_inputs: bool) -> None:
         """``out (+)= delta`` of one slice: ``x [T, K]``, ``lora_a [L, R, K]``, ``lora_b [L, N, R]``."""
         if not routing.any_lora:  # no row of the step has an adapter: vLLM leaves ``out`` as it is
             return
@@ -207,11 +205,11 @@ class PunicaWrapperDLP(PunicaWrapperBase):
         scales = None if scale == 1.0 else torch.full((L,), float(scale), device=x.device)
         if x.dtype != lora_a.dtype:
             x = x.to(lora_a.dtype)
-        run = dict(scales=scales, backend=self.backend, cache=routing.cache)
+        run = dict(scales=scales, backend=self.backend)
         if add_inputs and out.dtype == lora_a.dtype:
-            fused_lora_planned(x, lora_a, lora_b, routing.plan, out=out, **run)
+            fused_lora_planned(x, lora_a, lora_b, routing.batch, out=out, **run)
             return
-        delta = fused_lora_planned(x, lora_a, lora_b, routing.plan, **run)
+        delta = fused_lora_planned(x, lora_a, lora_b, routing.batch, **run)
         if add_inputs:
             out.add_(delta.to(out.dtype))
         else:  # vLLM's semantics: rows with LoRA are overwritten, rows without it are left untouched
@@ -224,7 +222,7 @@ class PunicaWrapperDLP(PunicaWrapperBase):
             self._eye[key] = torch.eye(R, dtype=dtype, device=device)
         return self._eye[key].expand(L, R, R)
 
-    def _require_plain(self, routing: _Routing, what: str) -> None:
+    def _require_plain(self, routing: _StepBatch, what: str) -> None:
         if not routing.plain:
             raise NotImplementedError(
                 f"PunicaWrapperDLP.{what}: mixes and routes need the fused shrink+expand "
@@ -232,7 +230,7 @@ class PunicaWrapperDLP(PunicaWrapperBase):
                 "per token between the two, so serve mixes with fully_sharded_loras=False"
             )
 
-    def _check_unmixed(self, routing: _Routing, stacked: torch.Tensor, what: str) -> None:
+    def _check_unmixed(self, routing: _StepBatch, stacked: torch.Tensor, what: str) -> None:
         """Fail closed where vLLM hands the wrapper one slot's data per row: no mix may need it."""
         if routing.mixed_slots and bool(stacked[routing.mixed_slots].any()):
             raise NotImplementedError(
