@@ -17,6 +17,7 @@ files or routers.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -51,6 +52,16 @@ class PlanSource:
         if self._wrapped is None or self._wrapped.plan is not plan:
             self._wrapped = LoRABatch(plan)
         return self._wrapped
+
+    def batch_for(self, x: torch.Tensor, route: ModuleRoute | None = None):
+        """Deprecated: ``(plan, host data)`` for ``x``; use ``batch(x)`` (and ``.dropping(route)``)."""
+        warnings.warn(
+            "PlanSource.batch_for is deprecated: use batch(x), and batch(x).dropping(route) for a route",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        batch = self.batch(x) if route is None else self.batch(x).dropping(route)
+        return batch.plan, batch.host
 
     def layer_batch(self, x: torch.Tensor, route: ModuleRoute | None, adapter_mask: int) -> LoRABatch | None:
         """The batch a layer with adapters ``adapter_mask`` runs on, or None when no row uses one of them

@@ -16,14 +16,9 @@ from collections.abc import Sequence
 
 import torch
 
+from .backends import torch_path as _torch_path
 from .backends.grad import factor_grads
-from .backends.torch_path import (
-    TorchPathCache,
-    dense_layer_delta,
-    expand_shared,
-    fused_lora_torch,
-    token_weights,
-)
+from .backends.torch_path import TorchPathCache, fused_lora_torch, token_weights
 from .batch import LoRABatch, LoRAStacks, ModuleRoute, SharedShrink, prepare_batch
 from .checks import (
     BACKENDS,
@@ -218,7 +213,7 @@ def add_layer_delta(
     if eager_cpu and share is not None:
         shrunk = batch.shared_shrink(share, x)
         if shrunk is not None:
-            expand_shared(
+            _torch_path.expand_shared(
                 shrunk,
                 share.offset,
                 stacks.lora_b,
@@ -238,7 +233,9 @@ def add_layer_delta(
         if a.is_contiguous() and b_t.is_contiguous() and fits:
             L, R = a.shape[:2]
             rows = (a.view(L * R, K), b_t.view(L * R, N))
-            if dense_layer_delta(x2, *rows, host, out2, stacks.rank_tuple, stacks.scale_tuple, row_weights):
+            if _torch_path.dense_layer_delta(
+                x2, *rows, host, out2, stacks.rank_tuple, stacks.scale_tuple, row_weights
+            ):
                 return
     # ranks / scales as tensors: fused_lora_planned takes them as they are on every backend.
     fused_lora_planned(
@@ -465,3 +462,27 @@ def fused_lora(
         out, x, lora_a, lora_b, seq_offsets, adapter_ids, adapter_weights, ranks, scales, backend
     )
     return out
+
+
+# Names ops exported for the layers before the prepared batch (0.x); the layers now make one
+# add_layer_delta call. Kept importable for one release.
+_MOVED = {
+    "shrink_shared": "dlplora_triton.backends.torch_path",
+    "expand_shared": "dlplora_triton.backends.torch_path",
+    "dense_layer_delta": "dlplora_triton.backends.torch_path",
+}
+
+
+def __getattr__(name: str):
+    if name in _MOVED:
+        import importlib
+        import warnings
+
+        warnings.warn(
+            f"dlplora_triton.ops.{name} is deprecated: layers call ops.add_layer_delta with a prepared "
+            f"batch (ops.prepare_batch); the PyTorch path's helper lives in {_MOVED[name]}",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return getattr(importlib.import_module(_MOVED[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
