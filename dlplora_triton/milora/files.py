@@ -1,4 +1,4 @@
-"""A MiLoRA directory: PEFT LoRA files at the top level, plus the routers and a MiLoRA config.
+"""A MiLoRA directory: PEFT LoRA files at the top level, plus the layer routers and a MiLoRA config.
 
     adapter_config.json          PEFT's LoRA config (r, lora_alpha, target_modules as a full-match regex)
     adapter_model.safetensors    base_model.model.<module path>.lora_{A,B}.weight, PEFT's names and layout

@@ -1,4 +1,4 @@
-"""``MiLoRA``: LoRA factors on the modules of every decoder layer plus one router per layer, trained together.
+"""``MiLoRA``: LoRA factors on the modules of every decoder layer plus a layer router per layer, trained together.
 
 The wrapped model is not restructured: each adapted ``nn.Linear`` / ``Conv1D`` gets a forward hook that
 adds ``gate[b] * scale * (x A^T) B^T`` to its output, and each decoder layer gets a forward pre-hook

@@ -1,6 +1,7 @@
-"""Routing: the DLP-LoRA sentence router and top-p / top-k adapter selection (docs/routing.md).
+"""Routing: the DLP-LoRA sentence router and top-p / top-k adapter selection (docs/routing.md; the words: docs/glossary.md).
 
-- :mod:`.select`: :func:`top_p_select`, probabilities ``[B, L]`` -> routing tensors ``[B, P]``;
+- :mod:`.select`: :func:`top_p_select`, probabilities ``[B, L]`` -> selection
+  tensors ``(ids [B, P], weights [B, P])``;
 - :mod:`.features`: text normalisation, hashed n-grams (:func:`featurize`), :func:`pooled_hidden_states`;
 - :mod:`.net`: the mini-MLP (``RouterNet``), the classes -> adapters mapping (:data:`GENERAL`,
   :data:`BASE_THRESHOLD`), the argument checks: what the next three share;

@@ -197,7 +197,7 @@ class Router:
         min_confidence: float | None = None,
         base_threshold: float | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`route` as routing tensors: ``(ids [B, P] int64, weights [B, P] float32)``, ids into
+        """:meth:`route` as selection tensors: ``(ids [B, P] int64, weights [B, P] float32)``, ids into
         ``names``; a text served by the base model gets a row of ``-1`` ids and ``0`` weights (what
         ``fused_lora`` and ``MultiLoRA.select`` read as the base model). ``P`` >= 1 for ``B`` >= 1."""
         threshold = self._check_route_args(p, top_k, weighting, min_confidence, base_threshold)
