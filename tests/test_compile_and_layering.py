@@ -157,10 +157,11 @@ def _is_module(parts: list[str], package: Path) -> bool:
     return bool(parts) and (here.with_suffix(".py").is_file() or (here / "__init__.py").is_file())
 
 
-def _module_imports(path: Path, package: Path) -> set[str]:
+def _module_imports(path: Path, package: Path, type_checking: bool = False) -> set[str]:
     """The package modules ``path`` imports, by :func:`_module_name`: every import statement in the
     file, at module level and inside functions and methods (a function-level import is still an
-    arrow: it runs whenever the function does), except those under ``if TYPE_CHECKING:``.
+    arrow: it runs whenever the function does); those under ``if TYPE_CHECKING:`` (annotations only,
+    never run) only with ``type_checking``.
     ``from X import n`` is an import of the module ``X.n`` when that is a module, else of ``X``.
     Importing ``a.b`` also runs the package ``a``'s ``__init__``; that arrow is not counted (every
     subpackage whose ``__init__`` re-exports its modules would be a cycle)."""
@@ -175,7 +176,7 @@ def _module_imports(path: Path, package: Path) -> set[str]:
 
     def visit(node: ast.AST) -> None:
         for child in ast.iter_child_nodes(node):
-            if isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
+            if not type_checking and isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
                 for other in child.orelse:
                     visit(other)
                 continue
@@ -202,10 +203,10 @@ def _package_files(package: Path) -> list[Path]:
     return sorted(p for p in package.rglob("*.py") if p.relative_to(package).parts[0] != "kernels")
 
 
-def _import_graph(package: Path = PACKAGE) -> dict[str, set[str]]:
+def _import_graph(package: Path = PACKAGE, type_checking: bool = False) -> dict[str, set[str]]:
     files = _package_files(package)
     modules = {_module_name(p, package) for p in files}
-    return {_module_name(p, package): _module_imports(p, package) & modules for p in files}
+    return {_module_name(p, package): _module_imports(p, package, type_checking) & modules for p in files}
 
 
 def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -256,6 +257,19 @@ def test_no_import_cycles():
     assert _cycles(graph) == [], "import cycles in dlplora_triton (module -> ... -> itself)"
 
 
+# Cycles that close only through ``if TYPE_CHECKING:`` imports (annotations; nothing runs them). Known:
+# finetune's callback.py and export.py annotate with dynamic.py's DynamicLoRA, which imports both.
+KNOWN_TYPE_CHECKING_CYCLES = [["finetune.callback", "finetune.dynamic", "finetune.export"]]
+
+
+def test_no_new_cycles_through_type_checking_imports():
+    """Counting ``if TYPE_CHECKING:`` imports too, the only cycles are the known ones (listed above;
+    a cycle in that list may shrink or go, a new one fails)."""
+    cycles = _cycles(_import_graph(type_checking=True))
+    new = [c for c in cycles if not any(set(c) <= set(known) for known in KNOWN_TYPE_CHECKING_CYCLES)]
+    assert not new, f"new import cycles through TYPE_CHECKING imports: {new}"
+
+
 def test_cycle_check_sees_every_spelling(tmp_path):
     """The checker itself: cycles through relative, absolute and function-level imports are found;
     ``if TYPE_CHECKING:`` imports and a package's ``__init__`` run by a submodule import are not arrows."""
@@ -275,6 +289,7 @@ def test_cycle_check_sees_every_spelling(tmp_path):
     graph = _import_graph(package)
     assert graph["sub.a"] == {"sub.b"} and graph["sub.b"] == {"sub.a"} and graph["d"] == set()
     assert graph[""] == {"sub.a"} and graph["c"] == {"d"}
+    assert _import_graph(package, type_checking=True)["d"] == {"c"}
     assert _cycles(graph) == [["e"], ["sub.a", "sub.b"]]
     (package / "sub/b.py").write_text("B = 2\n")
     assert _cycles(_import_graph(package)) == [["e"]]
