@@ -530,10 +530,10 @@ def test_router_saved_by_an_earlier_version_loads_with_identical_probabilities()
     "inputs", [{"num_buckets": 11, "embed_dim": 4}, {"input_dim": 6}], ids=["hash", "model"]
 )
 def test_state_shapes_match_the_built_net(hidden, inputs):
-    from dlplora_triton.routing.router import _RouterNet
+    from dlplora_triton.routing.net import RouterNet
 
-    net = _RouterNet(3, list(hidden), 0.1, **inputs)
-    assert _RouterNet.state_shapes(3, list(hidden), inputs) == {
+    net = RouterNet(3, list(hidden), 0.1, **inputs)
+    assert RouterNet.state_shapes(3, list(hidden), inputs) == {
         k: list(v.shape) for k, v in net.state_dict().items()
     }
 

@@ -1,4 +1,4 @@
-"""A MiLoRA directory: PEFT LoRA files at the top level, plus the routers and a MiLoRA config.
+"""A MiLoRA directory: PEFT LoRA files at the top level, plus the layer routers and a MiLoRA config.
 
     adapter_config.json          PEFT's LoRA config (r, lora_alpha, target_modules as a full-match regex)
     adapter_model.safetensors    base_model.model.<module path>.lora_{A,B}.weight, PEFT's names and layout
@@ -8,6 +8,9 @@
 PEFT's ``PeftModel.from_pretrained`` loads the first two (the LoRA with every gate at 1);
 ``dlp.attach`` recognises the directory by ``milora_config.json`` and serves it with its gates.
 Reading checks everything and raises FileNotFoundError / ValueError naming the file.
+
+``MiLoRA.save`` / ``MiLoRA.load`` (:mod:`.model`) run :func:`save_milora` / :func:`load_milora`, which
+take the MiLoRA or its class: this module does not import :mod:`.model`.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from ..modules import is_conv1d
 from ..readers import read_json_object, read_safetensors
 from .routers import POOLINGS, LayerRouter
 
@@ -78,10 +82,13 @@ def _target_regex(layers_path: str, modules) -> str:
     return rf"{re.escape(layers_path)}\.\d+\.(?:{names})"
 
 
+def _uses_conv1d(mi) -> bool:
+    """Whether ``mi``'s adapted modules are GPT-2 ``Conv1D`` (PEFT's ``fan_in_fan_out``)."""
+    return any(is_conv1d(mi.model.get_submodule(p)) for p in mi.module_paths(0))
+
+
 def save_milora(mi, directory: str | os.PathLike) -> Path:
     """Write ``mi`` (a :class:`~dlplora_triton.milora.MiLoRA`) to ``directory`` (created if missing)."""
-    from .model import uses_conv1d
-
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     config = MiLoRAConfig(
@@ -105,7 +112,7 @@ def save_milora(mi, directory: str | os.PathLike) -> Path:
         "target_modules": _target_regex(mi.layers_path, mi.module_names),
         "lora_dropout": 0.0,
         "bias": "none",
-        "fan_in_fan_out": uses_conv1d(mi.model, mi),
+        "fan_in_fan_out": _uses_conv1d(mi),
         "use_rslora": False,
         "use_dora": False,
         "init_lora_weights": True,

@@ -1,4 +1,4 @@
-"""``MiLoRA``: LoRA factors on the modules of every decoder layer plus one router per layer, trained together.
+"""``MiLoRA``: LoRA factors on the modules of every decoder layer plus a layer router per layer, trained together.
 
 The wrapped model is not restructured: each adapted ``nn.Linear`` / ``Conv1D`` gets a forward hook that
 adds ``gate[b] * scale * (x A^T) B^T`` to its output, and each decoder layer gets a forward pre-hook
@@ -18,7 +18,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ..modules import is_conv1d, linear_features
+from ..modules import linear_features
+from .files import load_milora, save_milora
 from .routers import LayerRouter, balance_loss, check_pooling, check_top_k
 
 __all__ = ["MiLoRA", "find_decoder_layers", "layer_modules", "milora_wrapped_modules"]
@@ -221,7 +222,7 @@ class MiLoRA(nn.Module):
         prompt_mask: torch.Tensor | None = None,
         **kwargs,
     ):
-        """Run the model with routed LoRA; see the class docstring. Returns the model's output."""
+        """Run the model with gated LoRA; see the class docstring. Returns the model's output."""
         if not self._hooks:
             raise RuntimeError("this MiLoRA was removed from its model; build a new one")
         ref = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
@@ -316,15 +317,11 @@ class MiLoRA(nn.Module):
 
     def save(self, directory: str | os.PathLike) -> None:
         """Write PEFT LoRA files (PEFT loads them, gates off) + the routers + the MiLoRA config to ``directory``."""
-        from .files import save_milora
-
         save_milora(self, directory)
 
     @classmethod
     def load(cls, model: nn.Module, directory: str | os.PathLike) -> MiLoRA:
         """A MiLoRA on ``model`` with the LoRA factors and routers saved in ``directory`` (by :meth:`save`)."""
-        from .files import load_milora
-
         return load_milora(cls, model, directory)
 
 
@@ -355,8 +352,3 @@ def _hidden_size(model: nn.Module, layer: nn.Module) -> int:
     if isinstance(embeddings, nn.Embedding):
         return embeddings.embedding_dim
     raise ValueError(f"{type(model).__name__}: cannot tell the hidden size (no config.hidden_size)")
-
-
-def uses_conv1d(model: nn.Module, mi: MiLoRA) -> bool:
-    """Whether the adapted modules are GPT-2 ``Conv1D`` (PEFT's ``fan_in_fan_out``)."""
-    return any(is_conv1d(model.get_submodule(p)) for p in mi.module_paths(0))

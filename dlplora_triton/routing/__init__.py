@@ -1,15 +1,25 @@
-"""Routing: the DLP-LoRA sentence router and top-p / top-k adapter selection (docs/routing.md).
+"""Routing: the DLP-LoRA sentence router and top-p / top-k adapter selection (docs/routing.md; the words: docs/glossary.md).
 
-- :mod:`.select`: :func:`top_p_select`, probabilities ``[B, L]`` -> routing tensors ``[B, P]``;
+- :mod:`.select`: :func:`top_p_select`, probabilities ``[B, L]`` -> selection
+  tensors ``(ids [B, P], weights [B, P])``;
 - :mod:`.features`: text normalisation, hashed n-grams (:func:`featurize`), :func:`pooled_hidden_states`;
-- :mod:`.router`: :class:`Router` (inference, abstention, ``route``, save / load);
+- :mod:`.net`: the mini-MLP (``RouterNet``), the classes -> adapters mapping (:data:`GENERAL`,
+  :data:`BASE_THRESHOLD`), the argument checks: what the next three share;
+- :mod:`.router`: :class:`Router` (inference, abstention, ``route``; ``train``, ``save``, ``load``);
 - :mod:`.train`: :func:`train_router` (what ``Router.train`` runs), :func:`format_report` and
-  :func:`general_prompts` (the default background texts).
+  :func:`general_prompts` (the default background texts);
+- :mod:`.files`: the saved router's folder (``save_router`` / ``load_router``, what ``Router.save`` /
+  ``Router.load`` run), :data:`FORMAT_VERSION`, :data:`CONFIG_FILE`, :data:`WEIGHTS_FILE`.
+
+Imports point one way: ``router`` imports ``train``, ``files`` and ``net``; ``train`` and ``files``
+import ``net``; ``net`` imports none of them.
 """
 
 from ..readers import read_labelled_jsonl
 from .features import featurize, pooled_hidden_states
-from .router import BASE_THRESHOLD, CONFIG_FILE, FORMAT_VERSION, GENERAL, WEIGHTS_FILE, Router
+from .files import CONFIG_FILE, FORMAT_VERSION, WEIGHTS_FILE
+from .net import BASE_THRESHOLD, GENERAL
+from .router import Router
 from .select import DEFAULT_P, WEIGHTINGS, top_p_select
 from .train import format_report, general_prompts, train_router
 

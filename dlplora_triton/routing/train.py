@@ -15,15 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .features import featurize, pooled_hidden_states
-from .router import (
-    BASE_THRESHOLD,
-    GENERAL,
-    Router,
-    _check_number,
-    _check_texts,
-    _one_thread,
-    _resolve_adapters,
-)
+from .net import BASE_THRESHOLD, GENERAL, check_number, check_texts, one_thread, resolve_adapters
 
 __all__ = ["train_router", "format_report", "general_prompts", "GENERAL_PROMPTS"]
 
@@ -43,7 +35,7 @@ def train_router(
     texts: Sequence[str],
     tasks: Sequence[str],
     *,
-    router_cls: type[Router] | None = None,
+    router_cls: type,
     adapters=None,
     background: str | Sequence[str] | None = "builtin",
     base_threshold: float = BASE_THRESHOLD,
@@ -68,10 +60,12 @@ def train_router(
     balance: str = "weight",
     seed: int = 0,
     verbose: bool = False,
-) -> Router:
+):
     """Train a router on labelled texts (what ``Router.train`` does); returns it with ``report`` filled in.
 
     Args:
+        router_cls: the class to build, :class:`~dlplora_triton.routing.Router` or a subclass
+            (``Router.train`` passes its own class: :mod:`.router` imports this module, not the reverse).
         texts, tasks: lists of str of equal length; each text is labelled with its task name. At
             least two distinct tasks; no empty or blank text. Every task is a class of the net.
         adapters: which tasks an adapter serves: ``None`` (default) every task; a list of task names
@@ -103,7 +97,7 @@ def train_router(
         seed: the same data and seed give the same router, bit for bit.
         verbose: show a tqdm progress bar and print the report at the end.
     """
-    texts = _check_texts(texts)
+    texts = check_texts(texts)
     if isinstance(tasks, str) or not isinstance(tasks, Sequence):
         raise TypeError(f"tasks must be a list of str, got {type(tasks).__name__}")
     tasks = list(tasks)
@@ -121,12 +115,12 @@ def train_router(
             raise ValueError(f"background must be 'builtin', a list of str or None, got {background!r}")
         background = general_prompts()
     elif background is not None:
-        background = _check_texts(background, "background")
+        background = check_texts(background, "background")
     if background:
         texts, tasks = texts + list(background), tasks + [GENERAL] * len(background)
     names = sorted(set(tasks))  # the classes: the net's columns
-    _resolve_adapters(names, adapters)  # a bad mapping fails before any work
-    _check_number("base_threshold", base_threshold, 0, 1, low_open=True)
+    resolve_adapters(names, adapters)  # a bad mapping fails before any work
+    check_number("base_threshold", base_threshold, 0, 1, low_open=True)
     if features not in ("hash", "model"):
         raise ValueError(f"features must be 'hash' or 'model', got {features!r}")
     if features == "model" and (model is None or tokenizer is None):
@@ -145,16 +139,16 @@ def train_router(
         ("patience", patience, 1),
         ("batch_size", batch_size, 1),
     ):
-        _check_number(name, value, low, 2**62, integer=True)
+        check_number(name, value, low, 2**62, integer=True)
     if isinstance(hidden, (str, int)) or any(
         isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in hidden
     ):
         raise ValueError(f"hidden must list positive integer widths (empty: a linear layer), got {hidden!r}")
-    _check_number("dropout", dropout, 0, 1, high_open=True)
-    _check_number("heldout", heldout, 0, 1, low_open=True, high_open=True)
-    _check_number("label_smoothing", label_smoothing, 0, 1, high_open=True)
-    _check_number("lr", lr, 0, math.inf, low_open=True, high_open=True)
-    _check_number("weight_decay", weight_decay, 0, math.inf, high_open=True)
+    check_number("dropout", dropout, 0, 1, high_open=True)
+    check_number("heldout", heldout, 0, 1, low_open=True, high_open=True)
+    check_number("label_smoothing", label_smoothing, 0, 1, high_open=True)
+    check_number("lr", lr, 0, math.inf, low_open=True, high_open=True)
+    check_number("weight_decay", weight_decay, 0, math.inf, high_open=True)
     if balance not in ("weight", "sample"):
         raise ValueError(f"balance must be 'weight' or 'sample', got {balance!r}")
 
@@ -187,10 +181,10 @@ def train_router(
 
     # fork_rng: training draws from the global RNG (init, dropout) under our seed, and leaves the
     # caller's RNG state as it was.
-    with _one_thread(), torch.random.fork_rng(devices=[]):
+    with one_thread(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         gen = torch.Generator().manual_seed(seed)
-        router = (router_cls or Router)(
+        router = router_cls(
             names, config, mlp, encoder=encoder, adapters=adapters, base_threshold=base_threshold
         )
         train_rows, held_rows = _stratified_split(labels, heldout, gen)
@@ -361,7 +355,7 @@ def _fit(
 
 
 @torch.no_grad()
-def _served(router: Router, inputs, labels: torch.Tensor) -> dict:
+def _served(router, inputs, labels: torch.Tensor) -> dict:
     """How the held-out texts are served at the router's base threshold: the fraction of texts of
     adapter-served classes whose top adapter is theirs and that the base model does not take, and the
     fraction of background texts the base model takes."""
