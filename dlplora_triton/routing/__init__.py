@@ -19,9 +19,9 @@ from ..readers import read_labelled_jsonl
 from .features import featurize, pooled_hidden_states
 from .files import CONFIG_FILE, FORMAT_VERSION, WEIGHTS_FILE
 from .net import BASE_THRESHOLD, GENERAL
-from .router import Router
+from .router import Router, train_router
 from .select import DEFAULT_P, WEIGHTINGS, top_p_select
-from .train import format_report, general_prompts, train_router
+from .train import format_report, general_prompts
 
 __all__ = [
     "top_p_select",

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import train as _train
 from .features import featurize, pooled_hidden_states
 from .files import load_router, save_router
 from .net import (
@@ -26,9 +27,8 @@ from .net import (
     resolve_adapters,
 )
 from .select import DEFAULT_P, _check_p, _check_top_k, _check_weighting, top_p_select
-from .train import train_router
 
-__all__ = ["Router"]
+__all__ = ["Router", "train_router"]
 
 
 class Router:
@@ -248,7 +248,7 @@ class Router:
     def train(cls, texts: Sequence[str], tasks: Sequence[str], **options) -> Router:
         """Train a router on labelled texts (lists of str of equal length, at least two distinct tasks);
         ``options`` and their defaults: :func:`dlplora_triton.routing.train.train_router`."""
-        return train_router(texts, tasks, router_cls=cls, **options)
+        return _train.train_router(texts, tasks, router_cls=cls, **options)
 
     # ---- save / load -----------------------------------------------------------------------------
 
@@ -280,3 +280,10 @@ class Router:
             f"Router(names={self.names}, background={self.background}, base_threshold={self.base_threshold}, "
             f"{inputs}, hidden={self.mlp_config['hidden']}, parameters={self.num_parameters:,})"
         )
+
+
+def train_router(texts: Sequence[str], tasks: Sequence[str], **options) -> Router:
+    """Train a router on labelled texts: ``Router.train`` (``router_cls=`` another class to build, default
+    :class:`Router`; the other options: :func:`dlplora_triton.routing.train.train_router`)."""
+    cls = options.pop("router_cls", Router)
+    return _train.train_router(texts, tasks, router_cls=cls, **options)
