@@ -20,7 +20,11 @@ import torch
 from .backends.torch_path import TorchPathCache, shrink_shared
 from .plan import LoRAPlan, build_plan
 
-__all__ = ["LoRABatch", "LoRAStacks", "ModuleRoute", "SharedShrink", "prepare_batch"]
+__all__ = ["LoRABatch", "LoRAStacks", "ModuleRoute", "SharedShrink", "prepare_batch", "SPARSE_MIN_TOKENS"]
+
+# Below this many tokens a CPU batch serves a layer's dropped slots with weight 0 instead of a plan
+# without them (LoRABatch.dropping); measured by bench/bench_milora.py (README, MiLoRA serving speed).
+SPARSE_MIN_TOKENS = 32
 
 
 @dataclass(frozen=True, eq=False)
@@ -104,11 +108,12 @@ class LoRABatch:
     an adapter cost nothing on the PyTorch path.
     """
 
-    def __init__(self, plan: LoRAPlan, sparse: bool = False):
+    def __init__(self, plan: LoRAPlan, sparse: bool = False, root: LoRABatch | None = None):
         if not isinstance(plan, LoRAPlan):
             raise TypeError(f"plan must be a LoRAPlan (from build_plan), got {type(plan).__name__}")
         self.plan = plan
         self.sparse = sparse
+        self.root = self if root is None else root  # the batch this one drops slots of (or itself)
         self.host = TorchPathCache(plan, sparse=sparse) if plan.device.type == "cpu" else None
         self._dropping: dict[tuple[int, ...], LoRABatch] = {}
         self._pending: dict[object, _Pending] = {}
@@ -117,8 +122,20 @@ class LoRABatch:
     def num_tokens(self) -> int:
         return self.plan.num_tokens
 
+    @property
+    def keeps_dropped_slots(self) -> bool:
+        """Whether :meth:`dropping` returns this batch itself (a small batch on the PyTorch path)."""
+        return self.host is not None and self.plan.num_tokens < SPARSE_MIN_TOKENS
+
     def dropping(self, route: ModuleRoute) -> LoRABatch:
-        """This batch without ``route``'s dropped slots (built once per route key, kept in the batch)."""
+        """This batch without ``route``'s dropped slots (built once per route key, kept in the batch).
+
+        On the PyTorch path a batch of fewer than ``SPARSE_MIN_TOKENS`` tokens (decode steps) returns
+        itself: there a layer's cost is the number of torch calls it makes, not the rows it computes, so
+        the layer computes every row with its row weights (0 in the dropped slots: the same result) and
+        keeps sharing its siblings' shrink, where a plan of its own would add calls to skip a few rows."""
+        if self.keeps_dropped_slots:
+            return self
         batch = self._dropping.get(route.key)
         if batch is None:
             plan = self.plan
@@ -126,7 +143,7 @@ class LoRABatch:
             sparse = build_plan(
                 plan.seq_offsets, ids, plan.seq_weight, plan.num_adapters, num_tokens=plan.num_tokens
             )
-            batch = self._dropping[route.key] = LoRABatch(sparse, sparse=True)
+            batch = self._dropping[route.key] = LoRABatch(sparse, sparse=True, root=self)
         return batch
 
     def shared_shrink(self, share: SharedShrink, x: torch.Tensor) -> tuple[str, torch.Tensor] | None:

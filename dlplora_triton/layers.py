@@ -17,6 +17,7 @@ files or routers.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Sequence
 
@@ -269,7 +270,7 @@ class MultiLoRALinear(nn.Module):
         if batch is None:
             return y
         y = y.contiguous()
-        share = None if self.shrink_group is None else self.shrink_group.share(self, x)
+        share = None if self.shrink_group is None else self.shrink_group.share(self, x, batch)
         add_layer_delta(x, y, self._stacks, batch, self.row_weights, self.backend, share)
         return y
 
@@ -284,9 +285,10 @@ class ShrinkGroup:
 
     The first member called with an input computes the shrink of the stacked A (kept in the batch,
     :meth:`~dlplora_triton.ops.LoRABatch.shared_shrink`); the others called with that same tensor
-    expand their columns of it. Any other input, a member whose A requires grad, or members that keep
-    different rows make a member run alone, so results never depend on the grouping. On CUDA, with
-    ``backend="triton"`` and under torch.compile members run alone.
+    expand their columns of it. Any other input, a member whose A requires grad, or members that run on
+    different batches (MiLoRA rows picking different members, at prefill) make a member run alone, so
+    results never depend on the grouping. On CUDA, with ``backend="triton"`` and under torch.compile
+    members run alone.
     """
 
     def __init__(self, members: Sequence[MultiLoRALinear]):
@@ -308,27 +310,30 @@ class ShrinkGroup:
     def offset(self, layer: MultiLoRALinear) -> int:
         return self._current()[layer].offset
 
-    def shares(self, layer: MultiLoRALinear) -> bool:
-        """Whether ``layer`` may take the shared shrink: every member keeps the same slots (the same
-        :class:`ModuleRoute` key, so the same plan), and none skips its LoRA work. Members that drop
-        different rows (MiLoRA rows picking different members) each run alone on their own plan."""
-        route = layer.route
-        key = None if route is None else route.key
-        for m in self.members:
-            r = m.route
-            if (None if r is None else r.key) != key or (
-                r is not None and not (r.adapter_mask & m._adapter_mask)
-            ):
-                return False
-        return True
-
-    def share(self, layer: MultiLoRALinear, x: torch.Tensor) -> SharedShrink | None:
-        """``layer``'s part in the shared shrink of input ``x``, or None where it must run alone."""
-        if x.is_cuda or layer.backend == "triton" or torch.compiler.is_compiling() or not self.shares(layer):
+    def share(self, layer: MultiLoRALinear, x: torch.Tensor, batch: LoRABatch) -> SharedShrink | None:
+        """``layer``'s part in the shared shrink of input ``x`` on ``batch``, or None where it must run
+        alone: every member must run on this same batch and do LoRA work (members that drop different
+        slots get plans of their own, except on small CPU batches, which keep the dropped slots at
+        weight 0, see :meth:`~dlplora_triton.ops.LoRABatch.dropping`; there members no row uses are
+        not waited for)."""
+        if x.is_cuda or layer.backend == "triton" or torch.compiler.is_compiling():
             return None
+        root, size = batch.root, 0
+        for m in self.members:
+            route = m.route
+            if route is not None and not (route.adapter_mask & m._adapter_mask):
+                # No row uses it here: it returns before any LoRA work. Its columns of the stacked
+                # shrink would be work for nothing, which only a batch that keeps dropped slots accepts.
+                if not root.keeps_dropped_slots:
+                    return None
+                continue
+            if (root if route is None else root.dropping(route)) is not batch:
+                return None
+            size += 1
         if any(m.lora_a.requires_grad or m.lora_a.dtype != x.dtype for m in self.members):
             return None
-        return self._current()[layer]
+        share = self._current()[layer]
+        return share if share.size == size else dataclasses.replace(share, size=size)
 
     def _current(self) -> dict[MultiLoRALinear, SharedShrink]:
         # The A side by side, stacked again when a member's stacks were replaced or edited in place

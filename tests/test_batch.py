@@ -9,6 +9,7 @@ import warnings
 import pytest
 import torch
 
+from dlplora_triton import batch as batch_module
 from dlplora_triton import fused_lora_reference, ops
 from dlplora_triton.backends import torch_path
 from dlplora_triton.layers import FixedPlan, PlanSource
@@ -69,19 +70,27 @@ def test_add_layer_delta_equals_the_reference(method, monkeypatch):
     assert rel(out, want) < 1e-12
 
 
-def test_row_weights_replace_the_plans_and_a_route_drops_slots():
+@pytest.mark.parametrize("small", [False, True], ids=["sparse-plan", "small-batch"])
+def test_row_weights_replace_the_plans_and_a_route_drops_slots(small, monkeypatch):
+    if not small:  # these 9 tokens are a small batch: make them a large one
+        monkeypatch.setattr(batch_module, "SPARSE_MIN_TOKENS", 0)
     s = stacks(1)
     offsets, ids, weights = routing()
     batch = prepare_batch(offsets, ids, weights, L, num_tokens=9)
+    assert batch.keeps_dropped_slots == small
     x = torch.randn(9, K, dtype=torch.float64)
     gated = weights * torch.tensor([[1.0, 0.0, 0.5], [1.0, 1.0, 1.0], [0.0, 1.0, 1.0], [1.0, 1.0, 1.0]])
     dropped = (gated == 0) & (ids >= 0)
     route = ModuleRoute(tuple(int(i) for i in dropped.reshape(-1).nonzero()), dropped, 0b1001)
-    sparse = batch.dropping(route)
-    assert batch.dropping(route) is sparse and sparse.sparse  # built once per route key
-    assert torch.equal(sparse.plan.seq_adapter, ids.masked_fill(dropped, -1))
+    variant = batch.dropping(route)
+    assert batch.dropping(route) is variant  # built once per route key
+    if small:  # the dropped slots stay, at weight 0 in the row weights
+        assert variant is batch
+    else:
+        assert variant.sparse and variant.root is batch
+        assert torch.equal(variant.plan.seq_adapter, ids.masked_fill(dropped, -1))
     out = torch.zeros(9, N, dtype=torch.float64)
-    add_layer_delta(x, out, s, sparse, row_weights=gated)
+    add_layer_delta(x, out, s, variant, row_weights=gated)
     assert rel(out, reference(x, s, offsets, ids, gated)) < 1e-12
 
 

@@ -1,12 +1,15 @@
 """MiLoRA served sparsely: a (row, module) whose gate is 0 does no LoRA work, on both backends, exactly.
 
 The gates of a request are set once at prefill (``MultiLoRA.set_module_gates``); a slot whose gate is 0
-is dropped from that module's plan (``layers.ModuleRoute``), so the PyTorch path and the Triton kernels
-never shrink or expand it, and a module that no row picked runs its base layer only. Checked here:
+is dropped from that module's plan (``ModuleRoute``, ``LoRABatch.dropping``), so the PyTorch path and
+the Triton kernels never shrink or expand it, and a module that no row picked runs its base layer only. Checked here:
 served logits equal the training forward and the dense gated computation (every module computed, the
 unpicked ones multiplied by 0) for top_k 1..M and every pooling, through prefill and decode, with left
 padding and rows mixing "mi" with another adapter and the base model; the LoRA work (matmul
-multiply-adds) equals what the picked (row, module) pairs need, no more.
+multiply-adds) equals what the picked (row, module) pairs need, no more. These batches are small, and
+the PyTorch path serves small batches (``batch.SPARSE_MIN_TOKENS``, decode steps) with the dropped slots
+at weight 0 instead: the tests set the threshold to 0 to check the sparse plans, and
+``test_small_cpu_batches_keep_dropped_slots_at_weight_0`` checks the small-batch form.
 """
 
 import copy
@@ -17,6 +20,7 @@ from peft_helpers import make_model, save_adapter
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import dlplora_triton as dlp
+from dlplora_triton import batch as batch_module
 from dlplora_triton.gates import ModuleGates
 from dlplora_triton.layers import PlanSource, ShrinkGroup
 from dlplora_triton.milora import POOLINGS, LayerRouter, MiLoRA
@@ -25,6 +29,13 @@ from dlplora_triton.reference import fused_lora_reference
 
 B, T = 3, 9
 M = 7  # modules per Llama layer
+SMALL_BATCH = batch_module.SPARSE_MIN_TOKENS  # the default, read before the fixture below changes it
+
+
+@pytest.fixture(autouse=True)
+def sparse_plans_at_any_size(monkeypatch):
+    """Every batch here gets plans without its dropped slots (the form large batches get)."""
+    monkeypatch.setattr(batch_module, "SPARSE_MIN_TOKENS", 0)
 
 
 def padded_batch(seed: int = 0):
@@ -305,8 +316,8 @@ def test_shared_shrink_with_members_picked_by_different_rows(tmp_path, monkeypat
     shared = []
     share = ShrinkGroup.share
 
-    def sharing(self, layer, x):
-        part = share(self, layer, x)
+    def sharing(self, layer, x, batch):
+        part = share(self, layer, x, batch)
         if part is not None:
             shared.append(layer)
         return part
@@ -342,6 +353,42 @@ def test_shared_shrink_with_members_picked_by_different_rows(tmp_path, monkeypat
         dense = model(ids, attention_mask=mask).logits
     assert rel(sparse, dense) < 1e-5
     assert got.shape == sparse.shape
+
+
+def test_small_cpu_batches_keep_dropped_slots_at_weight_0(tmp_path, monkeypatch):
+    """Below ``SPARSE_MIN_TOKENS`` tokens (decode steps) a layer keeps its dropped slots at weight 0 on
+    the selection's batch: members of a group share one shrink even when they keep different rows, and
+    prefill and decode logits equal those of the sparse plans."""
+    assert B * T < SMALL_BATCH
+    mi = train("max", 2, seed=8)
+    model, lora = serve(mi, tmp_path, seed=8)
+    ids, mask = padded_batch(8)
+    lora.select([[("mi", 1.0)]] * B)
+    out = prefill(model, ids, mask)
+    sparse = (out.logits, decode(model, out, mask).logits)
+    monkeypatch.setattr(batch_module, "SPARSE_MIN_TOKENS", SMALL_BATCH)
+    shared = []
+    share = ShrinkGroup.share
+
+    def sharing(self, layer, x, batch):
+        part = share(self, layer, x, batch)
+        if part is not None:
+            shared.append(layer)
+        return part
+
+    monkeypatch.setattr(ShrinkGroup, "share", sharing)
+    lora.select([[("mi", 1.0)]] * B)
+    out = prefill(model, ids, mask)
+    small = (out.logits, decode(model, out, mask).logits)
+    for got, want in zip(small, sparse):
+        assert rel(got, want) < 1e-5
+    groups = {
+        id(layer.shrink_group): layer.shrink_group for layer in lora.layers.values() if layer.shrink_group
+    }
+    mixed = [g for g in groups.values() if len({m.route.key for m in g.members}) > 1]
+    assert mixed, "some group's members keep different rows"
+    used = [m for g in mixed for m in g.members if m.route.adapter_mask & m._adapter_mask]
+    assert used and all(m in shared for m in used), "every member with work shares its group's shrink"
 
 
 def test_gates_that_require_grad_drop_nothing(tmp_path):
