@@ -17,16 +17,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..defaults import BASE_THRESHOLD, DEFAULT_P
 from ..readers import read_json_object, read_safetensors
+from ..route_options import check_route_options
 from .features import featurize, pooled_hidden_states
-from .select import DEFAULT_P, _check_p, _check_top_k, _check_weighting, top_p_select
+from .select import top_p_select
 
 __all__ = ["Router", "FORMAT_VERSION", "CONFIG_FILE", "WEIGHTS_FILE", "GENERAL", "BASE_THRESHOLD"]
 
 FORMAT_VERSION = 2  # 2: classes, adapter_of, base_threshold (abstention); 1 is still read
 GENERAL = "_general"  # the class of the general prompts Router.train adds; always background
-# The base model serves a text whose background probability is at least this (docs/routing.md).
-BASE_THRESHOLD = 0.3
 CONFIG_FILE = "router_config.json"
 WEIGHTS_FILE = "router.safetensors"
 _FORMAT_NAME = "dlplora-router"
@@ -288,13 +288,14 @@ class Router:
         return self._base_probs(self.class_logits(texts, batch_size))
 
     def _check_route_args(self, p, top_k, weighting, min_confidence, base_threshold) -> float:
-        _check_p(p), _check_top_k(top_k), _check_weighting(weighting)
-        if min_confidence is not None:
-            _check_number("min_confidence", min_confidence, 0, 1)
-        if base_threshold is None:
-            return self.base_threshold
-        _check_number("base_threshold", base_threshold, 0, 1, low_open=True)
-        return float(base_threshold)
+        options = check_route_options(
+            p=p,
+            top_k=top_k,
+            weighting=weighting,
+            min_confidence=min_confidence,
+            base_threshold=base_threshold,
+        )
+        return self.base_threshold if options.base_threshold is None else options.base_threshold
 
     def route_tensors(
         self,
