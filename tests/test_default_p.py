@@ -1,5 +1,5 @@
 """One default top-p across the package: the API, the commands, the demos and `dlplora serve` (0.8, chosen
-from the SmolLM2 experiment; routing/select.py and the README say why)."""
+from the SmolLM2 experiment; dlplora_triton/defaults.py and the README say why)."""
 
 import inspect
 
