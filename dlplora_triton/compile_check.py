@@ -1,5 +1,6 @@
-"""``dlplora compile-check``: every kernel variant the block-shape functions choose, compiled for a GPU
-target with no GPU, and what the cubins say about them.
+"""What ``dlplora compile-check`` checks (the command: ``dlplora_triton.commands.compile_check``): every
+kernel variant the block-shape functions choose, compiled for a GPU target with no GPU, and what the
+cubins say about them.
 
 For each shape of a documented sweep (:func:`sweep`) it builds the real plan of a zipf-popular routing
 on the CPU, asks ``kernels.configs`` for the block shapes and the launchers for their arguments (as
@@ -466,14 +467,15 @@ def _variants_with(variants: list[dict]) -> Counter:
     return seen
 
 
-def main(arch: str, quick: bool, json_path: str | None) -> int:
-    """The command: print progress and the summary, write the JSON, exit 1 on any failure."""
-    report = run_check([a.strip() for a in arch.split(",") if a.strip()], quick)
-    if json_path:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(report, indent=1))
-    print(main_table(report))
-    for failure in report["failures"]:
-        print(f"FAIL {failure}")
-    print(f"{len(report['variants'])} variants, {len(report['failures'])} failures")
-    return 1 if report["failures"] else 0
+def __getattr__(name: str):
+    if name == "main":  # moved in 0.2.0: the command is dlplora_triton.commands.compile_check
+        import importlib
+        import warnings
+
+        warnings.warn(
+            "dlplora_triton.compile_check.main moved to dlplora_triton.commands.compile_check.check",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return importlib.import_module("dlplora_triton.commands.compile_check").check
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -31,14 +31,9 @@ def test_help_of_every_subcommand(command, capsys):
 
 
 def _option_parsers() -> dict[str, argparse.ArgumentParser]:
-    """Each subcommand's parser, finetune's and serve's own parsers included."""
-    from dlplora_triton.finetune.command import _build_finetune_parser
-    from dlplora_triton.integrations.vllm.serve import build_parser as build_serve_parser
-
+    """Each subcommand's parser (finetune's and serve's included: every command module builds its own)."""
     (sub,) = [a for a in _build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
-    parsers = dict(sub.choices)
-    parsers["finetune"], parsers["serve"] = _build_finetune_parser(), build_serve_parser()
-    return parsers
+    return dict(sub.choices)
 
 
 @pytest.mark.parametrize("command", _subcommands())

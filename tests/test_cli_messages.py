@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from dlplora_triton import Router, cli
+from dlplora_triton import Router
 from dlplora_triton.cli import main
+from dlplora_triton.commands import route
 from dlplora_triton.demo.tasks import ADAPTERS_DIR
 from dlplora_triton.readers import check_output_dir, check_output_file, read_labelled_jsonl
 
@@ -54,7 +55,7 @@ def test_key_errors_read_without_stray_quotes(capsys, monkeypatch):
     def fail(args):
         raise KeyError("unknown adapter 'xx'; adapters: ['de']")
 
-    monkeypatch.setattr(cli, "_route", fail)
+    monkeypatch.setattr(route, "run", fail)
     line = _error(capsys, ["route", "--router", "r", "hello"])
     assert line == "dlplora route: error: unknown adapter 'xx'; adapters: ['de']"
 
@@ -169,9 +170,9 @@ def test_a_number_as_task_is_refused_naming_the_line(capsys, tmp_path):
 
 
 def test_compile_check_checks_its_json_path_first(capsys, tmp_path, monkeypatch):
-    import dlplora_triton.compile_check as compile_check
+    from dlplora_triton.commands import compile_check
 
-    monkeypatch.setattr(compile_check, "main", lambda *a: pytest.fail("compiled before checking --json"))
+    monkeypatch.setattr(compile_check, "check", lambda *a: pytest.fail("compiled before checking --json"))
     line = _error(capsys, ["compile-check", "--quick", "--json", str(tmp_path / "missing" / "r.json")])
     assert "--json" in line and "does not exist" in line
     line = _error(capsys, ["compile-check", "--quick", "--json", str(tmp_path)])

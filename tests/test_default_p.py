@@ -1,13 +1,14 @@
 """One default top-p across the package: the API, the commands, the demos and `dlplora serve` (0.8, chosen
-from the SmolLM2 experiment; routing/select.py and the README say why)."""
+from the SmolLM2 experiment; dlplora_triton/defaults.py and the README say why)."""
 
 import inspect
 
 import dlplora_triton as dlp
-from dlplora_triton import cli
+from dlplora_triton import cli, defaults
+from dlplora_triton.commands import serve
 from dlplora_triton.demo import real_model
 from dlplora_triton.generation import generate_routed
-from dlplora_triton.integrations.vllm import routed, serve
+from dlplora_triton.integrations.vllm import routed
 from dlplora_triton.routing import DEFAULT_P
 
 
@@ -29,7 +30,7 @@ def test_every_default_p_is_the_packages():
         for name, extra in (("route", []), ("generate", ["--model", "m", "--adapters", "a"]))
     }
     others = {
-        "cli.DEFAULT_P": cli.DEFAULT_P,
+        "defaults.DEFAULT_P": defaults.DEFAULT_P,
         "demo": real_model.ROUTING["p"],
         "dlplora serve --p": serve.build_parser().parse_args(["--adapters", "a", "--router", "r"]).p,
         "routed.DEFAULT_P": routed.DEFAULT_P,

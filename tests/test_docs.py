@@ -127,13 +127,9 @@ def _commands(code: str) -> list[list[str]]:
 
 def _dlplora_parsers() -> dict[str, argparse.ArgumentParser]:
     from dlplora_triton.cli import _build_parser
-    from dlplora_triton.finetune.command import _build_finetune_parser
-    from dlplora_triton.integrations.vllm.serve import build_parser as build_serve_parser
 
     (sub,) = [a for a in _build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
-    parsers = dict(sub.choices)
-    parsers["finetune"], parsers["serve"] = _build_finetune_parser(), build_serve_parser()
-    return parsers
+    return dict(sub.choices)
 
 
 def _make_targets() -> set[str]:

@@ -13,12 +13,12 @@ from torch import nn
 from transformers import BertConfig, BertForSequenceClassification
 
 import dlplora_triton
+from dlplora_triton.commands.finetune import finetune_main
 from dlplora_triton.finetune import (
     GATE_FILE,
     DynamicLoRA,
     DynamicLoRALinear,
     RankSchedule,
-    finetune_main,
     match_target_modules,
 )
 from dlplora_triton.readers import read_labelled_jsonl

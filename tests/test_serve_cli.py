@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from dlplora_triton.cli import main
-from dlplora_triton.integrations.vllm.serve import ServeError, adapter_directories, build_parser, vllm_command
+from dlplora_triton.commands.serve import build_parser
+from dlplora_triton.integrations.vllm.serve import ServeError, adapter_directories, vllm_command
 
 ROOT = Path(__file__).resolve().parents[1]
 ADAPTERS = ROOT / "dlplora_triton" / "data" / "adapters" / "smollm2"
@@ -131,10 +132,8 @@ def test_max_loras_follows_top_k():
 def test_serve_puts_the_mix_key_in_vllms_environment(monkeypatch, router_dir):
     import os
 
-    from dlplora_triton.integrations.vllm import serve
-
     seen = {}
     monkeypatch.delenv("DLPLORA_MIX_KEY", raising=False)
     monkeypatch.setattr(os, "execve", lambda path, argv, env: seen.update(env=env))
-    assert serve.serve_main(["--adapters", str(ADAPTERS), "--router", str(router_dir), "--model", "m"]) == 0
+    assert main(["serve", "--adapters", str(ADAPTERS), "--router", str(router_dir), "--model", "m"]) == 0
     assert len(seen["env"]["DLPLORA_MIX_KEY"]) == 64

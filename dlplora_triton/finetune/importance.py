@@ -7,11 +7,10 @@ from collections.abc import Sequence
 
 import torch
 
+from ..defaults import IMPORTANCE_KINDS
 from .layers import DynamicLoRALinear
 
 __all__ = ["RankSchedule", "Importance", "plan_moves", "IMPORTANCE_KINDS"]
-
-IMPORTANCE_KINDS = ("sensitivity", "grad_norm")
 
 
 class RankSchedule:

@@ -1,41 +1,17 @@
-"""``dlplora milora-gates``: the LoRA modules a saved MiLoRA picks in each layer for given prompts."""
+"""How ``dlplora milora-gates`` shows a MiLoRA's gates: :func:`format_gates` (pure text; the command,
+which attaches the MiLoRA and runs the prefill, is ``dlplora_triton.commands.milora_gates``)."""
 
 from __future__ import annotations
 
-import json
-import os
+import importlib
+import warnings
 from collections.abc import Sequence
-from pathlib import Path
 
-import torch
+__all__ = ["format_gates"]
 
-__all__ = ["prompt_gates", "format_gates", "gates_main"]
-
-
-def prompt_gates(model, tokenizer, milora_dir: str | os.PathLike, prompts: Sequence[str]) -> dict:
-    """Attach ``milora_dir`` to ``model`` as ``"mi"``, run one prefill of ``prompts`` (left-padded) and
-    return ``{"layers_path", "modules", "gates": [B, layers, modules] list}``; the model is detached after."""
-    from ..patch import attach
-
-    if not prompts:
-        raise ValueError("give at least one prompt")
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    lora = attach(model, {"mi": milora_dir})
-    try:
-        batch = tokenizer(list(prompts), return_tensors="pt", padding=True, padding_side="left")
-        device = next(model.parameters()).device
-        with lora.selection([[("mi", 1.0)]] * len(prompts)), torch.no_grad():
-            model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
-            gates = lora.gates("mi")
-        served = lora._milora["mi"]
-        return {
-            "layers_path": served.config.layers_path,
-            "modules": list(served.config.modules),
-            "gates": gates.cpu().tolist(),
-        }
-    finally:
-        lora.detach()
+# Names that moved to dlplora_triton.commands.milora_gates (0.2.0): still importable from here, with a
+# DeprecationWarning, until the next minor release.
+_MOVED = {"prompt_gates": "prompt_gates", "gates_main": "show_gates"}
 
 
 def format_gates(prompts: Sequence[str], result: dict) -> str:
@@ -52,23 +28,9 @@ def format_gates(prompts: Sequence[str], result: dict) -> str:
     return "\n".join(lines)
 
 
-def gates_main(model_dir: str, milora_dir: str, prompts: Sequence[str], device: str, as_json: bool) -> int:
-    """The command: load a transformers model folder (model + tokenizer), print the gates."""
-    if not Path(model_dir).is_dir():
-        raise FileNotFoundError(f"model folder {model_dir!r} does not exist")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True).to(device).eval()
-    except OSError as err:
-        raise ValueError(
-            f"cannot load a model and tokenizer from {model_dir!r}: {str(err).splitlines()[0]}"
-        ) from None
-    result = prompt_gates(model, tokenizer, milora_dir, prompts)
-    if as_json:
-        rows = [{"prompt": p, "gates": g} for p, g in zip(prompts, result["gates"])]
-        print(json.dumps({"modules": result["modules"], "prompts": rows}, ensure_ascii=False))
-    else:
-        print(format_gates(prompts, result))
-    return 0
+def __getattr__(name: str):
+    if name in _MOVED:
+        new = f"dlplora_triton.commands.milora_gates.{_MOVED[name]}"
+        warnings.warn(f"dlplora_triton.milora.show.{name} moved to {new}", DeprecationWarning, stacklevel=2)
+        return getattr(importlib.import_module("dlplora_triton.commands.milora_gates"), _MOVED[name])
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

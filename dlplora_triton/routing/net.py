@@ -20,6 +20,10 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ..defaults import (
+    BASE_THRESHOLD,  # the base model serves a text whose background probability is at least this
+)
+
 __all__ = [
     "RouterNet",
     "net_inputs",
@@ -32,8 +36,6 @@ __all__ = [
 ]
 
 GENERAL = "_general"  # the class of the general prompts Router.train adds; always background
-# The base model serves a text whose background probability is at least this (docs/routing.md).
-BASE_THRESHOLD = 0.3
 
 
 class RouterNet(nn.Module):

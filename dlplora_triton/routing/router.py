@@ -14,19 +14,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..defaults import BASE_THRESHOLD, DEFAULT_P
+from ..route_options import check_route_options
 from . import train as _train
 from .features import featurize, pooled_hidden_states
 from .files import load_router, save_router
-from .net import (
-    BASE_THRESHOLD,
-    RouterNet,
-    check_number,
-    check_texts,
-    net_inputs,
-    one_thread,
-    resolve_adapters,
-)
-from .select import DEFAULT_P, _check_p, _check_top_k, _check_weighting, top_p_select
+from .net import RouterNet, check_number, check_texts, net_inputs, one_thread, resolve_adapters
+from .select import top_p_select
 
 __all__ = ["Router", "train_router"]
 
@@ -180,13 +174,14 @@ class Router:
         return self._base_probs(self.class_logits(texts, batch_size))
 
     def _check_route_args(self, p, top_k, weighting, min_confidence, base_threshold) -> float:
-        _check_p(p), _check_top_k(top_k), _check_weighting(weighting)
-        if min_confidence is not None:
-            check_number("min_confidence", min_confidence, 0, 1)
-        if base_threshold is None:
-            return self.base_threshold
-        check_number("base_threshold", base_threshold, 0, 1, low_open=True)
-        return float(base_threshold)
+        options = check_route_options(
+            p=p,
+            top_k=top_k,
+            weighting=weighting,
+            min_confidence=min_confidence,
+            base_threshold=base_threshold,
+        )
+        return self.base_threshold if options.base_threshold is None else options.base_threshold
 
     def route_tensors(
         self,

@@ -9,38 +9,16 @@ import math
 
 import torch
 
+from ..defaults import DEFAULT_P, DEFAULT_WEIGHTING, WEIGHTINGS
+from ..route_options import check_route_options
+
 __all__ = ["top_p_select", "WEIGHTINGS", "DEFAULT_P"]
 
-WEIGHTINGS = ("renorm", "softmax")
-# The package's one default top-p (the API, the dlplora commands, the demo, dlplora serve). Chosen from the
-# SmolLM2 experiment (docs/real-model.md): on composite texts p = 0.8 gets most of the gain of mixing over
-# top-1 routing (-2.3% perplexity; p = 0.9: -2.8%, p = 0.6: -0.7%) with 1.42 adapters per text instead of
-# 1.92 at p = 0.9, and on single-task texts it stays at the oracle (-0.2%; 1.04 adapters per text).
-DEFAULT_P = 0.8
-
-
-def _check_p(p) -> float:
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p) or not 0 < p <= 1:
-        raise ValueError(f"p must be a number in (0, 1], got {p!r}")
-    return float(p)
-
-
-def _check_top_k(top_k) -> int | None:
-    if top_k is None:
-        return None
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-        raise ValueError(f"top_k must be None or an integer >= 1, got {top_k!r}")
-    return top_k
-
-
-def _check_weighting(weighting) -> str:
-    if weighting not in WEIGHTINGS:
-        raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
-    return weighting
+# DEFAULT_P (0.8) and WEIGHTINGS live in dlplora_triton/defaults.py (why 0.8: there); re-exported here.
 
 
 def top_p_select(
-    probs: torch.Tensor, p: float = DEFAULT_P, top_k: int | None = None, weighting: str = "renorm"
+    probs: torch.Tensor, p: float = DEFAULT_P, top_k: int | None = None, weighting: str = DEFAULT_WEIGHTING
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Keep, per row, the most likely adapters whose cumulative probability first reaches ``p``.
 
@@ -72,9 +50,8 @@ def top_p_select(
         >>> top_p_select(torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.9, 0.0]]), p=0.6)
         (tensor([[ 0,  1], [ 1, -1]]), tensor([[0.6250, 0.3750], [1.0000, 0.0000]]))
     """
-    p = _check_p(p)
-    top_k = _check_top_k(top_k)
-    weighting = _check_weighting(weighting)
+    options = check_route_options(p=p, top_k=top_k, weighting=weighting)
+    p, top_k, weighting = options.p, options.top_k, options.weighting
     if not isinstance(probs, torch.Tensor):
         raise TypeError(f"probs must be a torch.Tensor of shape [B, L], got {type(probs).__name__}")
     if not probs.is_floating_point():

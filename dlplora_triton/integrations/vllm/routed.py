@@ -32,9 +32,10 @@ from http import HTTPStatus
 
 import torch
 
+from dlplora_triton.defaults import AUTO_NAME, DEFAULT_P
 from dlplora_triton.integrations.vllm.mixes import canonical_mix_name
 from dlplora_triton.integrations.vllm.server import MixMiddleware, Prepared, RequestError
-from dlplora_triton.routing.select import DEFAULT_P
+from dlplora_triton.route_options import RouteOptionError, check_route_options
 
 __all__ = ["AUTO_ENV", "MAX_ROUTE_CHARS", "ROUTE_HEADER", "RoutingMiddleware", "route_text"]
 
@@ -127,7 +128,7 @@ class RoutingMiddleware(MixMiddleware):
         # intra-op thread, so the router's own one-thread sections do not resize a thread pool per call.
         torch.set_num_threads(1)
         self.router = Router.load(router_dir)
-        self.auto_name = os.environ.get(AUTO_ENV, "auto")
+        self.auto_name = os.environ.get(AUTO_ENV, AUTO_NAME)
         self.p = float(os.environ.get(P_ENV, DEFAULT_P))
         top_k = os.environ.get(TOP_K_ENV)
         self.top_k = int(top_k) if top_k else None
@@ -175,28 +176,14 @@ class RoutingMiddleware(MixMiddleware):
                 f"routing has unknown fields {[u[:40] for u in unknown[:8]]} (p, top_k, adapters, base_threshold)",
                 "routing",
             )
-        options = {}
-        for key in ("p", "base_threshold"):
-            if key in routing:
-                value = routing[key]
-                if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value <= 1):
-                    raise RequestError(
-                        HTTPStatus.BAD_REQUEST,
-                        f"routing.{key} must lie in (0, 1], got {value!r:.40}",
-                        "routing",
-                    )
-                options[key] = float(value)
-        if "top_k" in routing:
-            k = routing["top_k"]
-            if isinstance(k, bool) or not isinstance(k, int) or not (1 <= k <= max_loras):
-                raise RequestError(
-                    HTTPStatus.BAD_REQUEST,
-                    f"routing.top_k must be an integer from 1 to {max_loras} (this server's max_loras), "
-                    f"got {k!r:.40}",
-                    "routing",
-                )
-            options["top_k"] = k
-        return options
+        given = {key: routing[key] for key in ("p", "top_k", "base_threshold") if key in routing}
+        try:  # the one check of route options (dlplora_triton.route_options), named as the body names them
+            checked = check_route_options(
+                **given, max_top_k=max_loras, max_top_k_why="this server's max_loras", explicit=given
+            )
+        except RouteOptionError as err:
+            raise RequestError(HTTPStatus.BAD_REQUEST, err.named(f"routing.{err.field}"), "routing") from None
+        return {key: getattr(checked, key) for key in given}
 
     async def prepare(self, scope, payload: dict):
         routing = payload.get("routing")

@@ -1,4 +1,6 @@
-"""``dlplora serve``: vLLM's OpenAI server with the plugin, a directory of adapters and the DLP-LoRA router.
+"""What ``dlplora serve`` does once its own options are parsed (the command and its parser:
+``dlplora_triton.commands.serve``): vLLM's OpenAI server with the plugin, a directory of adapters and the
+DLP-LoRA router.
 
     dlplora serve --adapters DIR --router DIR [--p 0.8] [--top-k 3] [--auto-name auto] [vLLM server arguments...]
 
@@ -14,14 +16,13 @@ the command line goes to vLLM unchanged (``--model`` first of all).
 from __future__ import annotations
 
 import argparse
-import math
+import importlib
 import os
 import sys
+import warnings
 from pathlib import Path
 
-from dlplora_triton.routing.select import DEFAULT_P
-
-__all__ = ["ServeError", "adapter_directories", "build_parser", "serve_main", "vllm_command"]
+__all__ = ["ServeError", "adapter_directories", "load_router", "serve", "vllm_command"]
 
 MIDDLEWARE = "dlplora_triton.integrations.vllm.routed.RoutingMiddleware"
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM accepts for --max-lora-rank
@@ -29,34 +30,6 @@ VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM accepts f
 
 class ServeError(ValueError):
     """A start-up problem, reported in one line before vLLM starts."""
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="dlplora serve",
-        description="vLLM's OpenAI server with routed adapter mixes: requests with model 'auto' are routed "
-        "by the DLP-LoRA router; 'mix:a=0.7,b=0.3' and plain adapter names are served too. Arguments "
-        "not listed here go to vLLM's server (e.g. --model, --port, --max-loras).",
-    )
-    parser.add_argument(
-        "--adapters", required=True, help="directory of PEFT adapters, one sub-directory each"
-    )
-    parser.add_argument(
-        "--router", required=True, help="a router saved by `dlplora train-router` (Router.save)"
-    )
-    parser.add_argument(
-        "--p",
-        type=float,
-        default=DEFAULT_P,
-        help=f"top-p of the router's adapter mix (default {DEFAULT_P})",
-    )
-    parser.add_argument(
-        "--top-k", type=int, default=3, help="at most this many adapters per request (default 3)"
-    )
-    parser.add_argument(
-        "--auto-name", default="auto", help="the model name that asks for routing (default auto)"
-    )
-    return parser
 
 
 def adapter_directories(root: str | os.PathLike) -> dict[str, tuple[str, int]]:
@@ -149,20 +122,13 @@ def vllm_command(args: argparse.Namespace, rest: list[str], adapters: dict) -> l
     return cmd
 
 
-def serve_main(argv: list[str]) -> int:
-    """Check, then exec vLLM's server (does not return on success); 2 with one line on a bad start-up."""
-    args, rest = build_parser().parse_known_args(argv)
-    try:
-        if not (0 < args.p <= 1) or not math.isfinite(args.p):
-            raise ServeError(f"--p must lie in (0, 1], got {args.p}")
-        if args.top_k < 1:
-            raise ServeError(f"--top-k must be >= 1, got {args.top_k}")
-        adapters = adapter_directories(args.adapters)
-        load_router(args.router, adapters)
-        cmd = vllm_command(args, rest, adapters)
-    except ServeError as e:
-        print(f"dlplora serve: error: {e}", file=sys.stderr)
-        return 2
+def serve(args: argparse.Namespace, rest: list[str]) -> int:
+    """Check the adapters, the router and ``rest`` (vLLM's arguments), then exec vLLM's server (does not
+    return on success); ServeError naming the problem of a bad start-up. ``args``: the options of
+    ``dlplora_triton.commands.serve.build_parser``, ``p`` and ``top_k`` already checked."""
+    adapters = adapter_directories(args.adapters)
+    load_router(args.router, adapters)
+    cmd = vllm_command(args, rest, adapters)
     from dlplora_triton.integrations.vllm.mixes import mix_key
 
     mix_key()  # the key signing mixes, in this environment for every process vLLM starts
@@ -177,3 +143,28 @@ def serve_main(argv: list[str]) -> int:
     print("dlplora serve: " + " ".join(cmd[1:]), file=sys.stderr, flush=True)
     os.execve(cmd[0], cmd, env)
     return 0  # not reached
+
+
+def _serve_main(argv: list[str]) -> int:
+    """The old ``serve_main(argv)``: ``dlplora serve`` with these arguments."""
+    return importlib.import_module("dlplora_triton.cli").main(["serve", *argv])
+
+
+def __getattr__(name: str):
+    # Moved in 0.2.0 (the command lives in dlplora_triton.commands.serve); importable from here, with a
+    # DeprecationWarning, until the next minor release.
+    if name == "build_parser":
+        warnings.warn(
+            f"{__name__}.build_parser moved to dlplora_triton.commands.serve.build_parser",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return importlib.import_module("dlplora_triton.commands.serve").build_parser
+    if name == "serve_main":
+        warnings.warn(
+            f"{__name__}.serve_main is deprecated: run dlplora_triton.cli.main(['serve', *argv])",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return _serve_main
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
