@@ -3,7 +3,7 @@
 A :class:`LoRABatch` holds what the layers of a model share for one batch: the plan
 (:func:`~dlplora_triton.plan.build_plan`), the PyTorch path's host data of it (each fact read from the
 device once per batch, not once per layer), its variants without the slots a module drops (MiLoRA's
-per-module routes, :class:`ModuleRoute`) and the shrink shared by layers that read one input. It is
+per-module dropped slots, :class:`DroppedSlots`) and the shrink shared by layers that read one input. It is
 the one door below the layers: ``patch``, ``layers.FixedPlan``, MiLoRA's serving and the vLLM wrapper
 build batches and pass them to :func:`dlplora_triton.ops.add_layer_delta` (or
 :func:`~dlplora_triton.ops.fused_lora_planned` with ``batch.plan``), and none of them reaches into
@@ -12,6 +12,7 @@ build batches and pass them to :func:`dlplora_triton.ops.add_layer_delta` (or
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -20,7 +21,7 @@ import torch
 from .backends.torch_path import TorchPathCache, shrink_shared
 from .plan import LoRAPlan, build_plan
 
-__all__ = ["LoRABatch", "LoRAStacks", "ModuleRoute", "SharedShrink", "prepare_batch", "SPARSE_MIN_TOKENS"]
+__all__ = ["LoRABatch", "LoRAStacks", "DroppedSlots", "SharedShrink", "prepare_batch", "SPARSE_MIN_TOKENS"]
 
 # Below this many tokens a CPU batch serves a layer's dropped slots with weight 0 instead of a plan
 # without them (LoRABatch.dropping); measured by bench/bench_milora.py (README, MiLoRA serving speed).
@@ -28,7 +29,7 @@ SPARSE_MIN_TOKENS = 32
 
 
 @dataclass(frozen=True, eq=False)
-class ModuleRoute:
+class DroppedSlots:
     """The slots of the selection that one layer drops (MiLoRA: a module whose gate is 0 for a row).
 
     ``key``: the flat indices ``s * P + p`` of the dropped slots, sorted (layers with the same key get
@@ -127,8 +128,8 @@ class LoRABatch:
         """Whether :meth:`dropping` returns this batch itself (a small batch on the PyTorch path)."""
         return self.host is not None and self.plan.num_tokens < SPARSE_MIN_TOKENS
 
-    def dropping(self, route: ModuleRoute) -> LoRABatch:
-        """This batch without ``route``'s dropped slots (built once per route key, kept in the batch).
+    def dropping(self, slots: DroppedSlots) -> LoRABatch:
+        """This batch without ``slots`` (built once per ``slots.key``, kept in the batch).
 
         On the PyTorch path a batch of fewer than ``SPARSE_MIN_TOKENS`` tokens (decode steps) returns
         itself: there a layer's cost is the number of torch calls it makes, not the rows it computes, so
@@ -136,14 +137,14 @@ class LoRABatch:
         keeps sharing its siblings' shrink, where a plan of its own would add calls to skip a few rows."""
         if self.keeps_dropped_slots:
             return self
-        batch = self._dropping.get(route.key)
+        batch = self._dropping.get(slots.key)
         if batch is None:
             plan = self.plan
-            ids = plan.seq_adapter.masked_fill(route.dropped.to(plan.device), -1)
+            ids = plan.seq_adapter.masked_fill(slots.dropped.to(plan.device), -1)
             sparse = build_plan(
                 plan.seq_offsets, ids, plan.seq_weight, plan.num_adapters, num_tokens=plan.num_tokens
             )
-            batch = self._dropping[route.key] = LoRABatch(sparse, sparse=True, root=self)
+            batch = self._dropping[slots.key] = LoRABatch(sparse, sparse=True, root=self)
         return batch
 
     def shared_shrink(self, share: SharedShrink, x: torch.Tensor) -> tuple[str, torch.Tensor] | None:
@@ -189,3 +190,10 @@ def prepare_batch(
 def _version(t: torch.Tensor) -> int:
     """The tensor's in-place version counter (inference tensors have none: -1, identity alone counts)."""
     return -1 if t.is_inference() else t._version
+
+
+def __getattr__(name: str):
+    if name == "ModuleRoute":  # its name until 0.2 ("route" now means the sentence router's decision only)
+        warnings.warn("ModuleRoute is deprecated: it is DroppedSlots", DeprecationWarning, stacklevel=2)
+        return DroppedSlots
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -3,8 +3,8 @@
 ``MultiLoRA.set_module_gates(name, {path: gates [B]})`` (and MiLoRA's serving hooks,
 ``milora/serving.py``) land here. For each adapted layer at a gated path the room computes the layer's
 ``[S, P]`` per-row fusion weights (the selection's, times the gates of every adapter at that path) and
-the slots it drops (:class:`~dlplora_triton.ops.ModuleRoute`: gate exactly 0), and hands both to the
-layer (``row_weights``, ``route``), which passes them with the batch to ``ops``. Plain PEFT adapters
+the slots it drops (:class:`~dlplora_triton.ops.DroppedSlots`: gate exactly 0), and hands both to the
+layer (``row_weights``, ``dropped_slots``), which passes them with the batch to ``ops``. Plain PEFT adapters
 never reach this module: without gates every layer runs on the selection's weights.
 """
 
@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 
 import torch
 
-from .ops import ModuleRoute
+from .ops import DroppedSlots
 from .selection import RowSelection
 
 __all__ = ["ModuleGates"]
@@ -41,7 +41,7 @@ class ModuleGates:
         self._row_bases = {}
         for layer in self.layers.values():
             layer.row_weights = None
-            layer.route = None
+            layer.dropped_slots = None
 
     def set(self, name: str, gates: Mapping[str, torch.Tensor] | None) -> None:
         """Set (merge) adapter ``name``'s ``[B]`` gates per module path, or clear them all (None).
@@ -73,14 +73,14 @@ class ModuleGates:
         of every adapter at that path (None where no adapter has one). One stacked computation per device
         for all of ``paths``: the cost does not grow with the number of other layers.
 
-        A slot whose gate is exactly 0 is dropped from that layer (its :class:`ModuleRoute`): the layer
+        A slot whose gate is exactly 0 is dropped from that layer (its :class:`DroppedSlots`): the layer
         then runs on a plan without it, so a (row, module) with gate 0 costs no LoRA work, and a layer
         whose slots are all dropped costs none at all. Gates that require grad drop nothing (the
         gradient of a gate at 0 is not 0). Reading which gates are 0 costs one device sync per call."""
         by_device: dict[torch.device, list[str]] = {}
         for path in paths:
             layer = self.layers[path]
-            layer.route = None
+            layer.dropped_slots = None
             if any(path in by_path for by_path in self._by_name.values()):
                 by_device.setdefault(layer.lora_a.device, []).append(path)
             else:
@@ -105,17 +105,17 @@ class ModuleGates:
             for path, weights in zip(group, (base * factor).unbind(0)):
                 self.layers[path].row_weights = weights
             if self.skip_zero and not factor.requires_grad:
-                self._set_routes(sel, group, (factor == 0) & (ids >= 0))
+                self._set_dropped(sel, group, (factor == 0) & (ids >= 0))
 
-    def _set_routes(self, sel: RowSelection, paths: list[str], dropped: torch.Tensor) -> None:
+    def _set_dropped(self, sel: RowSelection, paths: list[str], dropped: torch.Tensor) -> None:
         """``dropped`` ``[len(paths), S, P]`` bool: the slots each layer skips (one host read for all)."""
         flat_ids = sel.adapter_ids.reshape(-1).tolist()
         for path, flags, mask in zip(paths, dropped.reshape(len(paths), -1).tolist(), dropped.unbind(0)):
-            # Even with nothing dropped the layer gets a route (key ()): its plan's cache is sparse, so
+            # Even with nothing dropped the layer gets its DroppedSlots (key ()): its batch is sparse, so
             # base rows ([] in the selection) are not computed either.
             key = tuple(i for i, d in enumerate(flags) if d)
             kept = {a for a, d in zip(flat_ids, flags) if a >= 0 and not d}
-            self.layers[path].route = ModuleRoute(key, mask, sum(1 << a for a in kept))
+            self.layers[path].dropped_slots = DroppedSlots(key, mask, sum(1 << a for a in kept))
 
     def _row_base(self, sel: RowSelection, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """``adapter_ids [S, P]`` and the selection's weights (0 in empty slots) on ``device``, made once

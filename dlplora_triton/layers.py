@@ -25,10 +25,10 @@ import torch
 from torch import nn
 
 from .modules import linear_features
-from .ops import LoRABatch, LoRAStacks, ModuleRoute, SharedShrink, add_layer_delta
+from .ops import DroppedSlots, LoRABatch, LoRAStacks, SharedShrink, add_layer_delta
 from .plan import LoRAPlan
 
-__all__ = ["MultiLoRALinear", "ModuleRoute", "PlanSource", "FixedPlan", "ShrinkGroup", "stack_factors"]
+__all__ = ["MultiLoRALinear", "DroppedSlots", "PlanSource", "FixedPlan", "ShrinkGroup", "stack_factors"]
 
 
 class PlanSource:
@@ -54,28 +54,30 @@ class PlanSource:
             self._wrapped = LoRABatch(plan)
         return self._wrapped
 
-    def batch_for(self, x: torch.Tensor, route: ModuleRoute | None = None):
-        """Deprecated: ``(plan, host data)`` for ``x``; use ``batch(x)`` (and ``.dropping(route)``)."""
+    def batch_for(self, x: torch.Tensor, route: DroppedSlots | None = None):
+        """Deprecated: ``(plan, host data)`` for ``x``; use ``batch(x)`` (and ``.dropping(slots)``)."""
         warnings.warn(
-            "PlanSource.batch_for is deprecated: use batch(x), and batch(x).dropping(route) for a route",
+            "PlanSource.batch_for is deprecated: use batch(x), and batch(x).dropping(slots) for dropped slots",
             DeprecationWarning,
             stacklevel=2,
         )
         batch = self.batch(x) if route is None else self.batch(x).dropping(route)
         return batch.plan, batch.host
 
-    def layer_batch(self, x: torch.Tensor, route: ModuleRoute | None, adapter_mask: int) -> LoRABatch | None:
+    def layer_batch(
+        self, x: torch.Tensor, dropped: DroppedSlots | None, adapter_mask: int
+    ) -> LoRABatch | None:
         """The batch a layer with adapters ``adapter_mask`` runs on, or None when no row uses one of them
-        there (the layer then adds nothing). ``route``: the slots the layer drops (MiLoRA), if any."""
+        there (the layer then adds nothing). ``dropped``: the slots the layer drops (MiLoRA), if any."""
         if torch.compiler.is_compiling():
             # Under torch.compile read only whether some adapter is used: the mask differs between
-            # routings, and a value read here would make every new routing compile again. A route is
-            # not followed there (the row weights, 0 in its dropped slots, keep the result exact).
+            # selections, and a value read here would make every new one compile again. Dropped slots
+            # are not dropped there (the row weights, 0 in its dropped slots, keep the result exact).
             return self.batch(x) if self.active else None
-        if not ((self.adapter_mask if route is None else route.adapter_mask) & adapter_mask):
+        if not ((self.adapter_mask if dropped is None else dropped.adapter_mask) & adapter_mask):
             return None  # no row uses an adapter of this layer (or every row that does dropped it here)
         batch = self.batch(x)
-        return batch if route is None else batch.dropping(route)
+        return batch if dropped is None else batch.dropping(dropped)
 
 
 class FixedPlan(PlanSource):
@@ -171,7 +173,7 @@ class MultiLoRALinear(nn.Module):
         # [S, P] float fusion weights replacing the plan's in this layer (MultiLoRA.set_module_gates), or None.
         self.row_weights: torch.Tensor | None = None
         # Slots of the selection this layer skips (their row_weights are 0), or None: every slot.
-        self.route: ModuleRoute | None = None
+        self.dropped_slots: DroppedSlots | None = None
         # "auto": Triton on CUDA tensors, the PyTorch path on CPU; "triton" runs the kernels on CPU
         # tensors too (under TRITON_INTERPRET=1: the tests); "torch" the PyTorch path everywhere.
         self.backend = "auto"
@@ -237,6 +239,14 @@ class MultiLoRALinear(nn.Module):
         return self
 
     @property
+    def route(self) -> DroppedSlots | None:
+        """Deprecated: :attr:`dropped_slots` (its name until 0.2)."""
+        warnings.warn(
+            "MultiLoRALinear.route is deprecated: use dropped_slots", DeprecationWarning, stacklevel=2
+        )
+        return self.dropped_slots
+
+    @property
     def stacks(self) -> LoRAStacks:
         """The layer's adapters as plain tensors (what :func:`dlplora_triton.ops.add_layer_delta` takes)."""
         return self._stacks
@@ -266,7 +276,7 @@ class MultiLoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         source = self.plan_source
-        batch = None if source is None else source.layer_batch(x, self.route, self._adapter_mask)
+        batch = None if source is None else source.layer_batch(x, self.dropped_slots, self._adapter_mask)
         if batch is None:
             return y
         y = y.contiguous()
@@ -320,14 +330,14 @@ class ShrinkGroup:
             return None
         root, size = batch.root, 0
         for m in self.members:
-            route = m.route
-            if route is not None and not (route.adapter_mask & m._adapter_mask):
+            dropped = m.dropped_slots
+            if dropped is not None and not (dropped.adapter_mask & m._adapter_mask):
                 # No row uses it here: it returns before any LoRA work. Its columns of the stacked
                 # shrink would be work for nothing, which only a batch that keeps dropped slots accepts.
                 if not root.keeps_dropped_slots:
                     return None
                 continue
-            if (root if route is None else root.dropping(route)) is not batch:
+            if (root if dropped is None else root.dropping(dropped)) is not batch:
                 return None
             size += 1
         if any(m.lora_a.requires_grad or m.lora_a.dtype != x.dtype for m in self.members):
@@ -352,3 +362,11 @@ class ShrinkGroup:
 def _version(t: torch.Tensor) -> int:
     """The tensor's in-place version counter (inference tensors have none: -1)."""
     return -1 if t.is_inference() else t._version
+
+
+def __getattr__(name: str):
+    if name == "ModuleRoute":
+        from . import batch
+
+        return batch.ModuleRoute  # warns: it is DroppedSlots
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

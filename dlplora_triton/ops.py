@@ -19,7 +19,7 @@ import torch
 from .backends import torch_path as _torch_path
 from .backends.grad import factor_grads
 from .backends.torch_path import TorchPathCache, fused_lora_torch, token_weights
-from .batch import LoRABatch, LoRAStacks, ModuleRoute, SharedShrink, prepare_batch
+from .batch import DroppedSlots, LoRABatch, LoRAStacks, SharedShrink, prepare_batch
 from .checks import (
     BACKENDS,
     DTypeError,
@@ -38,7 +38,7 @@ __all__ = [
     "add_layer_delta",
     "LoRABatch",
     "LoRAStacks",
-    "ModuleRoute",
+    "DroppedSlots",
     "SharedShrink",
     "check_routing",
     "workspace_bytes",
@@ -474,6 +474,10 @@ _MOVED = {
 
 
 def __getattr__(name: str):
+    if name == "ModuleRoute":
+        from . import batch
+
+        return batch.ModuleRoute  # warns: it is DroppedSlots
     if name in _MOVED:
         import importlib
         import warnings

@@ -11,12 +11,13 @@ import torch
 
 from dlplora_triton import batch as batch_module
 from dlplora_triton import fused_lora_reference, ops
+from dlplora_triton import layers as layers_module
 from dlplora_triton.backends import torch_path
-from dlplora_triton.layers import FixedPlan, PlanSource
+from dlplora_triton.layers import FixedPlan, MultiLoRALinear, PlanSource
 from dlplora_triton.ops import (
+    DroppedSlots,
     LoRABatch,
     LoRAStacks,
-    ModuleRoute,
     SharedShrink,
     add_layer_delta,
     prepare_batch,
@@ -81,9 +82,9 @@ def test_row_weights_replace_the_plans_and_a_route_drops_slots(small, monkeypatc
     x = torch.randn(9, K, dtype=torch.float64)
     gated = weights * torch.tensor([[1.0, 0.0, 0.5], [1.0, 1.0, 1.0], [0.0, 1.0, 1.0], [1.0, 1.0, 1.0]])
     dropped = (gated == 0) & (ids >= 0)
-    route = ModuleRoute(tuple(int(i) for i in dropped.reshape(-1).nonzero()), dropped, 0b1001)
-    variant = batch.dropping(route)
-    assert batch.dropping(route) is variant  # built once per route key
+    slots = DroppedSlots(tuple(int(i) for i in dropped.reshape(-1).nonzero()), dropped, 0b1001)
+    variant = batch.dropping(slots)
+    assert batch.dropping(slots) is variant  # built once per key
     if small:  # the dropped slots stay, at weight 0 in the row weights
         assert variant is batch
     else:
@@ -145,7 +146,7 @@ def test_sources_hand_out_one_batch():
 
     source = PlanOnly()
     assert source.batch(x) is source.batch(x) and source.batch(x).plan is plan
-    idle = ModuleRoute((), torch.zeros(4, 3, dtype=torch.bool), 0)
+    idle = DroppedSlots((), torch.zeros(4, 3, dtype=torch.bool), 0)
     assert source.layer_batch(x, idle, -1) is None  # every row dropped this layer's adapters
 
 
@@ -158,6 +159,14 @@ def test_moved_names_warn_and_still_work():
     with pytest.warns(DeprecationWarning, match="batch_for is deprecated"):
         plan, host = fixed.batch_for(torch.zeros(9, K))
     assert plan is fixed.plan and host is fixed.prepared.host
+    layer = MultiLoRALinear.from_factors(
+        torch.nn.Linear(K, N), [None, (torch.ones(2, K), torch.ones(N, 2), 1.0)]
+    )
+    with pytest.warns(DeprecationWarning, match="use dropped_slots"):
+        assert layer.route is None
+    for module in (batch_module, ops, layers_module):
+        with pytest.warns(DeprecationWarning, match="ModuleRoute is deprecated: it is DroppedSlots"):
+            assert module.ModuleRoute is DroppedSlots
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ops.add_layer_delta  # noqa: B018  (the new names do not warn)

@@ -1,7 +1,7 @@
 """MiLoRA served sparsely: a (row, module) whose gate is 0 does no LoRA work, on both backends, exactly.
 
 The gates of a request are set once at prefill (``MultiLoRA.set_module_gates``); a slot whose gate is 0
-is dropped from that module's plan (``ModuleRoute``, ``LoRABatch.dropping``), so the PyTorch path and
+is dropped from that module's plan (``DroppedSlots``, ``LoRABatch.dropping``), so the PyTorch path and
 the Triton kernels never shrink or expand it, and a module that no row picked runs its base layer only. Checked here:
 served logits equal the training forward and the dense gated computation (every module computed, the
 unpicked ones multiplied by 0) for top_k 1..M and every pooling, through prefill and decode, with left
@@ -73,9 +73,9 @@ def serve(mi: MiLoRA, tmp_path, seed: int = 0, **adapters) -> tuple[torch.nn.Mod
     return model, dlp.attach(model, {"mi": tmp_path, **adapters})
 
 
-def no_routes(monkeypatch):
+def no_dropped_slots(monkeypatch):
     """Serve densely: every module computed for every row, gate 0 included (what was served before)."""
-    monkeypatch.setattr(ModuleGates, "_set_routes", lambda self, sel, paths, dropped: None)
+    monkeypatch.setattr(ModuleGates, "_set_dropped", lambda self, sel, paths, dropped: None)
 
 
 class MatmulCount(TorchDispatchMode):
@@ -165,11 +165,11 @@ def test_sparse_serving_equals_training_and_dense_gated(pooling, top_k, tmp_path
     )
     with lora.selection([[("mi", 1.0)]] * B), torch.no_grad():
         prefill = model(ids, attention_mask=mask).logits
-        routes = [layer.route for layer in lora.layers.values()]
+        dropped = [layer.dropped_slots for layer in lora.layers.values()]
         out = model.generate(ids, **gen)
     # Dropped slots exist exactly when some gate is 0 (top_k < M)
-    assert all(r is not None for r in routes)
-    assert any(r.key for r in routes) == (top_k < M)
+    assert all(d is not None for d in dropped)
+    assert any(d.key for d in dropped) == (top_k < M)
     with torch.no_grad():
         ref = mi(ids, attention_mask=mask).logits
     assert rel(prefill, ref) < 1e-5
@@ -185,10 +185,10 @@ def test_sparse_serving_equals_training_and_dense_gated(pooling, top_k, tmp_path
     got = torch.stack(out.logits, dim=1)
     assert rel(got, ref.logits[:, T - 1 : -1]) < 1e-5
     # The dense gated computation (nothing skipped) gives the same logits.
-    no_routes(monkeypatch)
+    no_dropped_slots(monkeypatch)
     with lora.selection([[("mi", 1.0)]] * B), torch.no_grad():
         dense = model.generate(ids, **gen)
-        assert all(layer.route is None for layer in lora.layers.values())
+        assert all(layer.dropped_slots is None for layer in lora.layers.values())
     assert rel(got, torch.stack(dense.logits, dim=1)) < 1e-5
     assert torch.equal(dense.sequences, out.sequences)
 
@@ -271,7 +271,7 @@ def test_rows_mixing_milora_with_an_adapter_and_the_base(tmp_path, monkeypatch):
         gates = lora.gates("mi").clone()
     assert (gates[2] == 0).all() and ((gates[:2] > 0).sum(-1) == 2).all()
     with monkeypatch.context() as m:
-        no_routes(m)
+        no_dropped_slots(m)
         with lora.selection(rows), torch.no_grad():
             dense = model.generate(ids, **gen)
     assert rel(torch.stack(out.logits, 1), torch.stack(dense.logits, 1)) < 1e-5
@@ -329,7 +329,9 @@ def test_shared_shrink_with_members_picked_by_different_rows(tmp_path, monkeypat
     groups = {
         id(layer.shrink_group): layer.shrink_group for layer in lora.layers.values() if layer.shrink_group
     }
-    keys = [[None if m.route is None else m.route.key for m in g.members] for g in groups.values()]
+    keys = [
+        [None if m.dropped_slots is None else m.dropped_slots.key for m in g.members] for g in groups.values()
+    ]
     assert any(len(set(k)) > 1 for k in keys), "some group's members keep different rows"
     for g, k in zip(groups.values(), keys):
         if len(set(k)) > 1:
@@ -341,12 +343,12 @@ def test_shared_shrink_with_members_picked_by_different_rows(tmp_path, monkeypat
     q, k, v = (f"model.layers.0.self_attn.{n}_proj" for n in "qkv")
     gate = torch.tensor([0.7, 0.0, 1.3])
     lora.set_module_gates("mi", {q: gate, k: gate, v: gate})
-    assert lora.layers[q].route.key == lora.layers[v].route.key == (1,)
+    assert lora.layers[q].dropped_slots.key == lora.layers[v].dropped_slots.key == (1,)
     shared.clear()
     with torch.no_grad():
         sparse = model(ids, attention_mask=mask).logits
     assert lora.layers[q] in shared and lora.layers[v] in shared
-    no_routes(monkeypatch)
+    no_dropped_slots(monkeypatch)
     lora.select([[("mi", 1.0)]] * B)
     lora.set_module_gates("mi", {q: gate, k: gate, v: gate})
     with torch.no_grad():
@@ -385,9 +387,9 @@ def test_small_cpu_batches_keep_dropped_slots_at_weight_0(tmp_path, monkeypatch)
     groups = {
         id(layer.shrink_group): layer.shrink_group for layer in lora.layers.values() if layer.shrink_group
     }
-    mixed = [g for g in groups.values() if len({m.route.key for m in g.members}) > 1]
+    mixed = [g for g in groups.values() if len({m.dropped_slots.key for m in g.members}) > 1]
     assert mixed, "some group's members keep different rows"
-    used = [m for g in mixed for m in g.members if m.route.adapter_mask & m._adapter_mask]
+    used = [m for g in mixed for m in g.members if m.dropped_slots.adapter_mask & m._adapter_mask]
     assert used and all(m in shared for m in used), "every member with work shares its group's shrink"
 
 
@@ -398,7 +400,7 @@ def test_gates_that_require_grad_drop_nothing(tmp_path):
     path = "model.layers.1.mlp.down_proj"
     gate = torch.tensor([1.0, 0.0, 0.5], requires_grad=True)
     lora.set_module_gates("mi", {path: gate})
-    assert lora.layers[path].route is None  # the gradient of a gate at 0 is not 0
+    assert lora.layers[path].dropped_slots is None  # the gradient of a gate at 0 is not 0
     ids, mask = padded_batch(9)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -450,9 +452,11 @@ def test_triton_kernels_on_the_module_plans(pooling, top_k, tmp_path, monkeypatc
         for path, layer in lora.layers.items():
             x = inputs[path].reshape(-1, layer.in_features)
             got = torch.zeros(x.shape[0], layer.out_features)
-            if layer.route is not None and not (layer.route.adapter_mask & layer._adapter_mask):
+            if layer.dropped_slots is not None and not (
+                layer.dropped_slots.adapter_mask & layer._adapter_mask
+            ):
                 continue  # picked by no row: never launched
-            plan = lora._source.batch(inputs[path]).dropping(layer.route).plan
+            plan = lora._source.batch(inputs[path]).dropping(layer.dropped_slots).plan
             dlp.fused_lora_planned(
                 x,
                 layer.lora_a,
@@ -547,13 +551,15 @@ def test_module_plans_launch_the_kernel_variants_of_the_selection_plan(tmp_path)
     lora.select([[("mi", 1.0)], [], [("mi", 0.5)]])
     with torch.no_grad():
         model(ids, attention_mask=mask)
-    routed = [layer for layer in lora.layers.values() if layer.route is not None and layer.route.key]
-    assert routed
+    dropping = [
+        layer for layer in lora.layers.values() if layer.dropped_slots is not None and layer.dropped_slots.key
+    ]
+    assert dropping
     for shape in ((B, T, 32), (B, 1, 32)):  # prefill and decode
         x = torch.zeros(shape)
         plan = lora._source.batch(x).plan
-        for layer in routed:
-            mine = lora._source.batch(x).dropping(layer.route).plan
+        for layer in dropping:
+            mine = lora._source.batch(x).dropping(layer.dropped_slots).plan
             assert mine is not plan
             static = lambda p: (  # noqa: E731
                 p.num_tokens,
@@ -573,7 +579,7 @@ def test_module_plans_launch_the_kernel_variants_of_the_selection_plan(tmp_path)
             assert expand_config(mine.expand_tile_count.shape[0], 64, R, torch.float16) == expand_config(
                 plan.expand_tile_count.shape[0], 64, R, torch.float16
             )
-            dropped = set(layer.route.key)
+            dropped = set(layer.dropped_slots.key)
             kept = plan.token_adapter.reshape(-1).clone()
             seq = (
                 plan.token_seq.long().repeat_interleave(plan.num_slots) * plan.num_slots
