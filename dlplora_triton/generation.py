@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .routing.select import DEFAULT_P
+from .defaults import DEFAULT_P
 
 __all__ = ["RoutedGeneration", "generate_routed"]
 

@@ -1,6 +1,7 @@
 """top_p_select (hand-computed cases, contract errors, properties), the sentence Router on a slice of the
 real text set (accuracy, save/load, determinism, errors) and the train-router / route commands."""
 
+import importlib
 import json
 import math
 import shutil
@@ -677,3 +678,10 @@ def test_cli_help_of_the_router_commands():
         with pytest.raises(SystemExit) as exit_info:
             main(argv)
         assert exit_info.value.code == 0
+
+
+def test_the_old_select_module_still_imports_with_a_warning():
+    sys.modules.pop("dlplora_triton.routing.select", None)
+    with pytest.warns(DeprecationWarning, match="routing.select is deprecated"):
+        module = importlib.import_module("dlplora_triton.routing.select")
+    assert module.top_p_select is dlp.top_p_select and module.DEFAULT_P == dlp.routing.DEFAULT_P

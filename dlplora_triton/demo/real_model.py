@@ -16,7 +16,7 @@ import warnings
 
 import torch
 
-from ..routing.select import DEFAULT_P
+from ..defaults import DEFAULT_P
 from .smollm2 import load_smollm2, smollm2_folder
 from .tasks import TASKS, adapter_paths, load_texts, task_split
 from .text import fit, one_line

@@ -20,7 +20,7 @@ from .features import featurize, pooled_hidden_states
 from .files import CONFIG_FILE, FORMAT_VERSION, WEIGHTS_FILE
 from .net import BASE_THRESHOLD, GENERAL
 from .router import Router, train_router
-from .select import DEFAULT_P, WEIGHTINGS, top_p_select
+from .top_p import DEFAULT_P, WEIGHTINGS, top_p_select
 from .train import format_report, general_prompts
 
 __all__ = [

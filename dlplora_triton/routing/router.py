@@ -20,7 +20,7 @@ from . import train as _train
 from .features import featurize, pooled_hidden_states
 from .files import load_router, save_router
 from .net import RouterNet, check_number, check_texts, net_inputs, one_thread, resolve_adapters
-from .select import top_p_select
+from .top_p import top_p_select
 
 __all__ = ["Router", "train_router"]
 

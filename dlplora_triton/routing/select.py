@@ -1,93 +1,12 @@
-"""Top-p / top-k adapter selection: task probabilities ``[B, L]`` -> the routing tensors ``[B, P]``.
+"""Deprecated module name: top-p selection lives in :mod:`dlplora_triton.routing.top_p` (0.2), a name that
+does not read like :mod:`dlplora_triton.selection` (the per-row mixes given to ``lora.select``)."""
 
-Batched tensor code, no loop over rows; the rule is in docs/routing.md ("The top-p rule").
-"""
+import warnings
 
-from __future__ import annotations
+from .top_p import DEFAULT_P, WEIGHTINGS, top_p_select  # noqa: F401  (the names this module had)
 
-import math
-
-import torch
-
-from ..defaults import DEFAULT_P, DEFAULT_WEIGHTING, WEIGHTINGS
-from ..route_options import check_route_options
-
-__all__ = ["top_p_select", "WEIGHTINGS", "DEFAULT_P"]
-
-# DEFAULT_P (0.8) and WEIGHTINGS live in dlplora_triton/defaults.py (why 0.8: there); re-exported here.
-
-
-def top_p_select(
-    probs: torch.Tensor, p: float = DEFAULT_P, top_k: int | None = None, weighting: str = DEFAULT_WEIGHTING
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keep, per row, the most likely adapters whose cumulative probability first reaches ``p``.
-
-    Args:
-        probs: ``[B, L]`` float tensor, non-negative, finite, each row summing to 1 (within
-            ``1e-3 + L * eps(dtype)``; rows of raw scores or logits are rejected).
-        p: in (0, 1] (default ``DEFAULT_P`` = 0.8). In descending probability (ties: lower index first), adapter ``j`` is kept iff
-            the probabilities ranked above it sum to < ``p``: the one that crosses ``p`` is kept, and
-            so at least one. ``p = 1`` keeps every adapter of non-zero probability.
-        top_k: optional cap on the number kept per row, applied after the top-p cut.
-        weighting: ``"renorm"``: kept probabilities divided by their sum; ``"softmax"``: softmax over
-            the kept probabilities (DLP-LoRA's published code).
-
-    Returns ``(ids, weights)``: ``ids [B, P]`` int64, kept adapter indices in descending probability
-    order, ``-1`` in empty slots; ``weights [B, P]`` float32, 0 in empty slots, each row summing to 1;
-    ``P`` = the largest number kept in any row. A zero-probability adapter is never kept. The cut is
-    computed in float64 of the given values: entries that sum exactly to ``p`` end the cut.
-
-    Semantics::
-
-        for b in range(B):
-            order = stable_argsort(-probs[b]); above = 0; kept = []
-            for j in order:
-                if above >= p or probs[b, j] == 0 or len(kept) == top_k: break
-                kept.append(j); above += probs[b, j]
-
-    Example::
-
-        >>> top_p_select(torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.9, 0.0]]), p=0.6)
-        (tensor([[ 0,  1], [ 1, -1]]), tensor([[0.6250, 0.3750], [1.0000, 0.0000]]))
-    """
-    options = check_route_options(p=p, top_k=top_k, weighting=weighting)
-    p, top_k, weighting = options.p, options.top_k, options.weighting
-    if not isinstance(probs, torch.Tensor):
-        raise TypeError(f"probs must be a torch.Tensor of shape [B, L], got {type(probs).__name__}")
-    if not probs.is_floating_point():
-        raise TypeError(f"probs must be a floating-point tensor, got {probs.dtype}")
-    if probs.dim() != 2 or probs.shape[1] == 0:
-        raise ValueError(f"probs must have shape [B, L] with L >= 1, got {list(probs.shape)}")
-    batch, num = probs.shape
-    if batch == 0:
-        empty = torch.empty(0, 0, device=probs.device)
-        return empty.long(), empty.float()
-    p64 = probs.detach().double()
-    if not torch.isfinite(p64).all():
-        raise ValueError("probs must be finite, got NaN or infinity")
-    if (p64 < 0).any():
-        raise ValueError(f"probs must be non-negative, got a minimum of {p64.min().item():.4g}")
-    sums = p64.sum(dim=1)
-    tolerance = 1e-3 + num * torch.finfo(probs.dtype).eps
-    bad = (sums - 1).abs() > tolerance
-    if bad.any():
-        row = int(bad.nonzero()[0, 0])
-        raise ValueError(f"probs rows must sum to 1, row {row} sums to {sums[row].item():.6g}")
-
-    # Stable descending sort: equal probabilities keep the lower adapter index first.
-    sorted_p, order = torch.sort(p64, dim=1, descending=True, stable=True)
-    # The mass ranked above each entry: an exclusive running sum (shifted, not cumsum - p, so that it is
-    # exactly the sum of the entries above, added in order, and 0 for the first).
-    above = torch.cat([torch.zeros_like(sorted_p[:, :1]), torch.cumsum(sorted_p, dim=1)[:, :-1]], dim=1)
-    keep = (above < p) & (sorted_p > 0)
-    if top_k is not None:
-        keep &= torch.arange(num, device=probs.device) < top_k
-    width = int(keep.sum(dim=1).max())  # keep is a prefix of each row, so its count is its width
-    keep, order, sorted_p = keep[:, :width], order[:, :width], sorted_p[:, :width]
-    ids = torch.where(keep, order, torch.full_like(order, -1))
-    if weighting == "renorm":
-        kept = torch.where(keep, sorted_p, torch.zeros_like(sorted_p))
-        weights = kept / kept.sum(dim=1, keepdim=True)
-    else:
-        weights = torch.softmax(torch.where(keep, sorted_p, torch.full_like(sorted_p, -math.inf)), dim=1)
-    return ids, weights.float()
+warnings.warn(
+    "dlplora_triton.routing.select is deprecated: import from dlplora_triton.routing (or routing.top_p)",
+    DeprecationWarning,
+    stacklevel=2,
+)
