@@ -103,7 +103,7 @@ class _Pending:
 class LoRABatch:
     """One batch's routing for the adapted layers: ``plan`` plus what is derived from it once.
 
-    Build it with :func:`prepare_batch` (routing tensors) or ``LoRABatch(plan)`` (a prebuilt plan).
+    Build it with :func:`prepare_batch` (selection tensors) or ``LoRABatch(plan)`` (a prebuilt plan).
     ``host``: the PyTorch path's host data of the plan (None for plans on CUDA, where the Triton kernels
     read the plan on the device). ``sparse``: the batch of a layer that drops slots, whose tokens without
     an adapter cost nothing on the PyTorch path.
@@ -180,7 +180,7 @@ def prepare_batch(
     num_adapters: int,
     num_tokens: int | None = None,
 ) -> LoRABatch:
-    """The :class:`LoRABatch` of routing tensors (the arguments of :func:`~dlplora_triton.build_plan`,
+    """The :class:`LoRABatch` of selection tensors (the arguments of :func:`~dlplora_triton.build_plan`,
     trusted as they are: check user input with :func:`dlplora_triton.check_routing` first)."""
     return LoRABatch(
         build_plan(seq_offsets, adapter_ids, adapter_weights, num_adapters, num_tokens=num_tokens)

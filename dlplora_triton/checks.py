@@ -97,7 +97,7 @@ def check_routing(
     num_adapters: int,
     num_tokens: int,
 ) -> None:
-    """Raise ValueError / TypeError naming the problem if the routing tensors break the contract.
+    """Raise ValueError / TypeError naming the problem if the selection tensors break the contract (the name check_routing is the public contract's).
 
     Reads values back to the host: call it where inputs come from users, not on the hot path.
     """

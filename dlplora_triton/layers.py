@@ -9,7 +9,7 @@ base weight's dtype and device, the adapters' factors stacked to the largest ran
     scales  [L] float32 PEFT's lora_alpha / r (or / sqrt(r) with rsLoRA)
 
 Forward: ``y = base(x)``, then the fused delta of every row's adapter mix is added into ``y`` in place
-by :func:`dlplora_triton.ops.fused_lora_planned`. The routing plan is not built here: all layers of a
+by :func:`dlplora_triton.ops.fused_lora_planned`. The plan is not built here: all layers of a
 model share one :class:`PlanSource` that hands out the plan of the current batch (built once per
 batch shape and selection, see ``dlplora_triton.patch``). The layer knows nothing of adapter names,
 files or routers.

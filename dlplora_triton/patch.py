@@ -8,7 +8,7 @@ puts the original module objects back.
 
 The returned :class:`MultiLoRA` handle holds the selection (per batch row, a list of
 ``(adapter name, weight)``) in one :class:`~dlplora_triton.layers.PlanSource` shared by every wrapped
-layer. The routing plan is built once per forward pass, by the first adapted layer that needs it,
+layer. The plan (and its batch) is built once per forward pass, by the first adapted layer that needs it,
 and cached per tokens-per-row inside the current selection: during ``generate()`` with a KV cache
 the plan is built once at prefill and once for the first decode step, then reused; a new selection
 starts with an empty cache. A forward pre-hook on the model checks that the batch has one row per
@@ -215,7 +215,7 @@ class MultiLoRA:
                 Without it, row ``s`` is batch row ``s`` of a ``[B, seq, hidden]`` input.
 
         Raises KeyError for an unknown name, ValueError for a name repeated in a row, a weight that
-        is not finite or bad routing tensors, TypeError for malformed entries. On error the previous
+        is not finite or bad selection tensors, TypeError for malformed entries. On error the previous
         selection stays. A row count that does not match the batch raises ValueError at forward.
         """
         self._check_attached()

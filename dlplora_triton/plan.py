@@ -1,4 +1,4 @@
-"""The per-forward routing plan: (token, slot) rows grouped by adapter, built once and shared by layers.
+"""The per-forward plan: (token, slot) rows grouped by adapter, built once and shared by layers.
 
 Device tensors of static shape only, built without a host sync; ``docs/plan.md`` has a worked
 example and what each field is for.
@@ -29,7 +29,7 @@ def plan_block_sizes(num_tokens: int, num_slots: int) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class LoRAPlan:
-    """Routing of one batch, grouped by adapter (``docs/plan.md`` has a worked example).
+    """One batch's selection, grouped by adapter (``docs/plan.md`` has a worked example).
 
     Build it with :func:`build_plan`; pass it to :func:`dlplora_triton.fused_lora_planned` of every
     layer in the forward pass. Fields are device tensors plus the static sizes they were built for.

@@ -1,4 +1,4 @@
-"""User selections -> routing tensors: names and weights per row, ``(ids, weights)`` tensors, packed offsets.
+"""User selections -> selection tensors: names and weights per row, ``(ids, weights)`` tensors, packed offsets.
 
 :func:`normalize_selection` validates what a user passes to ``MultiLoRA.select`` and returns a
 :class:`RowSelection` (ids ``[S, P]``, weights ``[S, P]``, optional packed ``seq_offsets``), or raises
@@ -64,7 +64,7 @@ def normalize_selection(
     ``selection``: one list of ``(name, weight)`` per row, ``(adapter_ids [S, P], adapter_weights
     [S, P])`` tensors with ids into ``names``, or None (base model). ``seq_offsets``: ``[S+1]`` for
     packed variable-length input. KeyError for an unknown name, ValueError for a name repeated in a
-    row, a weight that is not finite or bad routing tensors, TypeError for malformed entries.
+    row, a weight that is not finite or bad selection tensors, TypeError for malformed entries.
     """
     names = tuple(names)
     if selection is None:

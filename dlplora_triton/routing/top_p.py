@@ -1,4 +1,4 @@
-"""Top-p / top-k adapter selection: task probabilities ``[B, L]`` -> the routing tensors ``[B, P]``.
+"""Top-p / top-k adapter selection: task probabilities ``[B, L]`` -> the selection tensors ``[B, P]``.
 
 Batched tensor code, no loop over rows; the rule is in docs/routing.md ("The top-p rule").
 """
