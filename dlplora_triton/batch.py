@@ -72,6 +72,16 @@ class LoRAStacks:
             scales,
         )
 
+    def __post_init__(self):
+        # The stacks as [L*R, K] and [L*R, N] row matrices (views; None unless both are contiguous that
+        # way, as the layers store them): the dense method reads them on every call.
+        a, b_t = self.lora_a, self.lora_b.transpose(1, 2)
+        flat = None
+        if a.is_contiguous() and b_t.is_contiguous():
+            L, R, K = a.shape
+            flat = (a.view(L * R, K), b_t.view(L * R, b_t.shape[2]))
+        object.__setattr__(self, "flat", flat)
+
     @property
     def adapter_mask(self) -> int:
         return sum(1 << i for i, r in enumerate(self.rank_tuple) if r > 0)

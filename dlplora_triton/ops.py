@@ -227,14 +227,12 @@ def add_layer_delta(
             return
     x2 = x.reshape(-1, K)
     trusted_weights = row_weights is None or not (row_weights.requires_grad and torch.is_grad_enabled())
-    if eager_cpu and share is None and trusted_weights and x.dtype == stacks.lora_a.dtype:
-        a, b_t = stacks.lora_a, stacks.lora_b.transpose(1, 2)
-        fits = x2.shape[0] == batch.plan.num_tokens and batch.plan.num_adapters == a.shape[0]
-        if a.is_contiguous() and b_t.is_contiguous() and fits:
-            L, R = a.shape[:2]
-            rows = (a.view(L * R, K), b_t.view(L * R, N))
+    flat = stacks.flat
+    if eager_cpu and share is None and trusted_weights and flat is not None and x.dtype == flat[0].dtype:
+        plan = batch.plan
+        if x2.shape[0] == plan.num_tokens and plan.num_adapters == len(stacks.rank_tuple):
             if _torch_path.dense_layer_delta(
-                x2, *rows, host, out2, stacks.rank_tuple, stacks.scale_tuple, row_weights
+                x2, *flat, host, out2, stacks.rank_tuple, stacks.scale_tuple, row_weights
             ):
                 return
     # ranks / scales as tensors: fused_lora_planned takes them as they are on every backend.
