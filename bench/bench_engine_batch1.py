@@ -31,7 +31,7 @@ def engine_run(tokens: int, repeats: int) -> dict:
     from vllm import LLM, SamplingParams
     from vllm.lora.request import LoRARequest
 
-    sys.path.insert(0, str(ROOT / "tests" / "engine"))
+    sys.path.insert(0, str(ROOT / "tests" / "integrations" / "vllm" / "engine"))
     from engine_util import ENGINE_ARGS, adapter_path, model_folder
 
     llm = LLM(model=str(model_folder()), **ENGINE_ARGS)

@@ -37,7 +37,9 @@ from pathlib import Path
 import common
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests" / "engine"))  # the engine tests' server harness and PEFT oracle
+sys.path.insert(
+    0, str(ROOT / "tests" / "integrations" / "vllm" / "engine")
+)  # the engine tests' server harness and PEFT oracle
 
 from engine_util import (  # noqa: E402
     ADAPTERS,

@@ -46,7 +46,9 @@ from pathlib import Path
 import common
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests" / "engine"))  # the engine tests' server harness
+sys.path.insert(
+    0, str(ROOT / "tests" / "integrations" / "vllm" / "engine")
+)  # the engine tests' server harness
 
 from bench_serve import server_args  # noqa: E402  (the same server settings as the load benchmark)
 from engine_util import ADAPTERS, ENGINE_ARGS, PROMPT_TEXTS, Server  # noqa: E402

@@ -2,7 +2,7 @@
 # The GPU run, for a lent CUDA machine (15 minutes of device time in all, 10 minutes a command), in two
 # stages of one command each, every stage under 5 minutes including the install:
 #
-#   bash bench/run_gpu.sh 1   # ~4 min: GPU tests (tests/test_gpu.py: compiled kernels vs the reference,
+#   bash bench/run_gpu.sh 1   # ~4 min: GPU tests (tests/ops/test_gpu.py: compiled kernels vs the reference,
 #                             #   bitwise split-K, the layers' transposed B, bf16 Llama vs PEFT, n_spills of
 #                             #   the loaded kernels vs compile-check, CUDA-graph replay of a patched decode
 #                             #   step, torch.compile, backward), then the headline benchmarks: the design
@@ -47,7 +47,7 @@ gpu_dir=$(python -c "import sys; sys.path.insert(0, 'bench'); import common; pri
 
 case "$stage" in
 1)
-    step 120 "GPU tests" python -m pytest tests/test_gpu.py -q -p no:cacheprovider
+    step 120 "GPU tests" python -m pytest tests/ops/test_gpu.py -q -p no:cacheprovider
     step 45 "kernels: headline" python bench/bench_kernels.py --device cuda --stage headline
     step 90 "generation: batch 32" python bench/bench_generation.py --device cuda --quick --batches 32 \
         --out "$gpu_dir/generation-headline.json"

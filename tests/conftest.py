@@ -22,6 +22,6 @@ def pytest_collection_modifyitems(config, items):
         if "gpu" in item.keywords and not HAS_CUDA:
             item.add_marker(pytest.mark.skip(reason="GPU test: no CUDA device"))
         # On a CUDA machine the kernels compile, so Triton cannot run on the CPU tensors of these
-        # modules; run them apart with TRITON_INTERPRET=1 -m "not gpu" (tests/test_gpu.py covers CUDA).
+        # modules; run them apart with TRITON_INTERPRET=1 -m "not gpu" (tests/ops/test_gpu.py covers CUDA).
         if "interpreter" in item.keywords and not INTERPRETING:
             item.add_marker(pytest.mark.skip(reason="Triton on CPU tensors needs TRITON_INTERPRET=1"))

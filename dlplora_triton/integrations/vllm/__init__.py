@@ -42,7 +42,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 # The vLLM releases the plugin was tested with (make test): 0.32 runs a whole engine and its OpenAI
-# server (vLLM's CPU build, tests/engine/), 0.33 vLLM's LoRA layer classes (tests/test_vllm.py).
+# server (vLLM's CPU build, tests/integrations/vllm/engine/), 0.33 vLLM's LoRA layer classes (tests/integrations/vllm/test_vllm.py).
 TESTED_VLLM = ("0.32", "0.33")
 
 

@@ -12,7 +12,7 @@ import pytest
 from dlplora_triton import compile_check as cc
 from dlplora_triton._cubin import occupancy
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 STATIC = ROOT / "bench" / "results" / "static" / "compile_check.json"
 VARIANT_FIELDS = {"kernel", "arch", "signature", "constexprs", "num_warps", "registers", "spill_bytes"}
 VARIANT_FIELDS |= {"shared_bytes", "tensor_core_instructions", "occupancy"}

@@ -2,7 +2,7 @@
 
 vLLM adds ``--middleware`` classes outside its own (Starlette's ``add_middleware`` puts the last added
 outermost); these tests build a FastAPI app the same way, with an authentication middleware added
-before ours, and drive it through ASGI directly. The whole server runs in tests/engine/test_security.py.
+before ours, and drive it through ASGI directly. The whole server runs in tests/integrations/vllm/engine/test_security.py.
 """
 
 import asyncio

@@ -25,7 +25,7 @@ from dlplora_triton.ops import (
 from dlplora_triton.plan import build_plan
 
 K, N, L, R = 12, 10, 4, 5
-PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "dlplora_triton"
+PACKAGE = pathlib.Path(__file__).resolve().parents[2] / "dlplora_triton"
 
 
 def stacks(seed: int = 0, ranks=(5, 0, 3, 2), dtype=torch.float64) -> LoRAStacks:

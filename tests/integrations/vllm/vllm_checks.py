@@ -1,4 +1,4 @@
-"""vLLM checks of dlplora_triton.integrations.vllm, run in a process of their own by tests/test_vllm.py.
+"""vLLM checks of dlplora_triton.integrations.vllm, run in a process of their own by tests/integrations/vllm/test_vllm.py.
 
 vLLM's real LoRA layer classes (replicated, merged column, QKV, row parallel, embedding, logits) run
 with our wrapper swapped in and with vLLM's own wrappers (``PunicaWrapperCPU``, and
@@ -10,7 +10,7 @@ per-token routes are checked against the weighted sum of the components' deltas 
 wrapper one adapter at a time. Also: the engine hooks and the arrival checks, the plugin, vLLM's LoRA
 managers end to end against PEFT, empty batches, TP = 2 over gloo in two processes against TP = 1.
 
-    python tests/vllm_checks.py OUT.json [CASE ...]     # every case when none is named
+    python tests/integrations/vllm/vllm_checks.py OUT.json [CASE ...]     # every case when none is named
 
 Each case writes ``{"ok": bool, "detail": str}``; importing this module does not import vLLM.
 """

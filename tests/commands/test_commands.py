@@ -16,7 +16,7 @@ from dlplora_triton.cli import COMMANDS, main
 from dlplora_triton.defaults import DEFAULT_P
 from dlplora_triton.route_options import RouteOptionError, RouteOptions, check_route_options
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "dlplora_triton"
 
 # The least each subcommand's parser accepts (its required options and positionals).
@@ -323,7 +323,7 @@ HTTP = [
 
 @pytest.mark.parametrize("routing, words", HTTP, ids=[str(r)[:30] for r, _ in HTTP])
 def test_the_routed_server_answers_400_naming_the_field(routing, words):
-    """The checks of tests/engine/test_security.py's BAD_ROUTING without an engine: the words its 400s carry."""
+    """The checks of tests/integrations/vllm/engine/test_security.py's BAD_ROUTING without an engine: the words its 400s carry."""
     routed = pytest.importorskip("dlplora_triton.integrations.vllm.routed", reason="vLLM's server stack")
     with pytest.raises(routed.RequestError) as info:
         routed.RoutingMiddleware._options(None, routing, 4)  # uses nothing of the instance

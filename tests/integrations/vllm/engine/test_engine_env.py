@@ -7,7 +7,7 @@ from pathlib import Path
 
 from engine_util import engine_version
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[4]
 
 
 def _pins() -> dict[str, str]:

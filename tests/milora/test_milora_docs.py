@@ -4,7 +4,7 @@ import re
 import warnings
 from pathlib import Path
 
-DOC = Path(__file__).resolve().parent.parent / "docs" / "milora.md"
+DOC = Path(__file__).resolve().parents[2] / "docs" / "milora.md"
 
 
 def test_the_milora_doc_sample_runs_as_written(tmp_path, monkeypatch):

@@ -26,7 +26,7 @@ from dlplora_triton.routing import (
     top_p_select,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "dlplora_triton" / "data" / "router_texts.jsonl"
 
 # ---------------------------------------------------------------------------------------------------

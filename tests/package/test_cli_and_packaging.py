@@ -12,7 +12,7 @@ import pytest
 
 from dlplora_triton.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_random_demo_runs_and_checks_its_output(capsys):
@@ -65,7 +65,14 @@ def test_wheel_ships_the_kernels(wheel):
     assert "dlplora_triton/ops.py" in names
     assert "dlplora_triton/data/router_texts.jsonl" in names
     assert "dlplora_triton/data/NOTICE" in names
-    for task in ("code", "de", "fr", "ja", "ru", "zh"):  # the demo's adapters (tests/test_wheel_demo.py)
+    for task in (
+        "code",
+        "de",
+        "fr",
+        "ja",
+        "ru",
+        "zh",
+    ):  # the demo's adapters (tests/package/test_wheel_demo.py)
         for file in ("adapter_config.json", "adapter_model.safetensors"):
             assert f"dlplora_triton/data/adapters/smollm2/{task}/{file}" in names
 

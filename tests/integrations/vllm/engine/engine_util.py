@@ -1,4 +1,4 @@
-"""Helpers of the engine tests (tests/engine/): the model, the PEFT reference, a server in a subprocess."""
+"""Helpers of the engine tests (tests/integrations/vllm/engine/): the model, the PEFT reference, a server in a subprocess."""
 
 import contextlib
 import importlib.metadata
@@ -26,7 +26,7 @@ def engine_version() -> str | None:
 # -- the model, the adapters, and transformers + PEFT as the reference ---------------------------------
 
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[4]
 ADAPTER_DIR = ROOT / "dlplora_triton" / "data" / "adapters" / "smollm2"
 ADAPTERS = ("de", "code", "fr", "ru", "ja", "zh")
 # Prompts as token ids (vLLM and transformers read the same ids; no tokenizer differences).

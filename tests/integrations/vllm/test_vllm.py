@@ -1,6 +1,6 @@
 """dlplora_triton.integrations.vllm: our kernels as vLLM's LoRA backend.
 
-The checks that need vLLM run in one subprocess (tests/vllm_checks.py: vLLM's real LoRA layers with
+The checks that need vLLM run in one subprocess (tests/integrations/vllm/vllm_checks.py: vLLM's real LoRA layers with
 our wrapper against PunicaWrapperCPU and vLLM's Triton ops, mixes as routes, empty batches, the engine
 hooks, the plugin, vLLM's LoRA managers against PEFT, TP = 2), so
 that importing vLLM never touches this pytest process; each of its cases is one test here. They skip
@@ -21,7 +21,7 @@ from vllm_checks import CASES
 
 from dlplora_triton.integrations.vllm import mixes
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[3]
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 
 
@@ -36,7 +36,7 @@ def vllm_results(tmp_path_factory):
     env.update(OMP_NUM_THREADS="1", VLLM_LOGGING_LEVEL="WARNING")
     env.pop("VLLM_PLUGINS", None)
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "vllm_checks.py"), str(out)],
+        [sys.executable, str(ROOT / "tests" / "integrations" / "vllm" / "vllm_checks.py"), str(out)],
         env=env,
         cwd=str(out.parent),
         capture_output=True,
@@ -45,7 +45,7 @@ def vllm_results(tmp_path_factory):
     )
     if proc.returncode != 0 or not out.exists():
         pytest.fail(
-            f"tests/vllm_checks.py exited {proc.returncode}:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+            f"tests/integrations/vllm/vllm_checks.py exited {proc.returncode}:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
         )
     return json.loads(out.read_text())
 

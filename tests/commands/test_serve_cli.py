@@ -1,6 +1,6 @@
 """``dlplora serve`` stops before vLLM starts, with one line naming the problem, on a bad start-up.
 
-The routed server itself runs in tests/engine/test_serve_routed.py (vLLM's CPU build); these checks
+The routed server itself runs in tests/integrations/vllm/engine/test_serve_routed.py (vLLM's CPU build); these checks
 need no vLLM: everything here is decided before ``dlplora serve`` hands over to vLLM's server.
 """
 
@@ -14,7 +14,7 @@ from dlplora_triton.cli import main
 from dlplora_triton.commands.serve import build_parser
 from dlplora_triton.integrations.vllm.serve import ServeError, adapter_directories, vllm_command
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ADAPTERS = ROOT / "dlplora_triton" / "data" / "adapters" / "smollm2"
 
 

@@ -23,7 +23,7 @@ from dlplora_triton.routing import (
     top_p_select,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "dlplora_triton" / "data" / "router_texts.jsonl"
 DEV_PROMPTS = ROOT / "bench" / "data" / "general_prompts_dev.jsonl"  # never trained on
 ADAPTERS = ["code", "de", "fr", "ja", "ru", "zh"]

@@ -172,7 +172,7 @@ def test_loaded_kernels_do_not_spill_and_match_compile_check():
     torch.cuda.synchronize()
     loaded = _loaded_kernels()
     assert loaded, "no compiled kernel found in the JIT caches"
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     report = json.loads((root / "bench" / "results" / "static" / "compile_check.json").read_text())
     major, minor = torch.cuda.get_device_capability()
     arch = f"sm_{major}{minor}"

@@ -96,7 +96,7 @@ def test_kernels_never_read_unwritten_workspace(case):
 
 def test_split_k_is_used_and_reproducible():
     # The interpreter runs programs one after another, so equal results here say only that the split-K
-    # reduction is deterministic in value; the bitwise check under real concurrency is in tests/test_gpu.py.
+    # reduction is deterministic in value; the bitwise check under real concurrency is in tests/ops/test_gpu.py.
     case = CASES[-1]
     inputs = make_inputs(case)
     L, R, K = inputs["lora_a"].shape

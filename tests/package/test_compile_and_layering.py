@@ -10,7 +10,7 @@ from lora_cases import Case, make_inputs, reference_delta, rel_error
 
 import dlplora_triton as dlp
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
