@@ -8,11 +8,12 @@ base weight's dtype and device, the adapters' factors stacked to the largest ran
     ranks   [L] int32   0 for an adapter that does not adapt this module
     scales  [L] float32 PEFT's lora_alpha / r (or / sqrt(r) with rsLoRA)
 
-Forward: ``y = base(x)``, then the fused delta of every row's adapter mix is added into ``y`` in place
-by :func:`dlplora_triton.ops.fused_lora_planned`. The plan is not built here: all layers of a
-model share one :class:`PlanSource` that hands out the plan of the current batch (built once per
-batch shape and selection, see ``dlplora_triton.patch``). The layer knows nothing of adapter names,
-files or routers.
+Forward: ``y = base(x)``, then one :func:`dlplora_triton.ops.add_layer_delta` call adds the fused
+delta of every row's adapter mix into ``y`` in place. The batch is not built here: all layers of a
+model share one :class:`PlanSource` that hands out the prepared batch
+(:class:`~dlplora_triton.ops.LoRABatch`: the plan and what is derived from it) of the current forward,
+built once per batch shape and selection (``dlplora_triton.patch``). The layer knows nothing of
+adapter names, files or routers.
 """
 
 from __future__ import annotations
