@@ -18,6 +18,9 @@ For each completion or chat request (``SERVED_ROUTES``) whose ``model`` is a mix
    anchor (:mod:`~dlplora_triton.integrations.vllm.mixes`) under the request's model name, visible to
    this request's handler only (a context variable): ``/v1/models`` and every other request never see it.
 
+Steps 2 and 3 are :meth:`MixMiddleware.prepare_mix`, which takes ``(adapter, weight)`` pairs: the parsed
+name's, or (``"model": "auto"``) the router's, handed over by the routing middleware as they are.
+
 A plain adapter name found in the adapter directory but not loaded yet is loaded the same way. On every
 other endpoint, mix names, and the mix arguments in any field, get a 400 saying where mixes are served.
 Errors are vLLM's JSON error body, ``{"error": {"message", "type", "param", "code"}}``, with the HTTP
