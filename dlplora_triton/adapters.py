@@ -15,6 +15,9 @@ names say which modules are adapted (``base_model.model.<module path>.lora_A.wei
 Everything is checked before anything is returned (files through :mod:`dlplora_triton.readers`, tensors
 for shape, dtype, pairing and finiteness; each error names the adapter and the file), so callers can
 validate all adapters first and only then change a model. Nothing here imports peft.
+
+:func:`check_adapter_dir` is the cheaper check a server makes before it serves a directory (config,
+rank, the safetensors header; values on request), remembered per directory until a file changes.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from __future__ import annotations
 import math
 import os
 import re
+import threading
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -37,10 +42,12 @@ __all__ = [
     "LoadedAdapter",
     "read_adapter_config",
     "load_adapter",
+    "check_adapter_dir",
 ]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_NAME = "adapter_model.bin"  # never unpickled: it could run code
 _PEFT_PREFIX = "base_model.model."
 
 # Config fields that change the forward math beyond plain LoRA: (field, what to call it in errors).
@@ -273,7 +280,7 @@ def load_adapter(name: str, path: str | os.PathLike, modules: Mapping[str, nn.Mo
     path = os.fspath(path)
     weights_path = os.path.join(path, WEIGHTS_NAME)
     if not os.path.isfile(weights_path):
-        if os.path.isfile(os.path.join(path, "adapter_model.bin")):
+        if os.path.isfile(os.path.join(path, PICKLE_NAME)):
             raise ValueError(
                 f"{label}: unsupported feature: pickled weights (adapter_model.bin only); save the adapter "
                 f"with safe_serialization=True to get {WEIGHTS_NAME}"
@@ -370,3 +377,125 @@ def load_adapter(name: str, path: str | os.PathLike, modules: Mapping[str, nn.Mo
         module_scales={p: m.scale for p, m in loaded.items()},
     )
     return LoadedAdapter(info, loaded)
+
+
+# -- the serving check: config, rank and safetensors header, remembered per directory ---------------------
+
+
+class _CheckedDirs:
+    """The directories :func:`check_adapter_dir` passed: ``(resolved path, values)`` -> (stamp, rank).
+
+    An LRU of ``maxsize`` entries behind a lock (a server's event loop and an engine's threads both
+    check). An entry counts only while its stamp (:func:`_stamp`) is the files' stamp now: a file
+    written, replaced or re-linked since is read again. Only passes are kept; a refused directory is
+    read again on every check (its error names the path it was given).
+    """
+
+    def __init__(self, maxsize: int = 1024):
+        self.maxsize = maxsize
+        self._entries: OrderedDict[tuple[str, bool], tuple[tuple, int]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[str, bool], stamp: tuple) -> int | None:
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None or entry[0] != stamp:
+                return None
+            self._entries.move_to_end(key)
+            return entry[1]
+
+    def put(self, key: tuple[str, bool], stamp: tuple, rank: int) -> None:
+        with self._lock:
+            self._entries[key] = (stamp, rank)
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.maxsize:
+                self._entries.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+_CHECKED = _CheckedDirs()
+
+
+def _stamp(path: str) -> tuple | None:
+    """What says the config and the weights of directory ``path`` are unchanged (stat only): per file
+    its device, inode, mtime and ctime (ns) and size. None when either file is missing."""
+    stamp = []
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        try:
+            st = os.stat(os.path.join(path, name))
+        except OSError:
+            return None
+        stamp.append((st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size))
+    return tuple(stamp)
+
+
+def _adapter_rank(path: str, values: bool) -> int:
+    """The largest rank of a PEFT adapter directory (``r`` and ``rank_pattern``); ValueError if not LoRA."""
+    config = read_adapter_config(path)
+    ranks = [int(config["r"]), *(int(v) for v in (config.get("rank_pattern") or {}).values())]
+    weights = os.path.join(path, WEIGHTS_NAME)
+    if not os.path.isfile(weights):
+        if os.path.isfile(os.path.join(path, PICKLE_NAME)):  # never unpickled: it could run code
+            raise ValueError(f"holds only {PICKLE_NAME} (a pickle); save it as {WEIGHTS_NAME}")
+        raise FileNotFoundError(f"no {WEIGHTS_NAME}")
+    _check_safetensors(weights, values)
+    return max(ranks)
+
+
+def _check_safetensors(path: str, values: bool) -> None:
+    """safetensors reads the header and checks it covers the file (a truncated copy fails here); with
+    ``values``, every tensor is read and must be finite (a NaN adapter would serve NaN)."""
+    from safetensors import SafetensorError, safe_open
+
+    name = os.path.basename(path)
+    try:
+        with safe_open(path, "pt") as f:
+            keys = list(f.keys())
+            if not keys:
+                raise ValueError(f"{name} holds no tensors")
+            for key in keys if values else ():
+                if not bool(torch.isfinite(f.get_tensor(key)).all()):
+                    raise ValueError(f"{name}: tensor {key!r} holds NaN or inf")
+    except SafetensorError as e:
+        raise ValueError(f"{name} is truncated or corrupt ({e})") from None
+
+
+def check_adapter_dir(path: str | os.PathLike, max_rank: int | None, label: str, values: bool = False) -> int:
+    """The largest rank of the LoRA in directory ``path``, checked for serving.
+
+    Reads ``adapter_config.json`` (:func:`read_adapter_config`) and the header of
+    ``adapter_model.safetensors`` (a truncated file fails); refuses a directory with only a pickled
+    ``adapter_model.bin`` (never unpickled); with ``values``, also reads every tensor (NaN / inf
+    refused: for first loads, not for each request). Raises FileNotFoundError / ValueError naming
+    ``label``, and ValueError when the rank is above ``max_rank`` (None: no bound).
+
+    A directory that passed is remembered (1024 directories, least recently checked first out) by its
+    resolved path and ``values``, with the inode, mtime, ctime and size of both files: checking it
+    again costs a few ``stat`` calls and reads no file until one of them changes. A pass with
+    ``values`` also answers a check without.
+    """
+    path = os.fspath(path)
+    resolved = os.path.realpath(path)
+    stamp = _stamp(resolved)
+    rank = None
+    if stamp is not None:
+        for key in ((resolved, values), (resolved, True)) if not values else ((resolved, True),):
+            rank = _CHECKED.get(key, stamp)
+            if rank is not None:
+                break
+    if rank is None:
+        try:
+            rank = _adapter_rank(path, values)
+        except (OSError, ValueError) as e:
+            raise type(e)(f"{label}: {e}") from None
+        if stamp is not None:  # the stamp taken before reading: a file changed meanwhile is read again
+            _CHECKED.put((resolved, values), stamp, rank)
+    if max_rank is not None and rank > max_rank:
+        raise ValueError(f"{label}: rank {rank} is above this server's max_lora_rank ({max_rank})")
+    return rank

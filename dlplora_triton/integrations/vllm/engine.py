@@ -6,7 +6,8 @@ Installed by :func:`dlplora_triton.integrations.vllm.register` in every vLLM pro
   (:mod:`~dlplora_triton.integrations.vllm.mixes`) is checked before it is queued: it carries this
   deployment's signature (so its adapter paths are the server's, not a client's), its components decode
   with weights in [-1000, 1000], its LoRA is the mix's anchor, it fits ``max_loras``, each component
-  directory holds a LoRA within ``max_lora_rank``. A bad one fails alone (vLLM answers that request
+  directory holds a LoRA within ``max_lora_rank`` (:func:`dlplora_triton.adapters.check_adapter_dir`,
+  which reads a directory once until its files change). A bad one fails alone (vLLM answers that request
   with an error); the engine goes on.
 - **Scheduling**: vLLM's scheduler counts one LoRA per request. A mix needs a slot per component, so
   the scheduler class vLLM picks is given a first pass that holds back, for this step, the waiting
@@ -25,15 +26,14 @@ Installed by :func:`dlplora_triton.integrations.vllm.register` in every vLLM pro
 from __future__ import annotations
 
 import logging
-import os
 
 import numpy as np
 
+from dlplora_triton.adapters import check_adapter_dir
 from dlplora_triton.integrations.vllm.mixes import (
     MIX_ARG,
     MIX_SIGNATURE_ARG,
     LoRARouteMapping,
-    decode_mix,
     parse_mix_name,
     request_mix,
     verify_mix_args,
@@ -44,60 +44,14 @@ logger = logging.getLogger(__name__)
 __all__ = ["check_mix_request", "install_engine_hooks", "lora_ids_of"]
 
 
-def _adapter_rank(path: str, values: bool) -> int:
-    """The largest rank of a PEFT adapter directory (``r`` and ``rank_pattern``); ValueError if not LoRA."""
-    from dlplora_triton.adapters import read_adapter_config
-
-    config = read_adapter_config(path)
-    ranks = [int(config["r"]), *(int(v) for v in (config.get("rank_pattern") or {}).values())]
-    weights = os.path.join(path, "adapter_model.safetensors")
-    if not os.path.isfile(weights):
-        if os.path.isfile(os.path.join(path, "adapter_model.bin")):  # never unpickled: it could run code
-            raise ValueError("holds only adapter_model.bin (a pickle); save it as adapter_model.safetensors")
-        raise FileNotFoundError("no adapter_model.safetensors")
-    _check_safetensors(weights, values)
-    return max(ranks)
-
-
-def _check_safetensors(path: str, values: bool) -> None:
-    """safetensors reads the header and checks it covers the file (a truncated copy fails here); with
-    ``values``, every tensor is read and must be finite (a NaN adapter would serve NaN)."""
-    import torch
-    from safetensors import SafetensorError, safe_open
-
-    name = os.path.basename(path)
-    try:
-        with safe_open(path, "pt") as f:
-            keys = list(f.keys())
-            if not keys:
-                raise ValueError(f"{name} holds no tensors")
-            for key in keys if values else ():
-                if not bool(torch.isfinite(f.get_tensor(key)).all()):
-                    raise ValueError(f"{name}: tensor {key!r} holds NaN or inf")
-    except SafetensorError as e:
-        raise ValueError(f"{name} is truncated or corrupt ({e})") from None
-
-
-def check_adapter_dir(path: str, max_lora_rank: int | None, label: str, values: bool = False) -> int:
-    """The adapter's largest rank; ValueError / FileNotFoundError naming ``label`` when ``path`` is no
-    servable LoRA directory. ``values`` also reads every tensor (NaN / inf refused): for first loads,
-    not for the engine's check of each request."""
-    try:
-        rank = _adapter_rank(path, values)
-    except (OSError, ValueError) as e:
-        raise type(e)(f"{label}: {e}") from None
-    if max_lora_rank is not None and rank > max_lora_rank:
-        raise ValueError(f"{label}: rank {rank} is above this server's max_lora_rank ({max_lora_rank})")
-    return rank
-
-
 def check_mix_request(sampling_params, lora_request, lora_config) -> None:
     """Raise ValueError (FileNotFoundError for a missing component) when a request's mix cannot be
     served; no-op for plain requests."""
     extra = getattr(sampling_params, "extra_args", None) or {}
     if MIX_ARG not in extra and MIX_SIGNATURE_ARG not in extra:
         return
-    mix = decode_mix(verify_mix_args(extra))
+    verify_mix_args(extra)
+    mix = request_mix(sampling_params)  # decoded once per process, for the scheduler and workers too
     if lora_config is None:
         raise ValueError("a mix needs LoRA enabled (enable_lora=True / --enable-lora)")
     if (
@@ -112,7 +66,7 @@ def check_mix_request(sampling_params, lora_request, lora_config) -> None:
         raise ValueError(
             f"the mix has {len(mix)} adapters; the engine holds at most {lora_config.max_loras} (max_loras)"
         )
-    for c in mix:
+    for c in mix:  # a directory checked before costs a few stat calls (dlplora_triton.adapters)
         check_adapter_dir(c.lora_path, lora_config.max_lora_rank, f"mix component {c.name!r}")
 
 

@@ -225,7 +225,10 @@ class RoutingMiddleware(MixMiddleware):
 
         payload = {k: v for k, v in payload.items() if k != "routing"}
         payload["model"] = model
-        prepared = await super().prepare(scope, payload) or Prepared(payload)
+        if len(chosen) > 1:  # the router's pairs, handed over as they are: no name parsed back
+            prepared = await self.prepare_mix(scope, payload, model, chosen)
+        else:
+            prepared = await super().prepare(scope, payload) or Prepared(payload)
         prepared.headers.append((ROUTE_HEADER, label))
         prepared.on_success.append(count)
         return prepared

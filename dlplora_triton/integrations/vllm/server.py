@@ -18,6 +18,9 @@ For each completion or chat request (``SERVED_ROUTES``) whose ``model`` is a mix
    anchor (:mod:`~dlplora_triton.integrations.vllm.mixes`) under the request's model name, visible to
    this request's handler only (a context variable): ``/v1/models`` and every other request never see it.
 
+Steps 2 and 3 are :meth:`MixMiddleware.prepare_mix`, which takes ``(adapter, weight)`` pairs: the parsed
+name's, or (``"model": "auto"``) the router's, handed over by the routing middleware as they are.
+
 A plain adapter name found in the adapter directory but not loaded yet is loaded the same way. On every
 other endpoint, mix names, and the mix arguments in any field, get a 400 saying where mixes are served.
 Errors are vLLM's JSON error body, ``{"error": {"message", "type", "param", "code"}}``, with the HTTP
@@ -243,7 +246,7 @@ class Adapters:
     async def _load(self, name: str):
         from vllm.entrypoints.serve.lora.protocol import LoadLoRAAdapterRequest
 
-        from dlplora_triton.integrations.vllm.engine import check_adapter_dir
+        from dlplora_triton.adapters import check_adapter_dir
 
         path = os.path.join(self.adapter_dir, name)
         try:
@@ -367,27 +370,44 @@ class MixMiddleware:
             if adapters.registered(model) is None and adapters.can_load(model):
                 await adapters.get(model)  # a plain adapter of the directory, loaded on first use
             return None
-        xargs = payload.get("vllm_xargs")
-        if xargs is not None and not isinstance(xargs, dict):
-            raise RequestError(HTTPStatus.BAD_REQUEST, "vllm_xargs must be an object", "vllm_xargs")
+        self._check_xargs(payload)
         adapters.require_lora()
         try:
             pairs = parse_mix_name(model, max_components=adapters.max_loras)
         except ValueError as e:
             raise RequestError(HTTPStatus.BAD_REQUEST, str(e)) from None
+        return await self.prepare_mix(scope, payload, model, pairs)
+
+    @staticmethod
+    def _check_xargs(payload: dict) -> None:
+        xargs = payload.get("vllm_xargs")
+        if xargs is not None and not isinstance(xargs, dict):
+            raise RequestError(HTTPStatus.BAD_REQUEST, "vllm_xargs must be an object", "vllm_xargs")
+
+    async def prepare_mix(self, scope, payload: dict, name: str, pairs) -> Prepared:
+        """``payload`` rewritten to serve the mix ``pairs`` (``[(adapter, weight), ...]``) as model ``name``.
+
+        ``pairs`` come from this server only: a client's ``mix:`` name parsed by :meth:`prepare`, or the
+        router's choice (:class:`~dlplora_triton.integrations.vllm.routed.RoutingMiddleware` calls this
+        method, nothing a client sends reaches it). The mix is encoded once, signed, into ``vllm_xargs``.
+        """
+        self._check_xargs(payload)
+        adapters = self.adapters(scope)
         components = []
-        for name, weight in pairs:
-            request = await adapters.get(name)
-            components.append(MixComponent(name, request.lora_int_id, request.lora_path, weight))
+        for adapter, weight in pairs:
+            request = await adapters.get(adapter)
+            components.append(MixComponent(adapter, request.lora_int_id, request.lora_path, float(weight)))
         if len({c.lora_int_id for c in components}) != len(components):
             raise RequestError(
-                HTTPStatus.BAD_REQUEST, f"mix {model!r} names one adapter twice (under two names)"
+                HTTPStatus.BAD_REQUEST, f"mix {name!r} names one adapter twice (under two names)"
             )
         from vllm.lora.request import LoRARequest
 
         anchor = LoRARequest(
-            lora_name=model, lora_int_id=components[0].lora_int_id, lora_path=components[0].lora_path
+            lora_name=name, lora_int_id=components[0].lora_int_id, lora_path=components[0].lora_path
         )
-        payload = dict(payload, vllm_xargs=dict(xargs or {}, **mix_args(components)))
+        payload = dict(
+            payload, model=name, vllm_xargs=dict(payload.get("vllm_xargs") or {}, **mix_args(components))
+        )
         header = ",".join(f"{c.name}={c.weight!r}" for c in components)
-        return Prepared(payload, lent={model: anchor}, headers=[(MIX_HEADER, header)])
+        return Prepared(payload, lent={name: anchor}, headers=[(MIX_HEADER, header)])
