@@ -3,9 +3,9 @@
 No name is written and parsed back on the way: the routed request reaches vLLM with the same body, signed
 mix arguments and lent anchor as the same mix named directly, with ``parse_mix_name`` never called. The
 middleware runs on a FastAPI app standing in for vLLM's server (its registry of adapters and LoRA config
-faked), driven through ASGI as in tests/test_server_guard.py; the router is a stub that returns a fixed
+faked), driven through ASGI as in tests/integrations/vllm/test_server_guard.py; the router is a stub that returns a fixed
 choice. vLLM is not imported: ``vllm.lora.request`` is a stand-in module for the test's duration. The
-whole server runs in tests/engine/test_serve_routed.py and tests/engine/test_security.py.
+whole server runs in tests/integrations/vllm/engine/test_serve_routed.py and tests/integrations/vllm/engine/test_security.py.
 """
 
 import asyncio
