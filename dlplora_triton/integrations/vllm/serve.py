@@ -34,7 +34,7 @@ class ServeError(ValueError):
 
 def adapter_directories(root: str | os.PathLike) -> dict[str, tuple[str, int]]:
     """``{name: (path, rank)}`` of the PEFT adapters in ``root``; ServeError naming a bad one."""
-    from dlplora_triton.integrations.vllm.engine import check_adapter_dir
+    from dlplora_triton.adapters import check_adapter_dir
     from dlplora_triton.integrations.vllm.mixes import ADAPTER_NAME
 
     root = Path(root)
