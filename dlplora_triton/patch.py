@@ -90,7 +90,7 @@ class SelectionSource(PlanSource):
             per_row = math.prod(lead[1:])
             T = lead[0] * per_row
             seq_offsets = None
-        # [B, T, K] and [B*T, K] inputs share one batch (its per-route variants included).
+        # [B, T, K] and [B*T, K] inputs share one batch (its variants without dropped slots included).
         batch = self.batches.get((T, device))
         if batch is None:
             if seq_offsets is None:
