@@ -12,12 +12,12 @@ build batches and pass them to :func:`dlplora_triton.ops.add_layer_delta` (or
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
+from ._moved import moved_names
 from .backends.torch_path import TorchPathCache, shrink_shared
 from .plan import LoRAPlan, build_plan
 
@@ -202,8 +202,10 @@ def _version(t: torch.Tensor) -> int:
     return -1 if t.is_inference() else t._version
 
 
-def __getattr__(name: str):
-    if name == "ModuleRoute":  # its name until 0.2 ("route" now means the sentence router's decision only)
-        warnings.warn("ModuleRoute is deprecated: it is DroppedSlots", DeprecationWarning, stacklevel=2)
-        return DroppedSlots
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# Renamed in 0.2: "route" now means the sentence router's decision only.
+__getattr__ = moved_names(
+    __name__,
+    {
+        "ModuleRoute": "dlplora_triton.batch:DroppedSlots",
+    },
+)

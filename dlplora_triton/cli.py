@@ -6,7 +6,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-import warnings
+
+from ._moved import moved_names
 
 __all__ = ["COMMANDS", "main"]
 
@@ -71,17 +72,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def __getattr__(name: str):
-    if name == "DEFAULT_P":  # moved to dlplora_triton.defaults (0.2.0)
-        warnings.warn(
-            "dlplora_triton.cli.DEFAULT_P moved to dlplora_triton.defaults.DEFAULT_P",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        from .defaults import DEFAULT_P
-
-        return DEFAULT_P
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# Moved in 0.2.
+__getattr__ = moved_names(
+    __name__,
+    {
+        "DEFAULT_P": "dlplora_triton.defaults:DEFAULT_P",
+    },
+)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from ._cubin import cubin_resources, occupancy
+from ._moved import moved_names
 from .plan import build_plan
 
 __all__ = ["SweepShape", "sweep", "routing", "run_check", "main_table", "ARCHS", "SM_COUNT"]
@@ -467,15 +468,10 @@ def _variants_with(variants: list[dict]) -> Counter:
     return seen
 
 
-def __getattr__(name: str):
-    if name == "main":  # moved in 0.2.0: the command is dlplora_triton.commands.compile_check
-        import importlib
-        import warnings
-
-        warnings.warn(
-            "dlplora_triton.compile_check.main moved to dlplora_triton.commands.compile_check.check",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return importlib.import_module("dlplora_triton.commands.compile_check").check
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# Moved in 0.2: the command is dlplora_triton.commands.compile_check.
+__getattr__ = moved_names(
+    __name__,
+    {
+        "main": "dlplora_triton.commands.compile_check:check",
+    },
+)

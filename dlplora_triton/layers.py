@@ -25,6 +25,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ._moved import moved_names
 from .modules import linear_features
 from .ops import DroppedSlots, LoRABatch, LoRAStacks, SharedShrink, add_layer_delta
 from .plan import LoRAPlan
@@ -365,9 +366,10 @@ def _version(t: torch.Tensor) -> int:
     return -1 if t.is_inference() else t._version
 
 
-def __getattr__(name: str):
-    if name == "ModuleRoute":
-        from . import batch
-
-        return batch.ModuleRoute  # warns: it is DroppedSlots
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# Moved in 0.2: ModuleRoute is DroppedSlots (batch.py).
+__getattr__ = moved_names(
+    __name__,
+    {
+        "ModuleRoute": "dlplora_triton.batch:DroppedSlots",
+    },
+)

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ._moved import moved_names
 from .backends import torch_path as _torch_path
 from .backends.grad import factor_grads
 from .backends.torch_path import TorchPathCache, fused_lora_torch, token_weights
@@ -462,29 +463,13 @@ def fused_lora(
     return out
 
 
-# Names ops exported for the layers before the prepared batch (0.x); the layers now make one
-# add_layer_delta call. Kept importable for one release.
-_MOVED = {
-    "shrink_shared": "dlplora_triton.backends.torch_path",
-    "expand_shared": "dlplora_triton.backends.torch_path",
-    "dense_layer_delta": "dlplora_triton.backends.torch_path",
-}
-
-
-def __getattr__(name: str):
-    if name == "ModuleRoute":
-        from . import batch
-
-        return batch.ModuleRoute  # warns: it is DroppedSlots
-    if name in _MOVED:
-        import importlib
-        import warnings
-
-        warnings.warn(
-            f"dlplora_triton.ops.{name} is deprecated: layers call ops.add_layer_delta with a prepared "
-            f"batch (ops.prepare_batch); the PyTorch path's helper lives in {_MOVED[name]}",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return getattr(importlib.import_module(_MOVED[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# Moved in 0.2: the layers make one add_layer_delta call on a prepared batch; DroppedSlots was ModuleRoute.
+__getattr__ = moved_names(
+    __name__,
+    {
+        "shrink_shared": "dlplora_triton.backends.torch_path:shrink_shared",
+        "expand_shared": "dlplora_triton.backends.torch_path:expand_shared",
+        "dense_layer_delta": "dlplora_triton.backends.torch_path:dense_layer_delta",
+        "ModuleRoute": "dlplora_triton.batch:DroppedSlots",
+    },
+)

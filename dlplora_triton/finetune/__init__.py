@@ -11,9 +11,7 @@
   ``finetune_main``: ``dlplora_triton.commands.finetune``).
 """
 
-import importlib
-import warnings
-
+from .._moved import moved_names
 from .callback import DynamicLoRACallback
 from .command import pad_token_ids, read_checkpoint
 from .dynamic import DynamicLoRA
@@ -39,12 +37,10 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
-    if name == "finetune_main":  # moved to dlplora_triton.commands.finetune (0.2.0)
-        warnings.warn(
-            "dlplora_triton.finetune.finetune_main moved to dlplora_triton.commands.finetune.finetune_main",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return importlib.import_module("dlplora_triton.commands.finetune").finetune_main
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# Moved in 0.2.
+__getattr__ = moved_names(
+    __name__,
+    {
+        "finetune_main": "dlplora_triton.commands.finetune:finetune_main",
+    },
+)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
 import json
 import math
 import os
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from .._moved import moved_names
 from ..readers import check_output_dir, read_labelled_jsonl, read_torch_state
 from .dynamic import DynamicLoRA
 from .export import GATE_NOTE, plot_ranks, write_rank_csv
@@ -362,14 +362,11 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     return state
 
 
-# Names that moved to dlplora_triton.commands.finetune (0.2.0): still importable from here, with a
-# DeprecationWarning, until the next minor release.
-_MOVED = {"finetune_main": "finetune_main", "_build_finetune_parser": "build_parser"}
-
-
-def __getattr__(name: str):
-    if name in _MOVED:
-        new = f"dlplora_triton.commands.finetune.{_MOVED[name]}"
-        warnings.warn(f"{__name__}.{name} moved to {new}", DeprecationWarning, stacklevel=2)
-        return getattr(importlib.import_module("dlplora_triton.commands.finetune"), _MOVED[name])
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# Moved in 0.2.
+__getattr__ = moved_names(
+    __name__,
+    {
+        "finetune_main": "dlplora_triton.commands.finetune:finetune_main",
+        "_build_finetune_parser": "dlplora_triton.commands.finetune:build_parser",
+    },
+)

@@ -3,15 +3,14 @@ which attaches the MiLoRA and runs the prefill, is ``dlplora_triton.commands.mil
 
 from __future__ import annotations
 
-import importlib
-import warnings
 from collections.abc import Sequence
+
+from .._moved import moved_names
 
 __all__ = ["format_gates"]
 
 # Names that moved to dlplora_triton.commands.milora_gates (0.2.0): still importable from here, with a
 # DeprecationWarning, until the next minor release.
-_MOVED = {"prompt_gates": "prompt_gates", "gates_main": "show_gates"}
 
 
 def format_gates(prompts: Sequence[str], result: dict) -> str:
@@ -28,9 +27,11 @@ def format_gates(prompts: Sequence[str], result: dict) -> str:
     return "\n".join(lines)
 
 
-def __getattr__(name: str):
-    if name in _MOVED:
-        new = f"dlplora_triton.commands.milora_gates.{_MOVED[name]}"
-        warnings.warn(f"dlplora_triton.milora.show.{name} moved to {new}", DeprecationWarning, stacklevel=2)
-        return getattr(importlib.import_module("dlplora_triton.commands.milora_gates"), _MOVED[name])
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# Moved in 0.2.
+__getattr__ = moved_names(
+    __name__,
+    {
+        "prompt_gates": "dlplora_triton.commands.milora_gates:prompt_gates",
+        "gates_main": "dlplora_triton.commands.milora_gates:show_gates",
+    },
+)
