@@ -165,7 +165,10 @@ def test_moved_names_warn_and_still_work():
     with pytest.warns(DeprecationWarning, match="use dropped_slots"):
         assert layer.route is None
     for module in (batch_module, ops, layers_module):
-        with pytest.warns(DeprecationWarning, match="ModuleRoute is deprecated: it moved to dlplora_triton.batch.DroppedSlots"):
+        with pytest.warns(
+            DeprecationWarning,
+            match="ModuleRoute is deprecated: it moved to dlplora_triton.batch.DroppedSlots",
+        ):
             assert module.ModuleRoute is DroppedSlots
     with warnings.catch_warnings():
         warnings.simplefilter("error")
