@@ -111,7 +111,7 @@ class _Pending:
 
 
 class LoRABatch:
-    """One batch's routing for the adapted layers: ``plan`` plus what is derived from it once.
+    """One batch's selection prepared for the adapted layers: ``plan`` plus what is derived from it once.
 
     Build it with :func:`prepare_batch` (selection tensors) or ``LoRABatch(plan)`` (a prebuilt plan).
     ``host``: the PyTorch path's host data of the plan (None for plans on CUDA, where the Triton kernels
