@@ -307,14 +307,9 @@ def test_rows_mixing_milora_with_an_adapter_and_the_base(tmp_path, monkeypatch):
         assert rel(got[b, keep], want[0, keep]) < 1e-5, row
 
 
-def test_shared_shrink_with_members_picked_by_different_rows(tmp_path, monkeypatch):
-    """q/k/v and gate/up share one shrink only when they keep the same rows; otherwise each runs alone,
-    and either way the result is the dense gated one."""
-    mi = train("max", 2, seed=8)
-    model, lora = serve(mi, tmp_path, seed=8)
-    ids, mask = padded_batch(8)
-    shared = []
-    share = ShrinkGroup.share
+def record_shares(monkeypatch) -> list:
+    """The layers that take a shared shrink, in call order (ShrinkGroup.share spied on)."""
+    shared, share = [], ShrinkGroup.share
 
     def sharing(self, layer, x, batch):
         part = share(self, layer, x, batch)
@@ -323,6 +318,16 @@ def test_shared_shrink_with_members_picked_by_different_rows(tmp_path, monkeypat
         return part
 
     monkeypatch.setattr(ShrinkGroup, "share", sharing)
+    return shared
+
+
+def test_shared_shrink_with_members_picked_by_different_rows(tmp_path, monkeypatch):
+    """q/k/v and gate/up share one shrink only when they keep the same rows; otherwise each runs alone,
+    and either way the result is the dense gated one."""
+    mi = train("max", 2, seed=8)
+    model, lora = serve(mi, tmp_path, seed=8)
+    ids, mask = padded_batch(8)
+    shared = record_shares(monkeypatch)
     lora.select([[("mi", 1.0)]] * B)
     with torch.no_grad():
         got = model(ids, attention_mask=mask).logits
@@ -369,16 +374,7 @@ def test_small_cpu_batches_keep_dropped_slots_at_weight_0(tmp_path, monkeypatch)
     out = prefill(model, ids, mask)
     sparse = (out.logits, decode(model, out, mask).logits)
     monkeypatch.setattr(batch_module, "SPARSE_MIN_TOKENS", SMALL_BATCH)
-    shared = []
-    share = ShrinkGroup.share
-
-    def sharing(self, layer, x, batch):
-        part = share(self, layer, x, batch)
-        if part is not None:
-            shared.append(layer)
-        return part
-
-    monkeypatch.setattr(ShrinkGroup, "share", sharing)
+    shared = record_shares(monkeypatch)
     lora.select([[("mi", 1.0)]] * B)
     out = prefill(model, ids, mask)
     small = (out.logits, decode(model, out, mask).logits)
