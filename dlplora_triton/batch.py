@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ._moved import moved_names
-from .backends.torch_path import TorchPathCache, shrink_shared
+from .backends.torch_path import TorchPathCache, shrink_shared, tensor_version
 from .plan import LoRAPlan, build_plan
 
 __all__ = ["LoRABatch", "LoRAStacks", "DroppedSlots", "SharedShrink", "prepare_batch", "SPARSE_MIN_TOKENS"]
@@ -130,10 +130,6 @@ class LoRABatch:
         self._pending: dict[object, _Pending] = {}
 
     @property
-    def num_tokens(self) -> int:
-        return self.plan.num_tokens
-
-    @property
     def keeps_dropped_slots(self) -> bool:
         """Whether :meth:`dropping` returns this batch itself (a small batch on the PyTorch path)."""
         return self.host is not None and self.plan.num_tokens < SPARSE_MIN_TOKENS
@@ -167,7 +163,7 @@ class LoRABatch:
         if (
             pending is None
             or pending.x is not x
-            or pending.version != _version(x)
+            or pending.version != tensor_version(x)
             or member in pending.served
         ):
             if self.host is None:
@@ -176,7 +172,7 @@ class LoRABatch:
             if shrunk is None:
                 self._pending.pop(group, None)
                 return None
-            pending = self._pending[group] = _Pending(x, _version(x), shrunk)
+            pending = self._pending[group] = _Pending(x, tensor_version(x), shrunk)
         pending.served.add(member)
         if len(pending.served) == share.size:
             del self._pending[group]
@@ -195,11 +191,6 @@ def prepare_batch(
     return LoRABatch(
         build_plan(seq_offsets, adapter_ids, adapter_weights, num_adapters, num_tokens=num_tokens)
     )
-
-
-def _version(t: torch.Tensor) -> int:
-    """The tensor's in-place version counter (inference tensors have none: -1, identity alone counts)."""
-    return -1 if t.is_inference() else t._version
 
 
 # Renamed in 0.2: "route" now means the sentence router's decision only.

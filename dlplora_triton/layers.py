@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ._moved import moved_names
+from .batch import tensor_version
 from .modules import linear_features
 from .ops import DroppedSlots, LoRABatch, LoRAStacks, SharedShrink, add_layer_delta
 from .plan import LoRAPlan
@@ -319,9 +320,6 @@ class ShrinkGroup:
         """A member's stacks were replaced (``set_stacks``, ``.to()``): stack the A again at next use."""
         self._shares = None
 
-    def offset(self, layer: MultiLoRALinear) -> int:
-        return self._current()[layer].offset
-
     def share(self, layer: MultiLoRALinear, x: torch.Tensor, batch: LoRABatch) -> SharedShrink | None:
         """``layer``'s part in the shared shrink of input ``x`` on ``batch``, or None where it must run
         alone: every member must run on this same batch and do LoRA work (members that drop different
@@ -350,7 +348,7 @@ class ShrinkGroup:
     def _current(self) -> dict[MultiLoRALinear, SharedShrink]:
         # The A side by side, stacked again when a member's stacks were replaced or edited in place
         # (their version counters: a copy_ into a member's lora_a must not leave a stale stack here).
-        versions = tuple(_version(m.lora_a) for m in self.members)
+        versions = tuple(tensor_version(m.lora_a) for m in self.members)
         if self._shares is None or versions != self._versions:
             stacked = torch.cat([m.lora_a for m in self.members], dim=1)
             shares, offset = {}, 0
@@ -359,11 +357,6 @@ class ShrinkGroup:
                 offset += m.lora_a.shape[1]
             self._shares, self._versions = shares, versions
         return self._shares
-
-
-def _version(t: torch.Tensor) -> int:
-    """The tensor's in-place version counter (inference tensors have none: -1)."""
-    return -1 if t.is_inference() else t._version
 
 
 # Moved in 0.2: ModuleRoute is DroppedSlots (batch.py).

@@ -147,7 +147,7 @@ def dense_layer_delta(
     R = a_rows.shape[0] // max(len(rank_tuple), 1)
     key = (R, rank_tuple, scale_tuple, x.dtype)
     if adapter_weights is not None:
-        key += (id(adapter_weights), _version(adapter_weights))
+        key += (id(adapter_weights), tensor_version(adapter_weights))
     entry = cache.dense_coef.get(key, False)
     if entry is not False and adapter_weights is not None and entry[0] is not adapter_weights:
         entry = False  # the id of a tensor that is gone, reused
@@ -191,7 +191,7 @@ def _take_rows(t: torch.Tensor, rows: torch.Tensor | slice | None) -> torch.Tens
     return t[rows] if isinstance(rows, slice) else t.index_select(0, rows)
 
 
-def _version(t: torch.Tensor) -> int:
+def tensor_version(t: torch.Tensor) -> int:
     """The tensor's in-place version counter (inference tensors have none: -1, identity alone counts)."""
     return -1 if t.is_inference() else t._version
 
@@ -444,7 +444,7 @@ def expand_shared(
         reuse = scale_tuple is not None and (adapter_weights is None or not adapter_weights.requires_grad)
         key = ("shared", R, scale_tuple, v.dtype)
         if adapter_weights is not None:
-            key += (id(adapter_weights), _version(adapter_weights))
+            key += (id(adapter_weights), tensor_version(adapter_weights))
         entry = cache.dense_coef.get(key) if reuse else None
         coef = entry[1] if entry is not None and entry[0] is adapter_weights else None
         if coef is None:
