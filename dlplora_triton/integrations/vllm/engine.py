@@ -12,8 +12,10 @@ Installed by :func:`dlplora_triton.integrations.vllm.register` in every vLLM pro
 - **Scheduling**: vLLM's scheduler counts one LoRA per request. A mix needs a slot per component, so
   the scheduler class vLLM picks is given a first pass that holds back, for this step, the waiting
   requests whose adapters would overflow the slots left by the running ones and the ones admitted before
-  them (they stay queued in order and run when slots free up). A mix of adapters that are already in
-  slots costs nothing more.
+  them (they stay queued in order and run when slots free up). A request held back for
+  ``DLPLORA_MIX_PATIENCE`` steps (default 16) then reserves its slots, so one-adapter traffic cannot
+  starve a mix (:mod:`~dlplora_triton.integrations.vllm.admission`). A mix of adapters that are already
+  in slots costs nothing more.
 - **Workers** (``set_active_loras`` of vLLM's LoRA model-runner mixin): the step's adapter set gains the
   mixes' components, and the punica wrapper gets each token's and each sampled row's
   ``(adapter, weight)`` list, so a mix's rows run ``sum_c w_c * LoRA_c(x)`` in the same kernel launch as
@@ -30,6 +32,7 @@ import logging
 import numpy as np
 
 from dlplora_triton.adapters import check_adapter_dir
+from dlplora_triton.integrations.vllm.admission import admit, patience_from_env
 from dlplora_triton.integrations.vllm.mixes import (
     MIX_ARG,
     MIX_SIGNATURE_ARG,
@@ -40,6 +43,8 @@ from dlplora_triton.integrations.vllm.mixes import (
 )
 
 logger = logging.getLogger(__name__)
+
+_PATIENCE = patience_from_env()  # read once per process; a bad value stops vLLM at start, named
 
 __all__ = ["check_mix_request", "install_engine_hooks", "lora_ids_of"]
 
@@ -90,35 +95,46 @@ def lora_ids_of(request) -> frozenset[int]:
 
 
 class MixSlotsScheduler:
-    """Mixed in before vLLM's scheduler class: admit waiting requests only while their adapters fit."""
+    """Mixed in before vLLM's scheduler class: admit waiting requests only while their adapters fit,
+    and keep room for a request held back too long (:mod:`~dlplora_triton.integrations.vllm.admission`)."""
 
     def schedule(self, *args, **kwargs):
         lora_config = getattr(self, "lora_config", None)
         if not lora_config:
             return super().schedule(*args, **kwargs)
+        waited = getattr(self, "_dlplora_waited", None)
+        if waited is None:
+            waited = self._dlplora_waited = {}  # request id -> steps held back by this hook
         held: set[int] = set()
         for request in self.running:
             held |= lora_ids_of(request)
         order = list(self.waiting)
-        deferred = []
-        for request in order:
-            need = lora_ids_of(request)
-            if need and len(held | need) > lora_config.max_loras:
-                deferred.append(request)
-            else:
-                held |= need
-        if not deferred:
-            return super().schedule(*args, **kwargs)
-        self.waiting.remove_requests(deferred)
+        decision = admit(
+            held,
+            [(i, lora_ids_of(r), waited.get(r.request_id, 0)) for i, r in enumerate(order)],
+            lora_config.max_loras,
+            _PATIENCE,
+        )
+        deferred = [order[i] for i in decision.held_back]
+        for request in deferred:
+            waited[request.request_id] = waited.get(request.request_id, 0) + 1
+        if deferred:
+            self.waiting.remove_requests(deferred)
         try:
             return super().schedule(*args, **kwargs)
         finally:
-            # Back into the queue in their first order, with whatever this step did not admit.
-            position = {id(r): i for i, r in enumerate(order)}
             rest = list(self.waiting)
-            self.waiting.remove_requests(rest)
-            for request in sorted(rest + deferred, key=lambda r: position.get(id(r), len(order))):
-                self.waiting.add_request(request)
+            if deferred:
+                # Back into the queue in their first order, with whatever this step did not admit.
+                position = {id(r): i for i, r in enumerate(order)}
+                self.waiting.remove_requests(rest)
+                rest = sorted(rest + deferred, key=lambda r: position.get(id(r), len(order)))
+                for request in rest:
+                    self.waiting.add_request(request)
+            if waited:  # forget the requests that left the queue (admitted, aborted)
+                still = {r.request_id for r in rest}
+                for request_id in [k for k in waited if k not in still]:
+                    del waited[request_id]
 
 
 _SCHEDULERS: dict[type, type] = {}
