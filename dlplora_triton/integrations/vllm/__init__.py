@@ -7,6 +7,8 @@ job:
 - :mod:`.wrapper`: :class:`PunicaWrapperDLP`, the punica wrapper every LoRA layer calls;
 - :mod:`.mixes`: mix names, the mix a request carries, :func:`mix_request` (offline ``LLM``);
 - :mod:`.engine`: mixes inside the engine (slot accounting, checks on arrival, routes in the workers);
+- :mod:`.admission`: which waiting requests may take slots in a step (no mix starves);
+- :mod:`.adapter_metrics`: adapter loads and evictions, counted in the workers, on ``/metrics``;
 - :mod:`.server`: the OpenAI server's ``mix:`` model names (an ASGI middleware).
 
 ``import dlplora_triton`` never imports vLLM; this package imports it only in :func:`register` and in
@@ -74,6 +76,7 @@ def register() -> None:
     import vllm
     from vllm.platforms import current_platform
 
+    from dlplora_triton.integrations.vllm.adapter_metrics import install_adapter_metrics, metrics_dir
     from dlplora_triton.integrations.vllm.engine import install_engine_hooks
     from dlplora_triton.integrations.vllm.mixes import mix_key
     from dlplora_triton.integrations.vllm.wrapper import WRAPPER_QUALNAME
@@ -81,6 +84,7 @@ def register() -> None:
     # The key signing mixes, made now (vLLM loads plugins while it parses its arguments) so that every
     # process it starts later, the engine core first, inherits the same one.
     mix_key()
+    metrics_dir()  # the same for the folder the processes' adapter counts go to
 
     platform_cls = type(current_platform)
     if getattr(platform_cls.get_punica_wrapper, "_dlplora", False):
@@ -93,3 +97,4 @@ def register() -> None:
     get_punica_wrapper._dlplora = True
     platform_cls.get_punica_wrapper = classmethod(get_punica_wrapper)
     install_engine_hooks()
+    install_adapter_metrics()
