@@ -50,9 +50,15 @@ ENGINE_ARGS = dict(
 ENGINE_ENV = {"VLLM_LOGGING_LEVEL": "WARNING", "TOKENIZERS_PARALLELISM": "false"}
 
 
-def server_args(*extra: str) -> list[str]:
-    """vLLM server arguments for SmolLM2 with ``ENGINE_ARGS``, ``de`` and ``code`` in ``--lora-modules``,
-    then ``extra``."""
+def server_args(
+    *extra: str,
+    max_loras: int = ENGINE_ARGS["max_loras"],
+    max_lora_rank: int = ENGINE_ARGS["max_lora_rank"],
+    lora_modules: tuple[str, ...] = ("de", "code"),
+) -> list[str]:
+    """vLLM server arguments for SmolLM2 with ``ENGINE_ARGS`` (slots and rank as given), the
+    ``lora_modules`` of the package's adapters in ``--lora-modules``, then ``extra``."""
+    modules = ["--lora-modules", *(f"{name}={adapter_path(name)}" for name in lora_modules)]
     return [
         "--model",
         str(model_folder()),
@@ -60,9 +66,9 @@ def server_args(*extra: str) -> list[str]:
         "smollm2",
         "--enable-lora",
         "--max-loras",
-        str(ENGINE_ARGS["max_loras"]),
+        str(max_loras),
         "--max-lora-rank",
-        str(ENGINE_ARGS["max_lora_rank"]),
+        str(max_lora_rank),
         "--dtype",
         "float32",
         "--max-model-len",
@@ -70,9 +76,7 @@ def server_args(*extra: str) -> list[str]:
         "--enforce-eager",
         "--gpu-memory-utilization",
         str(ENGINE_ARGS["gpu_memory_utilization"]),
-        "--lora-modules",
-        f"de={adapter_path('de')}",
-        f"code={adapter_path('code')}",
+        *(modules if lora_modules else []),
         *extra,
     ]
 
