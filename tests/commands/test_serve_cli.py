@@ -12,7 +12,13 @@ import pytest
 
 from dlplora_triton.cli import main
 from dlplora_triton.commands.serve import build_parser
-from dlplora_triton.integrations.vllm.serve import ServeError, adapter_directories, vllm_command
+from dlplora_triton.integrations.vllm.serve import (
+    ServeError,
+    adapter_directories,
+    check_model,
+    cpu_defaults,
+    vllm_command,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 ADAPTERS = ROOT / "dlplora_triton" / "data" / "adapters" / "smollm2"
@@ -101,13 +107,71 @@ def test_the_vllm_command_adds_what_routed_serving_needs():
         ["--adapters", str(ADAPTERS), "--router", "r", "--model", "m", "--max-loras", "4"]
     )
     cmd = vllm_command(args, rest, adapters)
-    assert cmd[1:4] == ["-m", "vllm.entrypoints.openai.api_server", "--model"]
+    # vLLM's launcher where it has one (the .venv's vLLM does), not the deprecated api_server module.
+    assert cmd[1:4] == ["-m", "vllm.entrypoints.launchers.api_server.entry", "--model"]
     assert "--enable-lora" in cmd and "--enforce-eager" in cmd and "--max-loras" in cmd
     rank = max(json.loads((ADAPTERS / n / "adapter_config.json").read_text())["r"] for n in adapters)
     assert cmd[cmd.index("--max-lora-rank") + 1] == str(next(v for v in (8, 16, 32, 64) if v >= rank))
     assert cmd[cmd.index("--middleware") + 1].endswith("RoutingMiddleware")
     modules = cmd[cmd.index("--lora-modules") + 1 : cmd.index("--middleware")]
     assert modules == [f"{n}={(ADAPTERS / n).resolve()}" for n in sorted(adapters)]
+    assert "--dtype" not in cmd  # the CPU defaults come with on_cpu=True only
+
+
+def test_answers_name_the_model_folder_not_its_path(tmp_path):
+    model = tmp_path / "SmolLM2-135M-Instruct"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    adapters = adapter_directories(ADAPTERS)
+    args, rest = build_parser().parse_known_args(["--adapters", "a", "--router", "r", "--model", str(model)])
+    cmd = vllm_command(args, rest, adapters)
+    names = cmd[cmd.index("--served-model-name") + 1 : cmd.index("--lora-modules")]
+    assert names == ["SmolLM2-135M-Instruct", str(model)]  # vLLM answers with the first
+    args, rest = build_parser().parse_known_args(
+        ["--adapters", "a", "--router", "r", "--model", str(model), "--served-model-name", "mine"]
+    )
+    assert vllm_command(args, rest, adapters).count("--served-model-name") == 1
+
+
+def test_cpu_defaults_fit_the_machine_and_yield_to_given_flags():
+    gib = 1 << 30
+    flags = dict(zip(*[iter(cpu_defaults([], memory=(24 * gib, 20 * gib)))] * 2))
+    assert flags == {"--dtype": "float32", "--max-model-len": "2048", "--gpu-memory-utilization": "0.16"}
+    small = dict(zip(*[iter(cpu_defaults([], memory=(4 * gib, 2 * gib)))] * 2))
+    assert float(small["--gpu-memory-utilization"]) * 4 <= 1.0  # at most half of what is available
+    assert (
+        cpu_defaults(["--dtype", "bfloat16", "--max-model-len=512", "--gpu-memory-utilization", "0.3"]) == []
+    )
+
+
+@pytest.mark.parametrize(
+    "make, words",
+    [
+        (lambda p: p / "nowhere", "does not exist"),
+        (lambda p: (p / "file.txt").write_text("x") and p / "file.txt", "is a file"),
+        (lambda p: (p / "empty").mkdir() or p / "empty", "without config.json"),
+        (lambda p: ADAPTERS / "de", "is a LoRA adapter folder"),
+    ],
+)
+def test_a_bad_model_is_named_before_vllm_starts(tmp_path, make, words):
+    with pytest.raises(ServeError, match=words):
+        check_model(str(make(tmp_path)))
+
+
+def test_hub_names_are_left_to_vllm():
+    for name in ("m", "HuggingFaceTB/SmolLM2-135M-Instruct"):
+        check_model(name)
+
+
+def test_serve_without_vllm_says_so_in_one_line(monkeypatch, capsys, router_dir):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a)
+    )
+    code, err = _serve(["--adapters", str(ADAPTERS), "--router", str(router_dir), "--model", "m"], capsys)
+    assert code == 2 and "vLLM is not installed" in err and len(err.strip().splitlines()) == 1
 
 
 def test_max_loras_follows_top_k():

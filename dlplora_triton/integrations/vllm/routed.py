@@ -55,9 +55,25 @@ def route_text(payload: dict, chat: bool) -> str:
     """The text the router reads; RequestError (400) naming why there is none."""
     if chat:
         messages = payload.get("messages")
-        if not isinstance(messages, list) or not messages:
+        if messages is None and "prompt" in payload:
             raise RequestError(
-                HTTPStatus.BAD_REQUEST, "auto routing reads the messages: none were given", "messages"
+                HTTPStatus.BAD_REQUEST,
+                "this is /v1/chat/completions, which reads 'messages'; a body with a 'prompt' goes to "
+                "/v1/completions",
+                "messages",
+            )
+        if not isinstance(messages, list):
+            given = "none were given" if messages is None else f"got {type(messages).__name__}"
+            raise RequestError(
+                HTTPStatus.BAD_REQUEST,
+                f"'messages' must be a list of {{'role', 'content'}} objects; {given}",
+                "messages",
+            )
+        if not messages:
+            raise RequestError(
+                HTTPStatus.BAD_REQUEST,
+                "auto routing reads the last user message: 'messages' is empty",
+                "messages",
             )
         users = [m for m in messages if isinstance(m, dict) and m.get("role") == "user"]
         if not users:
@@ -82,6 +98,13 @@ def route_text(payload: dict, chat: bool) -> str:
         what = "the last user message"
     else:
         content = payload.get("prompt")
+        if content is None and "messages" in payload:
+            raise RequestError(
+                HTTPStatus.BAD_REQUEST,
+                "this is /v1/completions, which reads 'prompt'; a chat body ('messages') goes to "
+                "/v1/chat/completions",
+                "prompt",
+            )
         if isinstance(content, list) and len(content) == 1 and isinstance(content[0], str):
             content = content[0]
         if isinstance(content, list):
@@ -163,6 +186,9 @@ class RoutingMiddleware(MixMiddleware):
 
     def reserved_name(self, name) -> bool:
         return name == self.auto_name or super().reserved_name(name)
+
+    def extra_names(self) -> dict[str, str]:
+        return {self.auto_name: "routed by the DLP-LoRA router", **super().extra_names()}
 
     def _options(self, routing, max_loras: int) -> dict:
         if routing is None:

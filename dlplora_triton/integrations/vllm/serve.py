@@ -4,28 +4,49 @@ DLP-LoRA router.
 
     dlplora serve --adapters DIR --router DIR [--p 0.8] [--top-k 3] [--auto-name auto] [vLLM server arguments...]
 
-Checks everything it can before vLLM starts (the adapters, the router, the router's adapters against
-the directory) and stops with one line naming the problem, then replaces itself with
-``python -m vllm.entrypoints.openai.api_server`` (same PID), adding ``--enable-lora``, every adapter of
-DIR as ``--lora-modules``, ``--max-lora-rank`` (the largest rank in DIR, unless given),
-``--enforce-eager`` (CUDA graphs are not supported yet), ``--max-loras`` (``--top-k``, unless given;
-at least ``--top-k``) and the routing middleware. Everything else on
-the command line goes to vLLM unchanged (``--model`` first of all).
+Checks everything it can before vLLM starts (that vLLM is installed, the base model folder, the
+adapters, the router, the router's adapters against the directory) and stops with one line naming the
+problem, then replaces itself with vLLM's OpenAI server (same PID; vLLM's launcher module, not the
+deprecated ``vllm.entrypoints.openai.api_server``), adding ``--enable-lora``,
+every adapter of DIR as ``--lora-modules``, ``--max-lora-rank`` (the largest rank in DIR, unless
+given), ``--enforce-eager`` (CUDA graphs are not supported yet), ``--max-loras`` (``--top-k``, unless
+given; at least ``--top-k``), ``--served-model-name`` (the model folder's name, then its path, unless
+given: answers name no path of this machine) and the routing middleware. On a machine without a GPU
+(vLLM's CPU build) it also picks ``--dtype float32``, ``--max-model-len 2048`` and a
+``--gpu-memory-utilization`` reserving at most 4 GiB (on CPU it is a fraction of the host's memory,
+and vLLM's default, 0.92, refuses to start on most machines), unless given, and says so in one line.
+Everything else on the command line goes to vLLM unchanged (``--model`` first of all).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
+import json
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
 
-__all__ = ["ServeError", "adapter_directories", "load_router", "serve", "vllm_command"]
+__all__ = [
+    "ServeError",
+    "adapter_directories",
+    "check_model",
+    "cpu_defaults",
+    "load_router",
+    "serve",
+    "vllm_command",
+]
 
 MIDDLEWARE = "dlplora_triton.integrations.vllm.routed.RoutingMiddleware"
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM accepts for --max-lora-rank
+# vLLM's server entry points, newest first: the launcher vLLM's deprecation warning points to (`vllm serve`
+# itself stops on vLLM's CPU build, whose distribution is not named "vllm"), then the deprecated module.
+VLLM_SERVERS = ("vllm.entrypoints.launchers.api_server.entry", "vllm.entrypoints.openai.api_server")
+CPU_KV_CACHE_BYTES = 4 << 30  # what the CPU defaults reserve at most (KV cache and activations)
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # org/name: vLLM may download it
 
 
 class ServeError(ValueError):
@@ -92,10 +113,98 @@ def _value(rest: list[str], flag: str) -> str | None:
     return value
 
 
-def vllm_command(args: argparse.Namespace, rest: list[str], adapters: dict) -> list[str]:
-    """The argv of vLLM's server: ``rest`` plus what routed serving needs."""
-    if not _has(rest, "--model") and not (rest and not rest[0].startswith("-")):
+def _model(rest: list[str]) -> str | None:
+    """The base model vLLM is given: ``--model``, or a first positional argument."""
+    model = _value(rest, "--model")
+    if model is None and rest and not rest[0].startswith("-"):
+        model = rest[0]
+    return model
+
+
+def server_module() -> str:
+    """The module of vLLM's OpenAI server to run (found in vLLM's files, without importing vLLM)."""
+    spec = importlib.util.find_spec("vllm")
+    root = Path(spec.origin).parent if spec is not None and spec.origin else None
+    for module in VLLM_SERVERS:
+        if root is not None and (root.parent / (module.replace(".", "/") + ".py")).is_file():
+            return module
+    return VLLM_SERVERS[-1]
+
+
+def check_vllm_installed() -> None:
+    """ServeError when vLLM cannot be imported here (found without importing it: that takes seconds)."""
+    if importlib.util.find_spec("vllm") is None:
+        raise ServeError(
+            "dlplora serve runs vLLM's server, and vLLM is not installed in this Python: pip install vllm "
+            "(GPU), or vLLM's CPU build (docs/vllm.md, 'Install')"
+        )
+
+
+def check_model(model: str | None) -> None:
+    """ServeError unless ``model`` is a transformers model folder or looks like a hub id (org/name)."""
+    if model is None:
         raise ServeError("give the base model to vLLM: --model <folder or name>")
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if (path / "adapter_config.json").is_file():
+            try:
+                base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+            except (OSError, ValueError, AttributeError):
+                base = None
+            hint = f" (its base model: {base})" if base else ""
+            raise ServeError(
+                f"--model {model!r} is a LoRA adapter folder; give its base model{hint} to --model and put "
+                "adapters in --adapters"
+            )
+        if not (path / "config.json").is_file():
+            raise ServeError(
+                f"--model {model!r} is a folder without config.json: give a transformers model folder"
+            )
+    elif path.exists():
+        raise ServeError(f"--model {model!r} is a file: give a transformers model folder or a hub name")
+    elif model.startswith(("/", ".", "~")) or not (HUB_ID.fullmatch(model) or "/" not in model):
+        raise ServeError(f"--model {model!r} does not exist: give a transformers model folder or a hub name")
+
+
+def _on_cpu() -> bool:
+    """Whether vLLM will run on the CPU: no CUDA (or ROCm) device and no XPU in this PyTorch."""
+    import torch
+
+    xpu = getattr(torch, "xpu", None)
+    return not torch.cuda.is_available() and not (xpu is not None and xpu.is_available())
+
+
+def _memory_bytes() -> tuple[int, int]:
+    """``(total, available)`` bytes of host memory (Linux's /proc/meminfo; else the page count twice)."""
+    total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    try:
+        lines = Path("/proc/meminfo").read_text().splitlines()
+        info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in lines if line.split()[1:]}
+        return info.get("MemTotal", total), info.get("MemAvailable", total)
+    except (OSError, ValueError, IndexError):
+        return total, total
+
+
+def cpu_defaults(rest: list[str], memory: tuple[int, int] | None = None) -> list[str]:
+    """The flags ``dlplora serve`` adds for vLLM's CPU build, those of ``rest`` left alone."""
+    total, available = memory or _memory_bytes()
+    reserve = min(CPU_KV_CACHE_BYTES, available // 2)
+    fraction = max(0.01, int(100 * reserve / total) / 100)  # rounded down: never more than `reserve`
+    chosen = {
+        "--dtype": "float32",  # any x86 CPU; bf16 needs AVX512-BF16 or AMX, and fp32 is PEFT-exact
+        "--max-model-len": "2048",
+        "--gpu-memory-utilization": f"{fraction:g}",
+    }
+    return [item for flag, value in chosen.items() if not _has(rest, flag) for item in (flag, value)]
+
+
+def vllm_command(
+    args: argparse.Namespace, rest: list[str], adapters: dict, on_cpu: bool = False
+) -> list[str]:
+    """The argv of vLLM's server: ``rest`` plus what routed serving needs (and, ``on_cpu``, the CPU
+    defaults of :func:`cpu_defaults`)."""
+    model = _model(rest)
+    check_model(model)
     if _has(rest, "--middleware") or _has(rest, "--lora-modules"):
         raise ServeError(
             "dlplora serve sets --middleware and --lora-modules itself (adapters come from --adapters)"
@@ -107,7 +216,7 @@ def vllm_command(args: argparse.Namespace, rest: list[str], adapters: dict) -> l
         raise ServeError(
             f"--max-loras {max_loras} is below --top-k {args.top_k}: a routed mix needs a slot per adapter"
         )
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *rest]
+    cmd = [sys.executable, "-m", server_module(), *rest]
     if max_loras is None:  # vLLM's default, 1, would refuse every routed mix
         cmd += ["--max-loras", str(args.top_k)]
     if not _has(rest, "--enable-lora"):
@@ -117,6 +226,12 @@ def vllm_command(args: argparse.Namespace, rest: list[str], adapters: dict) -> l
         cmd += ["--max-lora-rank", str(next(v for v in VLLM_RANKS if v >= rank))]
     if not _has(rest, "--enforce-eager"):
         cmd.append("--enforce-eager")
+    if not _has(rest, "--served-model-name"):
+        # vLLM answers with the first name; the path stays a name clients may send.
+        short = Path(model).name or model
+        cmd += ["--served-model-name", *dict.fromkeys([short, model])]
+    if on_cpu:
+        cmd += cpu_defaults(rest)
     cmd += ["--lora-modules", *[f"{name}={path}" for name, (path, _) in adapters.items()]]
     cmd += ["--middleware", MIDDLEWARE]
     return cmd
@@ -126,9 +241,20 @@ def serve(args: argparse.Namespace, rest: list[str]) -> int:
     """Check the adapters, the router and ``rest`` (vLLM's arguments), then exec vLLM's server (does not
     return on success); ServeError naming the problem of a bad start-up. ``args``: the options of
     ``dlplora_triton.commands.serve.build_parser``, ``p`` and ``top_k`` already checked."""
+    check_vllm_installed()
+    check_model(_model(rest))  # before the adapters and the router: the first mistake, named first
     adapters = adapter_directories(args.adapters)
     load_router(args.router, adapters)
-    cmd = vllm_command(args, rest, adapters)
+    on_cpu = _on_cpu()
+    cmd = vllm_command(args, rest, adapters, on_cpu=on_cpu)
+    if on_cpu and cpu_defaults(rest):
+        print(
+            "dlplora serve: no GPU here (vLLM's CPU build): "
+            + " ".join(cpu_defaults(rest))
+            + " (give these flags to choose others)",
+            file=sys.stderr,
+            flush=True,
+        )
     from dlplora_triton.integrations.vllm.mixes import mix_key
 
     mix_key()  # the key signing mixes, in this environment for every process vLLM starts

@@ -205,6 +205,17 @@ class Adapters:
     def registered(self, name: str):
         return dict.get(self.models.lora_requests, name)
 
+    def base_names(self) -> list[str]:
+        return [model.name for model in self.models.base_model_paths]
+
+    def vllm_resolves_names(self) -> bool:
+        """Whether vLLM decides on names it does not know itself (skipped validation, LoRA resolvers)."""
+        from vllm import envs
+
+        if envs.VLLM_SKIP_MODEL_NAME_VALIDATION:
+            return True
+        return bool(envs.VLLM_ALLOW_RUNTIME_LORA_UPDATING and getattr(self.models, "lora_resolvers", None))
+
     def can_load(self, name: str) -> bool:
         return (
             bool(self.adapter_dir)
@@ -296,6 +307,79 @@ class MixMiddleware:
         """Whether ``name`` is a model name only this middleware serves (mix names)."""
         return isinstance(name, str) and name.startswith(MIX_PREFIX)
 
+    def extra_names(self) -> dict[str, str]:
+        """Model names this middleware serves besides vLLM's, each with what it does (for the 404)."""
+        return {}
+
+    def unknown_model(self, adapters: Adapters, model: str) -> RequestError:
+        """The 404 for a ``model`` nothing here serves, naming what is served (never a path)."""
+        base = adapters.base_names()[:1]  # the name answers carry; the others may be paths
+        loaded = sorted(adapters.models.lora_requests)
+        known = [*base, *self.extra_names(), *loaded]
+        near = [name for name in known if name.casefold() == model.casefold()]
+        parts = [f"the base model {base[0]!r}"] if base else []
+        parts += [f"{name!r} ({what})" for name, what in self.extra_names().items()]
+        if loaded or adapters.adapter_dir:
+            listed = ", ".join(loaded[:12]) + (f" and {len(loaded) - 12} more" if len(loaded) > 12 else "")
+            folder = " or a folder of the adapter directory" if adapters.adapter_dir else ""
+            parts.append(f"an adapter ({listed or 'none loaded'}){folder}")
+        if adapters.max_loras:
+            parts.append("a mix ('mix:a=0.7,b=0.3')")
+        hint = f"did you mean {near[0]!r}? " if near else ""
+        return RequestError(
+            HTTPStatus.NOT_FOUND,
+            f"model {model[:80]!r} is not served here; {hint}name {', '.join(parts[:-1])}"
+            + (f" or {parts[-1]}" if len(parts) > 1 else parts[-1] if parts else ""),
+        )
+
+    def list_models(self, scope, models: dict) -> dict:
+        """``/v1/models``'s answer as served: each entry's ``root`` (vLLM puts the model's or the adapter's
+        path there) becomes its name, and :meth:`extra_names` are listed."""
+        data = [
+            dict(entry, root=entry.get("id")) for entry in models.get("data", []) if isinstance(entry, dict)
+        ]
+        created = data[0].get("created") if data else None
+        for name in self.extra_names():
+            data.append(
+                {
+                    "id": name,
+                    "object": "model",
+                    "created": created,
+                    "owned_by": "dlplora",
+                    "root": name,
+                    "parent": None,
+                    "max_model_len": data[0].get("max_model_len") if data else None,
+                    "permission": [],
+                }
+            )
+        return dict(models, data=data)
+
+    async def _models(self, scope, receive, send):
+        """``GET /v1/models`` through vLLM, its JSON rewritten by :meth:`list_models`."""
+        start, chunks = {}, []
+
+        async def capture(message):
+            if message["type"] == "http.response.start":
+                start.update(message)
+            elif message["type"] == "http.response.body":
+                chunks.append(message.get("body", b""))
+                if not message.get("more_body"):
+                    await finish()
+
+        async def finish():
+            body = b"".join(chunks)
+            if start.get("status") == 200:
+                try:
+                    body = json.dumps(self.list_models(scope, json.loads(body))).encode()
+                except (ValueError, TypeError, AttributeError):
+                    pass  # not the JSON vLLM sends: passed on as it came
+            headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
+            headers.append((b"content-length", str(len(body)).encode()))
+            await send(dict(start, headers=headers))
+            await send({"type": "http.response.body", "body": body})
+
+        return await self._router(scope, receive, capture)
+
     def reserved_field(self, payload, served: bool) -> RequestError | None:
         """The 400 for a field a client may not send here, or None. Mix arguments are refused anywhere
         in the body; on the endpoints that do not serve mixes, mix names in any name field."""
@@ -325,9 +409,11 @@ class MixMiddleware:
 
     async def guard(self, scope, receive, send):
         """Every request after the other middlewares (authenticated): mix names served, misuse refused."""
+        path = scope.get("path", "").removeprefix(scope.get("root_path", ""))
+        if scope["type"] == "http" and scope.get("method") == "GET" and path == "/v1/models":
+            return await self._models(scope, receive, send)
         if scope["type"] != "http" or scope.get("method") in ("GET", "HEAD", "OPTIONS") or not is_json(scope):
             return await self._router(scope, receive, send)
-        path = scope["path"].removeprefix(scope.get("root_path", ""))
         served = scope.get("method") == "POST" and path in SERVED_ROUTES
         try:
             body = await read_body(receive)
@@ -363,12 +449,15 @@ class MixMiddleware:
     async def prepare(self, scope, payload: dict) -> Prepared | None:
         """The rewritten request, None to pass it through untouched; RequestError for one to refuse."""
         model = payload.get("model")
-        if not isinstance(model, str):
+        if not isinstance(model, str) or not model:  # no model: vLLM serves its base model
             return None
         adapters = self.adapters(scope)
         if not model.startswith(MIX_PREFIX):
-            if adapters.registered(model) is None and adapters.can_load(model):
-                await adapters.get(model)  # a plain adapter of the directory, loaded on first use
+            if adapters.registered(model) is None:
+                if adapters.can_load(model):
+                    await adapters.get(model)  # a plain adapter of the directory, loaded on first use
+                elif model not in adapters.base_names() and not adapters.vllm_resolves_names():
+                    raise self.unknown_model(adapters, model)  # vLLM's 404 names only the base model
             return None
         self._check_xargs(payload)
         adapters.require_lora()

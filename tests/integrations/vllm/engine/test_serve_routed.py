@@ -7,6 +7,7 @@ mix named directly and against transformers + PEFT; the held-out texts' routes t
 against ``Router.route`` in this process.
 """
 
+import json
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -16,6 +17,7 @@ from engine_util import (
     ADAPTER_DIR,
     ADAPTERS,
     ENGINE_ARGS,
+    Server,
     assert_matches,
     model_folder,
     route_of_header,
@@ -167,6 +169,9 @@ BAD = [
     ("/v1/completions", {"prompt": "Hallo", "routing": {"top_k": 0}}, "routing.top_k"),
     ("/v1/completions", {"prompt": "Hallo", "routing": {"adapters": ["nosuch"]}}, "nosuch"),
     ("/v1/completions", {"prompt": "Hallo", "routing": {"q": 1}}, "unknown fields"),
+    ("/v1/completions", {"messages": [{"role": "user", "content": "Hallo"}]}, "goes to /v1/chat/completions"),
+    ("/v1/chat/completions", {"prompt": "Hallo"}, "goes to /v1/completions"),
+    ("/v1/chat/completions", {"messages": "hi"}, "must be a list"),
 ]
 
 
@@ -196,3 +201,49 @@ def test_routed_requests_batch_and_are_counted(server, client, held_out):
     metrics = server.metrics()
     assert 'dlplora_routes_total{adapter="base"}' in metrics
     assert "dlplora_route_seconds_bucket" in metrics and "dlplora_route_cpu_seconds_bucket" in metrics
+
+
+@pytest.mark.parametrize(
+    "model, hint", [("nosuch", ""), ("Auto", "did you mean 'auto'"), ("DE", "did you mean 'de'")]
+)
+def test_an_unknown_model_is_told_what_is_served(server, model, hint):
+    code, answer = server.post("/v1/completions", {"model": model, "prompt": "Hallo", "max_tokens": 2})
+    message = answer["error"]["message"]
+    assert code == 404 and hint in message, answer
+    for words in ("'smollm2'", "'auto'", "de, ", "mix:"):
+        assert words in message, answer
+
+
+def test_models_list_auto_and_no_paths(server):
+    import json
+    import urllib.request
+
+    with urllib.request.urlopen(server.url + "/v1/models", timeout=10) as r:
+        text = r.read().decode()
+    models = {entry["id"]: entry for entry in json.loads(text)["data"]}
+    assert {"smollm2", "auto", *ADAPTERS} <= set(models)
+    assert models["auto"]["owned_by"] == "dlplora"
+    assert str(ADAPTER_DIR) not in text and str(model_folder()) not in text
+
+
+def test_base_model_answers_carry_no_path(tmp_path_factory, router_dir):
+    # Started as a user would: no --served-model-name and, on CPU, dlplora serve's own defaults.
+    root = tmp_path_factory.mktemp("routed_names")
+    dlplora = [str(Path(sys.executable).parent / "dlplora"), "serve"]
+    args = ["--adapters", str(ADAPTER_DIR), "--router", str(router_dir), "--model", str(model_folder())]
+    server, passed = Server(args, root / "server.log", command=dlplora), False
+    try:
+        for model in ("auto", str(model_folder())):
+            code, answer = server.post(
+                "/v1/completions", {"model": model, "prompt": "hello", "max_tokens": 2}
+            )
+            assert code == 200 and answer["model"] == model_folder().name, answer
+            assert str(model_folder()) not in json.dumps(answer)
+        log = server.log_path.read_text()
+        assert "no GPU here" in log and "--gpu-memory-utilization" in log
+        assert "vllm.entrypoints.openai.api_server" not in log  # vLLM's deprecated entry point
+        passed = True
+    finally:
+        server.stop(keep_log=not passed)
+        if not passed:
+            print(f"\nserver log kept: {server.log_path}")
