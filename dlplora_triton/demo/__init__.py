@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import sys
 
-from .random_model import _device
 from .smollm2 import INSTALL_HINT
 
 __all__ = ["run_demo", "missing_modules"]
@@ -26,6 +25,8 @@ def run_demo(device: str = "cpu", seed: int = 0, quick: bool = False, random: bo
     Llama demo. ``quick``: the small form of either (the real one: 8 new tokens and no timings; the random
     one: a smaller router and model); the tests run both.
     """
+    from .random_model import _device  # torch: imported here, so `dlplora data` can read smollm2.py fast
+
     dev = _device(device)
     missing = missing_modules(random)
     if missing:

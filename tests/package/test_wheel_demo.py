@@ -102,3 +102,12 @@ def test_pip_user_runs_the_demo_in_an_empty_folder(venv, tmp_path):
     # starts quiet: no warnings on stderr (setuptools', transformers', torch's)
     assert not [line for line in demo.stderr.splitlines() if "warn" in line.lower()], demo.stderr[-3000:]
     assert list(empty.iterdir()) == []  # nothing written to the working folder
+
+
+def test_pip_user_finds_the_shipped_files_with_dlplora_data(venv, tmp_path):
+    """The README's commands take `$(dlplora data --path NAME)`: paths inside the installed wheel."""
+    for name in ("router-texts", "adapters"):
+        found = _run([venv / "bin" / "dlplora", "data", "--path", name], cwd=tmp_path)
+        assert found.returncode == 0, found.stderr[-3000:]
+        path = Path(found.stdout.strip())
+        assert path.exists() and path.is_relative_to(venv) and str(ROOT) not in str(path), found.stdout
