@@ -21,6 +21,7 @@ COMMANDS = {
     "route": "route",
     "generate": "generate",
     "milora-gates": "milora_gates",
+    "data": "data",
 }
 
 # Bad input a command reports in one line (exit status 2) instead of a traceback.

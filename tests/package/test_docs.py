@@ -7,7 +7,7 @@ Each block has an HTML comment on the line before it (a blank line between is al
   there). ``run setup=NAME`` first defines the names the block leaves to the reader (``model``,
   ``texts``, ``input_ids``, ... below). Placeholders are resolved: ``"adapters/<task>"`` to the shipped
   SmolLM2 adapter of that task, ``<SmolLM2 folder>`` / ``<model dir>`` / ``MODEL_DIR`` to the converted
-  SmolLM2 folder.
+  SmolLM2 folder, ``$(dlplora data --path NAME)`` to what that command prints.
 - ``<!-- doctest: import (why) -->``: needs a GPU, a vLLM engine or a server. Python must compile and
   its ``dlplora_triton`` imports must resolve (other modules must at least be installed, vLLM and the
   OpenAI client excepted); ``dlplora`` shell lines must name a subcommand and only its options.
@@ -206,7 +206,10 @@ def scratch(tmp_path, monkeypatch) -> Path:
 
 
 def _resolve(code: str, model_folder: Path) -> str:
+    from dlplora_triton.commands.data import path_of
     from dlplora_triton.demo.tasks import ADAPTERS_DIR, TASKS
+
+    code = re.sub(r"\$\(dlplora data --path ([\w-]+)\)", lambda m: str(path_of(m.group(1))), code)
 
     for task in TASKS:
         code = code.replace(f'"adapters/{task}"', repr(str(ADAPTERS_DIR / task)))

