@@ -259,3 +259,20 @@ def test_train_router_restricts_and_maps_tasks_onto_adapters(capsys, tmp_path):
     assert "--tasks names tasks not in" in line and "['es']" in line
     line = _error(capsys, [*argv, "--adapters", "de=,code"])
     assert "TASK=ADAPTER" in line
+
+
+def test_train_router_warns_about_too_little_data_and_saves(capsys, tmp_path):
+    rows = [{"text": f"Die Datei {i} wird gelöscht.", "task": "de"} for i in range(12)]
+    rows += [{"text": f"def f{i}(x): return x + {i}", "task": "code"} for i in range(12)]
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    out = tmp_path / "router"
+    assert (
+        main(["train-router", "--data", str(data), "--out", str(out), "--epochs", "2", "--no-general"]) == 0
+    )
+    captured = capsys.readouterr()
+    (line,) = captured.err.strip().splitlines()[-1:]
+    assert line.startswith("dlplora train-router: warning: this router may route badly: 2 of 2 tasks")
+    assert "(code 12, de 12)" in line and "at least 50 texts" in line
+    assert "saved to" in captured.out
+    assert Router.load(out).report["warnings"][0].startswith("2 of 2 tasks have fewer than 50 texts")
