@@ -12,9 +12,9 @@ __all__ = ["HELP", "DESCRIPTION", "build_parser", "run"]
 HELP = "train a sentence router on labelled prompts and save it"
 DESCRIPTION = (
     f"Train a sentence router on labelled prompts and save it. Give every task at least {MIN_TEXTS_PER_TASK} "
-    "texts: with fewer, routers measured sending most chat prompts to an adapter (docs/routing.md, 'How much "
-    "data'). A router below that, or with poor held-out accuracy or abstention, is saved with a warning on "
-    "stderr (and in its report)."
+    "texts: with fewer, the routers measured sent general prompts to adapters or adapter tasks' texts to "
+    "the base model (docs/routing.md, 'How much data'). A router trained on fewer, or with a poor held-out "
+    "accuracy or abstention, is saved with a warning on stderr and in its report."
 )
 
 
