@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from ..defaults import BASE_THRESHOLD, MIN_TEXTS_PER_TASK
 
@@ -109,6 +108,8 @@ def run(args: argparse.Namespace) -> int:
         epochs=args.epochs,
         verbose=True,
     )
+    import sys
+
     from ..routing.train import format_warnings
 
     warning = format_warnings(router.report)
