@@ -10,6 +10,10 @@ __all__ = [
     "DEFAULT_P",
     "DEFAULT_WEIGHTING",
     "IMPORTANCE_KINDS",
+    "MIN_TEXTS_PER_TASK",
+    "ROUTER_MIN_ADAPTER_ACCURACY",
+    "ROUTER_MIN_BACKGROUND_TO_BASE",
+    "ROUTER_MIN_HELDOUT_ACCURACY",
     "SERVE_TOP_K",
     "WEIGHTINGS",
 ]
@@ -25,6 +29,16 @@ WEIGHTINGS = ("renorm", "softmax")
 DEFAULT_WEIGHTING = "renorm"
 # The base model serves a text whose background probability is at least this (docs/routing.md).
 BASE_THRESHOLD = 0.3
+# Router.train lists in router.report["warnings"], and `dlplora train-router` prints on stderr, what falls
+# below these (docs/routing.md, "How much data"; bench/results/cpu/router_data_size.json: 2, 6 and 9
+# tasks, 12 to 200 texts each, 2 seeds, the 835 general prompts as background). Every router trained on
+# 12 or 25 texts per task fell below at least one of the three figures (held-out accuracy 2-88%, or
+# adapter-task texts to their adapter 33-83%, or background texts to the base model 0-76%); every router
+# from 50 texts per task measured 93-100%, 90-100% and 88-100%.
+MIN_TEXTS_PER_TASK = 50
+ROUTER_MIN_HELDOUT_ACCURACY = 0.90
+ROUTER_MIN_ADAPTER_ACCURACY = 0.85  # 90% is 27 of 30: 5 held-out texts x 6 adapter tasks
+ROUTER_MIN_BACKGROUND_TO_BASE = 0.85
 # `dlplora serve --top-k`: at most this many adapters in a routed mix (and vLLM's --max-loras unless given).
 SERVE_TOP_K = 3
 # The model name that asks the routed server to route a request (`dlplora serve --auto-name`).

@@ -36,7 +36,10 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--router", required=True, help="a folder written by train-router")
     parser.add_argument("prompts", nargs="+", help="one or more prompts")
     parser.add_argument(
-        "--max-new-tokens", type=int, default=32, help="tokens to generate per prompt (default 32)"
+        "--max-new-tokens",
+        type=int,
+        default=32,
+        help="tokens to generate per prompt, at least 1 (default 32)",
     )
     parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     parser.add_argument(
@@ -52,10 +55,14 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 
 
 def run(args: argparse.Namespace) -> int:
+    # Every argument is checked before the model loads (seconds to minutes): a mistake costs one line.
     check_model_folder(args.model, "--adapter NAME=DIR or --adapters DIR")
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     options = check_route_options(p=args.p, top_k=args.top_k, min_confidence=args.min_confidence)
     import json
 
+    from ..adapters import check_adapter_dir, read_adapter_config
     from ..demo import _device
     from ..generation import generate_routed
     from ..patch import attach
@@ -63,6 +70,9 @@ def run(args: argparse.Namespace) -> int:
 
     router = Router.load(args.router)
     adapters = _adapters(args, router)
+    for name, folder in adapters.items():  # what attach reads later: the config, the weights' header
+        read_adapter_config(folder, name=name)  # its errors name the adapter and the folder
+        check_adapter_dir(folder, None, f"adapter {name!r} at {folder!r}")
     device = _device(device_of(args))
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

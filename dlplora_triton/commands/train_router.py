@@ -4,18 +4,26 @@ from __future__ import annotations
 
 import argparse
 
-from ..defaults import BASE_THRESHOLD
+from ..defaults import BASE_THRESHOLD, MIN_TEXTS_PER_TASK
 
 __all__ = ["HELP", "DESCRIPTION", "build_parser", "run"]
 
 HELP = "train a sentence router on labelled prompts and save it"
-DESCRIPTION = None
+DESCRIPTION = (
+    f"Train a sentence router on labelled prompts and save it. Give every task at least {MIN_TEXTS_PER_TASK} "
+    "texts: with fewer, the routers measured sent general prompts to adapters or adapter tasks' texts to "
+    "the base model (docs/routing.md, 'How much data'). A router trained on fewer, or with a poor held-out "
+    "accuracy or abstention, is saved with a warning on stderr and in its report."
+)
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     parser = parser or argparse.ArgumentParser(prog="dlplora train-router", description=DESCRIPTION)
     parser.add_argument(
-        "--data", required=True, help='JSONL file, one {"text": "...", "task": "..."} per line'
+        "--data",
+        required=True,
+        help='JSONL file, one {"text": "...", "task": "..."} per line; at least '
+        f"{MIN_TEXTS_PER_TASK} texts per task",
     )
     parser.add_argument(
         "--out",
@@ -100,5 +108,12 @@ def run(args: argparse.Namespace) -> int:
         epochs=args.epochs,
         verbose=True,
     )
+    import sys
+
+    from ..routing.train import format_warnings
+
+    warning = format_warnings(router.report)
+    if warning is not None:  # saved all the same (the report keeps it): the caller decides
+        print(f"dlplora train-router: warning: {warning}", file=sys.stderr)
     print(f"saved to {router.save(out)}/; it routes to the adapters {router.names}")
     return 0

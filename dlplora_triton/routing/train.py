@@ -8,16 +8,23 @@ from __future__ import annotations
 
 import math
 import time
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from ..defaults import (
+    MIN_TEXTS_PER_TASK,
+    ROUTER_MIN_ADAPTER_ACCURACY,
+    ROUTER_MIN_BACKGROUND_TO_BASE,
+    ROUTER_MIN_HELDOUT_ACCURACY,
+)
 from .features import featurize, pooled_hidden_states
 from .net import BASE_THRESHOLD, GENERAL, check_number, check_texts, one_thread, resolve_adapters
 
-__all__ = ["train_router", "format_report", "general_prompts", "GENERAL_PROMPTS"]
+__all__ = ["train_router", "format_report", "format_warnings", "general_prompts", "GENERAL_PROMPTS"]
 
 GENERAL_PROMPTS = Path(__file__).resolve().parents[1] / "data" / "general_prompts.jsonl"
 
@@ -96,6 +103,12 @@ def train_router(
             drawn with probability inverse to task frequency).
         seed: the same data and seed give the same router, bit for bit.
         verbose: show a tqdm progress bar and print the report at the end.
+
+    ``report["warnings"]`` lists what says the router may route badly (empty when nothing does): tasks
+    with fewer than ``MIN_TEXTS_PER_TASK`` (50) texts, held-out accuracy below 90%, fewer than 85% of
+    the held-out adapter-task texts reaching their adapter, fewer than 85% of the held-out background
+    texts going to the base model (docs/routing.md, "How much data"); :func:`format_warnings` words it
+    as one line. It is saved with the router.
     """
     texts = check_texts(texts)
     if isinstance(tasks, str) or not isinstance(tasks, Sequence):
@@ -110,6 +123,7 @@ def train_router(
             raise ValueError(f"tasks[{i}] must be a non-empty str, got {t!r}")
     if len(set(tasks)) < 2:
         raise ValueError(f"training needs at least two distinct tasks, got {sorted(set(tasks))}")
+    texts_per_task = dict(sorted(Counter(tasks).items()))  # the caller's tasks, before the background
     if isinstance(background, str):
         if background != "builtin":
             raise ValueError(f"background must be 'builtin', a list of str or None, got {background!r}")
@@ -223,6 +237,7 @@ def train_router(
         served=served,
         history=history,
     )
+    router.report["warnings"] = _quality_warnings(router.report, texts_per_task)
     if verbose:
         print(format_report(router.report))
     return router
@@ -406,6 +421,50 @@ def _report(names, truth, predicted, loss, accuracy, **extra) -> dict:
         "confused_pairs": pairs,
         **extra,
     }
+
+
+def _quality_warnings(report: dict, texts_per_task: dict[str, int]) -> list[str]:
+    """What in the data or the held-out figures says the router may route badly (thresholds and their
+    measurement: dlplora_triton/defaults.py, docs/routing.md "How much data"); empty when nothing does."""
+    problems = []
+    few = {t: n for t, n in texts_per_task.items() if n < MIN_TEXTS_PER_TASK}
+    if few:
+        listed = ", ".join(
+            f"{t} {n}" for t, n in sorted(few.items(), key=lambda item: (item[1], item[0]))[:6]
+        )
+        more = f" and {len(few) - 6} more" if len(few) > 6 else ""
+        problems.append(
+            f"{len(few)} of {len(texts_per_task)} tasks have fewer than {MIN_TEXTS_PER_TASK} texts "
+            f"({listed}{more})"
+        )
+    accuracy = report.get("heldout_accuracy")
+    if accuracy is not None and accuracy < ROUTER_MIN_HELDOUT_ACCURACY:
+        problems.append(f"held-out accuracy {accuracy:.1%} (want >= {ROUTER_MIN_HELDOUT_ACCURACY:.0%})")
+    served = report.get("served") or {}
+    adapter = served.get("adapter_accuracy")
+    if adapter is not None and adapter < ROUTER_MIN_ADAPTER_ACCURACY:
+        problems.append(
+            f"{adapter:.1%} of {served['adapter_texts']} held-out adapter-task texts reach their adapter "
+            f"(want >= {ROUTER_MIN_ADAPTER_ACCURACY:.0%})"
+        )
+    base = served.get("base_rate")
+    if base is not None and base < ROUTER_MIN_BACKGROUND_TO_BASE:
+        problems.append(
+            f"{base:.1%} of {served['background_texts']} held-out background texts go to the base model "
+            f"(want >= {ROUTER_MIN_BACKGROUND_TO_BASE:.0%})"
+        )
+    return problems
+
+
+def format_warnings(report: dict) -> str | None:
+    """The report's ``warnings`` as one line (what ``dlplora train-router`` prints on stderr), or None."""
+    problems = report.get("warnings") or []
+    if not problems:
+        return None
+    return (
+        f"this router may route badly: {'; '.join(problems)}. Give every task at least "
+        f"{MIN_TEXTS_PER_TASK} texts (docs/routing.md, 'How much data')"
+    )
 
 
 def format_report(report: dict) -> str:

@@ -1,10 +1,16 @@
-"""Every ``dlplora`` subcommand answers ``--help`` (exit 0, its own usage line) without running anything."""
+"""Every ``dlplora`` subcommand answers ``--help`` (exit 0, its own usage line) without running anything,
+and without importing torch."""
 
 import argparse
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from dlplora_triton.cli import _build_parser, main
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _subcommands() -> list[str]:
@@ -48,3 +54,45 @@ def test_every_option_says_what_it_does_and_its_default(command):
         if not help_text.strip() or (has_default and "default" not in help_text):
             missing.append(f"{'/'.join(action.option_strings)} (default {action.default!r}): {help_text!r}")
     assert not missing, f"dlplora {command}: options without help or without their default: {missing}"
+
+
+# Run in a fresh interpreter: every command's help, an unknown option and a bad value, then the heavy
+# modules it must not have loaded (the package's __init__ imports its public names lazily).
+_LIGHT_START = """
+import sys
+from dlplora_triton.cli import COMMANDS, main
+
+runs = [["--help"]] + [[name, "--help"] for name in COMMANDS]
+runs += [["route", "--no-such-option"], ["generate", "--max-new-tokens", "x"]]
+for argv in runs:
+    try:
+        main(argv)
+    except SystemExit:
+        pass
+print(sorted(m for m in ("torch", "transformers", "vllm", "peft", "numpy") if m in sys.modules))
+"""
+
+
+def test_help_and_argument_errors_load_no_torch():
+    """`dlplora --help` answers in a fraction of a second: nothing it runs imports torch (seconds)."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _LIGHT_START], capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout[-400:]
+
+
+def test_the_package_names_its_api_without_importing_it():
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, dlplora_triton as dlp; names = dir(dlp); "
+            "print('torch' in sys.modules, all(n in names for n in dlp.__all__), dlp.__version__ != '')",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert proc.stdout.split() == ["False", "True", "True"], proc.stderr

@@ -144,6 +144,48 @@ def test_generate_names_the_router_adapters_it_lacks(capsys, model_folder, tiny_
     assert "no adapter folders" in line
 
 
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Fails a test that gets as far as loading the model."""
+    import transformers
+
+    def never(*args, **kwargs):
+        raise AssertionError("loaded the model before checking the arguments")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", never)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", never)
+
+
+@pytest.mark.parametrize("tokens", ["0", "-3"])
+def test_generate_checks_max_new_tokens_first(capsys, model_folder, tiny_router, no_model_load, tokens):
+    argv = ["generate", "--model", str(model_folder), "--router", str(tiny_router)]
+    line = _error(capsys, [*argv, "--adapters", str(ADAPTERS_DIR), "--max-new-tokens", tokens, "x"])
+    assert line == f"dlplora generate: error: --max-new-tokens must be at least 1, got {tokens}"
+
+
+def test_generate_checks_every_adapter_folder_first(
+    capsys, model_folder, tiny_router, no_model_load, tmp_path
+):
+    argv = ["generate", "--model", str(model_folder), "--router", str(tiny_router)]
+    good = [f"--adapter={name}={ADAPTERS_DIR / name}" for name in ("de", "fr")]
+    line = _error(capsys, [*argv, *good, f"--adapter=code={tmp_path / 'nowhere'}", "x"])
+    assert "adapter 'code'" in line and "nowhere" in line and "no such directory" in line
+    broken = tmp_path / "code"  # a config without its weights
+    broken.mkdir()
+    (broken / "adapter_config.json").write_text((ADAPTERS_DIR / "de" / "adapter_config.json").read_text())
+    line = _error(capsys, [*argv, *good, f"--adapter=code={broken}", "x"])
+    assert "adapter 'code'" in line and "no adapter_model.safetensors" in line
+    truncated = tmp_path / "adapters"  # --adapters: a folder whose code/ holds a cut-off weights file
+    for name in ("de", "fr", "code"):
+        (truncated / name).mkdir(parents=True)
+        for file in (ADAPTERS_DIR / name).iterdir():
+            (truncated / name / file.name).write_bytes(file.read_bytes())
+    weights = truncated / "code" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    line = _error(capsys, [*argv, "--adapters", str(truncated), "x"])
+    assert "adapter 'code'" in line and "truncated or corrupt" in line
+
+
 def test_train_router_checks_out_before_training(capsys, tmp_path, monkeypatch):
     def never(*a, **k):
         raise AssertionError("trained before checking --out")
@@ -217,3 +259,20 @@ def test_train_router_restricts_and_maps_tasks_onto_adapters(capsys, tmp_path):
     assert "--tasks names tasks not in" in line and "['es']" in line
     line = _error(capsys, [*argv, "--adapters", "de=,code"])
     assert "TASK=ADAPTER" in line
+
+
+def test_train_router_warns_about_too_little_data_and_saves(capsys, tmp_path):
+    rows = [{"text": f"Die Datei {i} wird gelöscht.", "task": "de"} for i in range(12)]
+    rows += [{"text": f"def f{i}(x): return x + {i}", "task": "code"} for i in range(12)]
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    out = tmp_path / "router"
+    assert (
+        main(["train-router", "--data", str(data), "--out", str(out), "--epochs", "2", "--no-general"]) == 0
+    )
+    captured = capsys.readouterr()
+    (line,) = captured.err.strip().splitlines()[-1:]
+    assert line.startswith("dlplora train-router: warning: this router may route badly: 2 of 2 tasks")
+    assert "(code 12, de 12)" in line and "at least 50 texts" in line
+    assert "saved to" in captured.out
+    assert Router.load(out).report["warnings"][0].startswith("2 of 2 tasks have fewer than 50 texts")

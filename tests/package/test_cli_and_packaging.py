@@ -158,3 +158,15 @@ def test_without_an_installed_kernels_the_folder_is_an_empty_namespace(tmp_path)
         [sys.executable, "-S", "-c", code], cwd=str(tmp_path), capture_output=True, text=True
     )
     assert proc.stdout.strip() == "None None [] []", proc.stdout + proc.stderr
+
+
+def test_the_lazy_public_names_are_the_modules_own():
+    import dlplora_triton as dlp
+    from dlplora_triton import generation, milora, ops, patch, plan, routing
+
+    assert dlp.attach is patch.attach and dlp.Router is routing.Router and dlp.MiLoRA is milora.MiLoRA
+    assert dlp.fused_lora is ops.fused_lora and dlp.build_plan is plan.build_plan
+    assert dlp.generate_routed is generation.generate_routed
+    assert all(callable(getattr(dlp, name)) for name in dlp.__all__)
+    with pytest.raises(AttributeError, match="no_such_name"):
+        dlp.no_such_name  # noqa: B018
