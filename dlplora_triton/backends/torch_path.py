@@ -27,6 +27,11 @@ METHODS = ("auto", "grouped", "seq_bmm", "dense")
 SEQ_BMM_MIN_TOKENS = 4
 SEQ_BMM_MAX_PAIRS = 32
 DENSE_MAX_TOKEN_RANKS = 16384
+# Where auto would fall back to grouped (decode over many (sequence, slot) pairs), dense instead while
+# its multiply-adds per adapter, T * R * (K + N), cost less than grouped's ops per adapter, up to
+# T * (used ranks) of 65536 (bench/bench_many_adapters.py: 32 sequences x 3 slots over 64 adapters).
+DENSE_OVER_GROUPED_MAX_ADAPTER_MACS = 2**21
+DENSE_OVER_GROUPED_MAX_TOKEN_RANKS = 65536
 _MAX_COEF_ENTRIES = 512  # coefficient sets a TorchPathCache keeps (per layer pattern and weights tensor)
 
 
@@ -270,7 +275,7 @@ def fused_lora_torch(
     R = lora_a.shape[1]
     rank_list, keep = None, None
     if method == "auto":
-        method, rank_list, keep = _auto_method(plan, cache, R, ranks)
+        method, rank_list, keep = _auto_method(plan, cache, R, ranks, lora_a.shape[2] + lora_b.shape[1])
     elif method == "seq_bmm" and cache.uniform_seq_len() > 0:
         keep = _slot_rank_mask(plan, cache, ranks, R)
     if method == "dense":
@@ -291,17 +296,18 @@ def pick_method(
     """The method ``method="auto"`` runs for this plan and layer: "dense", "seq_bmm" or "grouped"
     (``lora_a`` ``[L, R, K]``, ``lora_b`` ``[L, N, R]``; only their shapes are read)."""
     cache = TorchPathCache(plan) if cache is None else cache
-    return _auto_method(plan, cache, lora_a.shape[1], ranks)[0]
+    return _auto_method(plan, cache, lora_a.shape[1], ranks, lora_a.shape[2] + lora_b.shape[1])[0]
 
 
 def _rank_list(plan: LoRAPlan, ranks, R: int) -> list[int]:
     return [R] * plan.num_adapters if ranks is None else torch.as_tensor(ranks).tolist()
 
 
-def _auto_method(plan: LoRAPlan, cache: TorchPathCache, R: int, ranks):
-    """``(method, rank_list, keep)``: the auto choice, with the host rank list (dense) and seq_bmm's
-    rank/slot mask when the choice read them on the way (None otherwise)."""
+def _auto_method(plan: LoRAPlan, cache: TorchPathCache, R: int, ranks, width: int):
+    """``(method, rank_list, keep)``: the auto choice for a layer of ``width`` = K + N, with the host
+    rank list (dense) and seq_bmm's rank/slot mask when the choice read them on the way (else None)."""
     T = plan.num_tokens
+    rank_list = None
     if T * R <= DENSE_MAX_TOKEN_RANKS:
         # T * R first: it needs no host work, and keeps the per-layer cost of prefill batches at zero.
         rank_list = _rank_list(plan, ranks, R)
@@ -315,6 +321,11 @@ def _auto_method(plan: LoRAPlan, cache: TorchPathCache, R: int, ranks):
     few_unmasked_pairs = plan.seq_adapter.numel() <= SEQ_BMM_MAX_PAIRS and keep is None
     if seq_len >= SEQ_BMM_MIN_TOKENS or (seq_len > 0 and few_unmasked_pairs):
         return "seq_bmm", None, keep
+    if T * R * width <= DENSE_OVER_GROUPED_MAX_ADAPTER_MACS:
+        # Grouped pays ~5 small ops per adapter; dense does every used adapter on every token instead.
+        rank_list = _rank_list(plan, ranks, R) if rank_list is None else rank_list
+        if T * sum(rank_list[a] for a in cache.used_adapters()) <= DENSE_OVER_GROUPED_MAX_TOKEN_RANKS:
+            return "dense", rank_list, None
     return "grouped", None, None
 
 
