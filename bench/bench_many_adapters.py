@@ -16,8 +16,10 @@ K = 576, N = 1536 (its MLP; on CUDA also 4096 x 4096):
   pairs     D = 8 and D = 64, rows 8 ... 128, P = 1 or 3: the (row, slot) pairs grow at fixed D
 
 On CPU each of the PyTorch path's three methods runs forced as well, interleaved with the planned call
-round by round (``common.interleaved_seconds``: a slow phase of the shared machine hits them alike),
-so every point shows what each would cost next to the one ``auto`` picked. Per point: median ms,
+round by round (``common.interleaved_seconds``: a slow phase of the shared machine hits them alike;
+25 rounds, fewer but at least 5 where they would take over 1 s), so every point shows what each would
+cost next to the one ``auto`` picked ("planned" adds the public call's checks and the auto choice to the
+forced method's time). On CUDA, ``common.median_ms`` (CUDA events). Per point: median ms,
 distinct adapter bytes (D * R * (K + N) * element size), rows * P, tokens, the method picked. Per
 (shape, mode, provider): least squares of the time on [1, distinct bytes, pairs, tokens]. Results:
 bench/results/<device>/many_adapters.{json,png}, the JSON rewritten after every point.
@@ -127,7 +129,8 @@ def measure(case: Case, device: str, rounds: int, point_s: float) -> dict:
 
 def fit(rows: list[dict], provider: str) -> dict | None:
     """Least squares of ``provider``'s ms on [1, distinct MB, pairs, tokens] over ``rows``, with R^2
-    and, at the largest distinct point (32 rows x 3, D = 64), the ms each term accounts for."""
+    and, at the largest distinct point (32 rows x 3, D = 64), the ms each term accounts for; None
+    without numpy or with fewer than 6 points."""
     try:
         import numpy as np
     except ImportError:
@@ -159,7 +162,8 @@ def fit(rows: list[dict], provider: str) -> dict | None:
 
 def ratios(rows: list[dict], provider: str) -> list[dict]:
     """Growth of ``provider``'s time against growth of distinct bytes (32 rows, D from smallest to
-    largest) and of pairs (fixed D, rows from fewest to most, and P = 3 against P = 1)."""
+    largest) and of pairs (P = 3 against P = 1 at the same rows and D; fixed D, rows from fewest to
+    most, where the tokens grow too)."""
     out = []
     key = f"{provider}_ms"
     for P in (1, 3):
@@ -172,6 +176,18 @@ def ratios(rows: list[dict], provider: str) -> list[dict]:
                     "bytes_ratio": hi["distinct_bytes"] / lo["distinct_bytes"],
                     "pairs_ratio": 1.0,
                     "time_ratio": hi[key] / lo[key],
+                }
+            )
+    by_point = {(r["rows"], r["P"], r["D"]): r for r in rows}
+    for D in DISTINCT:  # the same rows, tokens and distinct bytes, three times the pairs
+        one, three = by_point.get((ROWS, 1, D)), by_point.get((ROWS, 3, D))
+        if one and three:
+            out.append(
+                {
+                    "what": f"{ROWS} rows, D = {D}: P 1 -> 3",
+                    "bytes_ratio": 1.0,
+                    "pairs_ratio": 3.0,
+                    "time_ratio": three[key] / one[key],
                 }
             )
     for D in PAIRS_DISTINCT:
