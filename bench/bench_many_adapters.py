@@ -17,11 +17,13 @@ K = 576, N = 1536 (its MLP; on CUDA also 4096 x 4096):
 
 On CPU each of the PyTorch path's three methods runs forced as well, interleaved with the planned call
 round by round (``common.interleaved_seconds``: a slow phase of the shared machine hits them alike;
-25 rounds, fewer but at least 5 where they would take over 1 s), so every point shows what each would
-cost next to the one ``auto`` picked ("planned" adds the public call's checks and the auto choice to the
-forced method's time). On CUDA, ``common.median_ms`` (CUDA events). Per point: median ms,
-distinct adapter bytes (D * R * (K + N) * element size), rows * P, tokens, the method picked. Per
-(shape, mode, provider): least squares of the time on [1, distinct bytes, pairs, tokens]. Results:
+15 rounds, fewer but at least 5 where they would take over 0.5 s), so every point shows what each
+would cost next to the one ``auto`` picked ("planned" adds the public call's checks and the auto
+choice to the forced method's time). On CUDA, ``common.median_ms`` (CUDA events). Per point: median
+ms, distinct adapter bytes (D * R * (K + N) * element size), rows * P, tokens, the method picked, the
+load average and the share of the CPUs other processes took meanwhile (from /proc/stat; a point where
+they took over 20% is measured again, up to 3 times in all). Per (shape, mode, provider): least
+squares of the time on [1, distinct bytes, pairs, tokens]. Results:
 bench/results/<device>/many_adapters.{json,png}, the JSON rewritten after every point.
 """
 
@@ -47,6 +49,10 @@ PAIRS_ROWS = (8, 16, 32, 64, 128)
 PAIRS_DISTINCT = (8, 64)
 MODES = {"decode": 1, "prefill": 16}
 METHODS = ("dense", "seq_bmm", "grouped")
+# CPU: a point during which other processes used more than this share of the CPUs is measured again,
+# up to ATTEMPTS times in all (the last one is kept; others_cpu_share records it).
+BUSY_SHARE = 0.2
+ATTEMPTS = 3
 
 
 def points(quick: bool) -> list[dict]:
@@ -102,6 +108,27 @@ class Case:
         return lambda: fused_lora_torch(
             self.x, self.a, self.b, self.plan, self.out, scales=self.scales, method=method, cache=self.cache
         )
+
+
+def _cpu_marks() -> tuple[float, float, float] | None:
+    """(wall clock, CPU seconds every process has run, CPU seconds of this process), or None without
+    /proc/stat."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    busy = (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+    return time.perf_counter(), busy, time.process_time()
+
+
+def _others_share(before) -> float | None:
+    """Share of the machine's CPUs that other processes used since ``before`` (``_cpu_marks()``)."""
+    after = _cpu_marks()
+    if before is None or after is None or after[0] <= before[0]:
+        return None
+    others = (after[1] - before[1]) - (after[2] - before[2])
+    return max(0.0, others / ((after[0] - before[0]) * (os.cpu_count() or 1)))
 
 
 def measure(case: Case, device: str, rounds: int, point_s: float) -> dict:
@@ -208,13 +235,14 @@ def ratios(rows: list[dict], provider: str) -> list[dict]:
 
 def run(device: str, quick: bool, out_path: Path) -> dict:
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    rounds, point_s = (8, 0.3) if quick else (25, 1.0)
+    rounds, point_s = (8, 0.3) if quick else (15, 0.5)
     env = common.environment(device)
     result = {
         "environment": env,
         "note": (
             "CPU: the machine's 2 cores were shared with other work (another helper, engine tests) "
-            "during the run: see load_average at start (environment), per point and at the end"
+            "during the run: see load_average at start (environment), per point and at the end, "
+            "and each point's others_cpu_share"
         )
         if not device.startswith("cuda")
         else "",
@@ -237,7 +265,16 @@ def run(device: str, quick: bool, out_path: Path) -> dict:
             for point in points(quick):
                 rows, P, D = point["rows"], point["P"], point["D"]
                 case = Case(rows, tpr, P, D, K, N, device, dtype)
-                times = measure(case, device, rounds, point_s)
+                attempts = 0
+                while True:
+                    attempts += 1
+                    marks = _cpu_marks()
+                    times = measure(case, device, rounds, point_s)
+                    others = _others_share(marks)
+                    busy = not device.startswith("cuda") and others is not None and others > BUSY_SHARE
+                    if not busy or attempts == ATTEMPTS:
+                        break
+                    time.sleep(2.0)  # other processes took the CPUs: measure this point again
                 row = point | {
                     "shape": f"{K}x{N}",
                     "K": K,
@@ -251,6 +288,8 @@ def run(device: str, quick: bool, out_path: Path) -> dict:
                     if device.startswith("cuda")
                     else pick_method(case.plan, case.a, case.b, cache=case.cache),
                     "load_1min": round(os.getloadavg()[0], 2),
+                    "others_cpu_share": None if others is None else round(others, 2),
+                    "attempts": attempts,
                 }
                 for name, (med, p20, p80) in times.items():
                     row[f"{name}_ms"], row[f"{name}_p20_ms"], row[f"{name}_p80_ms"] = med, p20, p80
