@@ -17,13 +17,13 @@ K = 576, N = 1536 (its MLP; on CUDA also 4096 x 4096):
 
 On CPU each of the PyTorch path's three methods runs forced as well, interleaved with the planned call
 round by round (``common.interleaved_seconds``: a slow phase of the shared machine hits them alike;
-15 rounds, fewer but at least 5 where they would take over 0.5 s), so every point shows what each
-would cost next to the one ``auto`` picked ("planned" adds the public call's checks and the auto
-choice to the forced method's time). On CUDA, ``common.median_ms`` (CUDA events). Per point: median
-ms, distinct adapter bytes (D * R * (K + N) * element size), rows * P, tokens, the method picked, the
-load average and the share of the CPUs other processes took meanwhile (from /proc/stat; a point where
-they took over 20% is measured again, up to 3 times in all). Per (shape, mode, provider): least
-squares of the time on [1, distinct bytes, pairs, tokens]. Results:
+15 rounds, more (up to 100) to last 0.1 s, fewer but at least 5 where they would take over 0.5 s), so
+every point shows what each would cost next to the one ``auto`` picked ("planned" adds the public
+call's checks and the auto choice to the forced method's time). On CUDA, ``common.median_ms`` (CUDA
+events). Per point: median ms, distinct adapter bytes (D * R * (K + N) * element size), rows * P,
+tokens, the method picked, the load average and the share of the CPUs other processes took meanwhile
+(from /proc/stat; a point where they took over 20% is measured again, up to 3 times in all). Per
+(shape, mode, provider): least squares of the time on [1, distinct bytes, pairs, tokens]. Results:
 bench/results/<device>/many_adapters.{json,png}, the JSON rewritten after every point.
 """
 
@@ -141,7 +141,10 @@ def measure(case: Case, device: str, rounds: int, point_s: float) -> dict:
     common.interleaved_seconds(providers, repeats=0, warmup=1)
     first = common.interleaved_seconds(providers, repeats=1, warmup=0)
     round_s = sum(s[0] for s in first.values())
-    rounds = max(5, min(rounds, int(point_s / max(round_s, 1e-9))))
+    # At least 0.1 s of rounds (100 at most), so /proc/stat's 10 ms ticks can tell whether other
+    # processes ran meanwhile; at most point_s (5 rounds at least).
+    fit_in = int(point_s / max(round_s, 1e-9))
+    rounds = max(5, min(fit_in, max(rounds, min(100, int(0.1 / max(round_s, 1e-9))))))
     samples = common.interleaved_seconds(providers, repeats=rounds, warmup=0)
     result = {}
     for name, seconds in samples.items():
