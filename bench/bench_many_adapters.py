@@ -245,7 +245,10 @@ def run(device: str, quick: bool, out_path: Path) -> dict:
         "note": (
             "CPU: the machine's 2 cores were shared with other work (another helper, engine tests) "
             "during the run: see load_average at start (environment), per point and at the end, "
-            "and each point's others_cpu_share"
+            "and each point's others_cpu_share. seq_bmm gathers rows x P copies of A and B on every "
+            "call; with glibc's default malloc the frees of the calls interleaved with it can hand "
+            "those pages back to the OS, and the next call faults them in again: its times at many "
+            "pairs (decode P = 3; prefill 128 rows x 3) include that (docs/pytorch-path.md)"
         )
         if not device.startswith("cuda")
         else "",
