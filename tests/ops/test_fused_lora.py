@@ -290,7 +290,8 @@ def test_gap_regression_on_the_grouped_method():
         (32, 3, 64, 576, 1536, "dense"),
         (64, 3, 32, 576, 576, "dense"),
         (64, 1, 64, 2048, 2048, "grouped"),  # T * R * (K + N) past DENSE_OVER_GROUPED_MAX_ADAPTER_MACS
-        (128, 3, 64, 576, 576, "grouped"),  # T * (used ranks) past DENSE_OVER_GROUPED_MAX_TOKEN_RANKS
+        (128, 3, 16, 576, 576, "grouped"),  # the same limit at a narrow layer
+        (96, 3, 64, 576, 576, "grouped"),  # T * (used ranks) past DENSE_OVER_GROUPED_MAX_TOKEN_RANKS
     ],
 )
 def test_auto_method_for_decode_over_many_adapters(seqs, P, D, K, N, method):
