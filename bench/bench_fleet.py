@@ -218,6 +218,7 @@ def part_scaling(args, fleet, logs, results: Results) -> None:
         },
         "rounds": [],
     }
+    key = "scaling" if CPU_LORAS == 32 else f"scaling-cpu{CPU_LORAS}"  # the setting keeps its name
     server = start_server(fleet, logs, "scaling", ours=True, lora_modules=False)
     try:
         client = OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=600)
@@ -248,10 +249,10 @@ def part_scaling(args, fleet, logs, results: Results) -> None:
                     flush=True,
                 )
                 row["summary"] = scaling_summary(row["rounds"])
-                results.save("scaling", row)
+                results.save(key, row)
         row["alive"] = server.alive()
         row["counters_end"] = counters(server)
-        results.save("scaling", row)
+        results.save(key, row)
     finally:
         server.stop(keep_log=True)
 
@@ -457,6 +458,7 @@ def part_memory(args, fleet, logs, results: Results) -> None:
 
 
 def main(argv=None) -> int:
+    global CPU_LORAS
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("part", choices=("scaling", "vs-vllm", "memory", "all"))
     parser.add_argument("--fleet", type=Path, default=Path(tempfile.gettempdir()) / "dlplora-fleet-128")
@@ -466,7 +468,11 @@ def main(argv=None) -> int:
     parser.add_argument("--memory-requests", type=int, default=2000)
     parser.add_argument("--every", type=int, default=200)
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument(
+        "--max-cpu-loras", type=int, default=CPU_LORAS, help="each worker's host cache (results keyed by it)"
+    )
     args = parser.parse_args(argv)
+    CPU_LORAS = args.max_cpu_loras
     sys.path.insert(0, str(ROOT / "bench"))
     fleet = fleet_names(args.fleet)
     logs = Path(tempfile.mkdtemp(prefix="bench-fleet-"))
