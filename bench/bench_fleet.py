@@ -471,7 +471,8 @@ def plot(results_path: Path, out: Path) -> Path:
     parts = json.loads(results_path.read_text())["parts"]
     keys = [k for k in parts if k.startswith("scaling")]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    for key in keys:
+    width = 3 * len(keys) + 1  # bars per N: one per (key, class), then a gap
+    for k_index, key in enumerate(keys):
         rounds = parts[key]["rounds"]
         for alpha, marker in zip(ALPHAS, "os"):
             xs, ys, pts = [], [], []
@@ -500,14 +501,16 @@ def plot(results_path: Path, out: Path) -> Path:
                 )
                 for n in SIZES
             ]
-            right.bar([i * 4 + offset for i in range(len(SIZES))], ys, label=f"{key}: {cls}")
+            right.bar(
+                [i * width + 3 * k_index + offset for i in range(len(SIZES))], ys, label=f"{key}: {cls}"
+            )
     left.set_xscale("log", base=2)
     left.set_xticks(SIZES, [str(n) for n in SIZES])
     left.set_xlabel("adapters in the traffic (N)")
     left.set_ylabel("requests / s (16 clients, 16 tokens each)")
     left.set_title("Throughput as the fleet grows (medians, rounds as dots)")
     left.legend(fontsize=7)
-    right.set_xticks([i * 4 + 1 for i in range(len(SIZES))], [f"N={n}" for n in SIZES])
+    right.set_xticks([i * width + (width - 2) / 2 for i in range(len(SIZES))], [f"N={n}" for n in SIZES])
     right.set_ylabel("TTFT p99 (s), Zipf alpha 1")
     right.set_title("Wait by class (client-side TTFT)")
     right.legend(fontsize=7)
