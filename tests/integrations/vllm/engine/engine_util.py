@@ -143,21 +143,10 @@ class PeftReference:
 
     def greedy(self, ids: list[int], mix, max_tokens: int) -> tuple[list[int], list[float]]:
         """Greedy tokens after ``ids`` and each one's log-probability (fp32), cached per (ids, mix)."""
-        import torch
 
         key = (tuple(ids), tuple(mix))
         if key not in self._cache or len(self._cache[key][0]) < max_tokens:
-            tokens, logprobs = [], []
-            step_ids, past = torch.tensor([ids]), None
-            with self._active(mix), torch.no_grad():
-                for _ in range(max_tokens):
-                    out = self.model(input_ids=step_ids, past_key_values=past, use_cache=True)
-                    logits, past = out.logits[0, -1].float(), out.past_key_values
-                    token = int(logits.argmax())
-                    tokens.append(token)
-                    logprobs.append(float(torch.log_softmax(logits, -1)[token]))
-                    step_ids = torch.tensor([[token]])
-            self._cache[key] = (tokens, logprobs)
+            self._cache[key] = greedy_alone(self.oracle, ids, mix, max_tokens)
         tokens, logprobs = self._cache[key]
         return tokens[:max_tokens], logprobs[:max_tokens]
 
@@ -165,6 +154,24 @@ class PeftReference:
         """Teacher-forced log-probability of each token of ``ids`` after the first, under the mix."""
         with self._active(mix):
             return _teacher_forced(self.model, ids)
+
+
+def greedy_alone(oracle, ids: list[int], mix, max_tokens: int) -> tuple[list[int], list[float]]:
+    """Greedy tokens after ``ids`` under ``mix`` with a ``PeftOracle`` (tests/peft_helpers.py), one row
+    alone, and each token's log-probability (fp32)."""
+    import torch
+
+    tokens, logprobs = [], []
+    step_ids, past = torch.tensor([ids]), None
+    with oracle.active(list(mix)), torch.no_grad():
+        for _ in range(max_tokens):
+            out = oracle.model(input_ids=step_ids, past_key_values=past, use_cache=True)
+            logits, past = out.logits[0, -1].float(), out.past_key_values
+            token = int(logits.argmax())
+            tokens.append(token)
+            logprobs.append(float(torch.log_softmax(logits, -1)[token]))
+            step_ids = torch.tensor([[token]])
+    return tokens, logprobs
 
 
 def _teacher_forced(model, ids):

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
-from engine_util import ROOT, assert_matches, model_folder, serve_for_module, server_args
+from engine_util import ROOT, assert_matches, greedy_alone, model_folder, serve_for_module, server_args
 
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "tests"))  # peft_helpers: the model-level tests' PEFT oracle
@@ -72,22 +72,6 @@ def peft_reference(fleet, routes):
     return PeftOracle(base, {name: paths[name] for name in used})
 
 
-def greedy(oracle, ids, route, max_tokens):
-    import torch
-
-    tokens, logprobs = [], []
-    step, past = torch.tensor([ids]), None
-    with oracle.active(list(route)), torch.no_grad():
-        for _ in range(max_tokens):
-            out = oracle.model(input_ids=step, past_key_values=past, use_cache=True)
-            logits, past = out.logits[0, -1].float(), out.past_key_values
-            token = int(logits.argmax())
-            tokens.append(token)
-            logprobs.append(float(torch.log_softmax(logits, -1)[token]))
-            step = torch.tensor([[token]])
-    return tokens, logprobs
-
-
 def counter(metrics: str, name: str) -> float:
     """The value of ``name`` (with its labels, as printed) on a ``/metrics`` page."""
     for line in metrics.splitlines():
@@ -110,7 +94,7 @@ def test_zipf_traffic_with_mixes_is_served_right(server, client, fleet, names, p
     sample = rng.sample(by_class["one"], 4) + rng.sample(by_class["mix"], 4) + rng.sample(by_class["base"], 1)
     oracle = peft_reference(fleet, [o.route for o in sample])
     for o in sample:
-        ref = greedy(oracle, prompts[o.index % len(prompts)], o.route, MAX_TOKENS)
+        ref = greedy_alone(oracle, prompts[o.index % len(prompts)], o.route, MAX_TOKENS)
         assert_matches(o.tokens, o.logprobs, ref, f"request {o.index} {o.route}")
 
     # More adapters were used than the host cache holds: loads and evictions, counted.
@@ -163,6 +147,6 @@ def test_a_mix_is_not_starved_by_one_adapter_traffic(server, client, fleet, name
     print(f"mix {mix_outcome.latency:.2f} s, one-adapter p99 {one_p99:.2f} s, {len(outcomes)} sent")
     assert mix_outcome.latency < 3 * one_p99 + 1.0, (mix_outcome.latency, one_p99)
     oracle = peft_reference(fleet, [mix])
-    ref = greedy(oracle, prompts[1], mix, MAX_TOKENS)
+    ref = greedy_alone(oracle, prompts[1], mix, MAX_TOKENS)
     assert_matches(mix_outcome.tokens, mix_outcome.logprobs, ref, f"mix {mix}")
     assert server.alive()
