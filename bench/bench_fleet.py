@@ -219,7 +219,9 @@ def part_scaling(args, fleet, logs, results: Results) -> None:
         },
         "rounds": [],
     }
-    key = "scaling" if CPU_LORAS == 32 else f"scaling-cpu{CPU_LORAS}"  # the setting keeps its name
+    key = (
+        "scaling" + ("" if CPU_LORAS == 32 else f"-cpu{CPU_LORAS}") + ("" if SLOTS == 8 else f"-slots{SLOTS}")
+    )
     server = start_server(fleet, logs, "scaling", ours=True, lora_modules=False)
     try:
         client = OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=600)
@@ -486,6 +488,8 @@ def plot(results_path: Path, out: Path) -> Path:
                     xs.append(n)
                     ys.append(statistics.median(values))
                     pts += [(n, v) for v in values]
+            if not pts:
+                continue
             label = f"{key}, Zipf alpha {alpha:g}"
             line = left.plot(xs, ys, marker=marker, label=label)[0]
             left.scatter(*zip(*pts), s=10, color=line.get_color(), alpha=0.5)
@@ -520,7 +524,7 @@ def plot(results_path: Path, out: Path) -> Path:
 
 
 def main(argv=None) -> int:
-    global CPU_LORAS
+    global CPU_LORAS, SLOTS
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("part", choices=("scaling", "vs-vllm", "memory", "all", "plot"))
     parser.add_argument("--fleet", type=Path, default=Path(tempfile.gettempdir()) / "dlplora-fleet-128")
@@ -533,8 +537,9 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--max-cpu-loras", type=int, default=CPU_LORAS, help="each worker's host cache (results keyed by it)"
     )
+    parser.add_argument("--max-loras", type=int, default=SLOTS, help="slots (results keyed by it)")
     args = parser.parse_args(argv)
-    CPU_LORAS = args.max_cpu_loras
+    CPU_LORAS, SLOTS = args.max_cpu_loras, args.max_loras
     if args.part == "plot":
         print(plot(args.out, args.out.with_suffix(".png")))
         return 0
