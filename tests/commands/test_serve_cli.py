@@ -115,7 +115,7 @@ def test_the_vllm_command_adds_what_routed_serving_needs():
     assert cmd[cmd.index("--middleware") + 1].endswith("RoutingMiddleware")
     modules = cmd[cmd.index("--lora-modules") + 1 : cmd.index("--middleware")]
     assert modules == [f"{n}={(ADAPTERS / n).resolve()}" for n in sorted(adapters)]
-    assert "--dtype" not in cmd  # the CPU defaults come with on_cpu=True only
+    assert "--dtype" not in cmd  # the CPU defaults come in cpu_flags only
 
 
 def test_answers_name_the_model_folder_not_its_path(tmp_path):

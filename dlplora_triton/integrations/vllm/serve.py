@@ -28,6 +28,7 @@ import os
 import re
 import sys
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 __all__ = [
@@ -199,10 +200,10 @@ def cpu_defaults(rest: list[str], memory: tuple[int, int] | None = None) -> list
 
 
 def vllm_command(
-    args: argparse.Namespace, rest: list[str], adapters: dict, on_cpu: bool = False
+    args: argparse.Namespace, rest: list[str], adapters: dict, cpu_flags: Sequence[str] = ()
 ) -> list[str]:
-    """The argv of vLLM's server: ``rest`` plus what routed serving needs (and, ``on_cpu``, the CPU
-    defaults of :func:`cpu_defaults`)."""
+    """The argv of vLLM's server: ``rest`` plus what routed serving needs, and ``cpu_flags`` (the CPU
+    defaults of :func:`cpu_defaults`, on a machine without a GPU)."""
     model = _model(rest)
     check_model(model)
     if _has(rest, "--middleware") or _has(rest, "--lora-modules"):
@@ -230,8 +231,7 @@ def vllm_command(
         # vLLM answers with the first name; the path stays a name clients may send.
         short = Path(model).name or model
         cmd += ["--served-model-name", *dict.fromkeys([short, model])]
-    if on_cpu:
-        cmd += cpu_defaults(rest)
+    cmd += cpu_flags
     cmd += ["--lora-modules", *[f"{name}={path}" for name, (path, _) in adapters.items()]]
     cmd += ["--middleware", MIDDLEWARE]
     return cmd
@@ -245,12 +245,12 @@ def serve(args: argparse.Namespace, rest: list[str]) -> int:
     check_model(_model(rest))  # before the adapters and the router: the first mistake, named first
     adapters = adapter_directories(args.adapters)
     load_router(args.router, adapters)
-    on_cpu = _on_cpu()
-    cmd = vllm_command(args, rest, adapters, on_cpu=on_cpu)
-    if on_cpu and cpu_defaults(rest):
+    cpu_flags = cpu_defaults(rest) if _on_cpu() else []  # reads the host's memory once
+    cmd = vllm_command(args, rest, adapters, cpu_flags)
+    if cpu_flags:
         print(
             "dlplora serve: no GPU here (vLLM's CPU build): "
-            + " ".join(cpu_defaults(rest))
+            + " ".join(cpu_flags)
             + " (give these flags to choose others)",
             file=sys.stderr,
             flush=True,

@@ -205,6 +205,11 @@ class Adapters:
     def registered(self, name: str):
         return dict.get(self.models.lora_requests, name)
 
+    def loaded_names(self, most: int) -> str:
+        """The loaded adapters' names, sorted, the first ``most`` of them and how many more ("" for none)."""
+        known = sorted(self.models.lora_requests)
+        return ", ".join(known[:most]) + (f" and {len(known) - most} more" if len(known) > most else "")
+
     def base_names(self) -> list[str]:
         return [model.name for model in self.models.base_model_paths]
 
@@ -239,8 +244,7 @@ class Adapters:
         if request is not None:
             return request
         if not self.can_load(name):
-            known = sorted(self.models.lora_requests)
-            listed = ", ".join(known[:20]) + (f" and {len(known) - 20} more" if len(known) > 20 else "")
+            listed = self.loaded_names(20)
             where = (
                 " or in the adapter directory"
                 if self.adapter_dir
@@ -314,13 +318,13 @@ class MixMiddleware:
     def unknown_model(self, adapters: Adapters, model: str) -> RequestError:
         """The 404 for a ``model`` nothing here serves, naming what is served (never a path)."""
         base = adapters.base_names()[:1]  # the name answers carry; the others may be paths
-        loaded = sorted(adapters.models.lora_requests)
-        known = [*base, *self.extra_names(), *loaded]
+        extra = self.extra_names()
+        known = [*base, *extra, *sorted(adapters.models.lora_requests)]
         near = [name for name in known if name.casefold() == model.casefold()]
         parts = [f"the base model {base[0]!r}"] if base else []
-        parts += [f"{name!r} ({what})" for name, what in self.extra_names().items()]
-        if loaded or adapters.adapter_dir:
-            listed = ", ".join(loaded[:12]) + (f" and {len(loaded) - 12} more" if len(loaded) > 12 else "")
+        parts += [f"{name!r} ({what})" for name, what in extra.items()]
+        listed = adapters.loaded_names(12)
+        if listed or adapters.adapter_dir:
             folder = " or a folder of the adapter directory" if adapters.adapter_dir else ""
             parts.append(f"an adapter ({listed or 'none loaded'}){folder}")
         if adapters.max_loras:
@@ -332,7 +336,7 @@ class MixMiddleware:
             + (f" or {parts[-1]}" if len(parts) > 1 else parts[-1] if parts else ""),
         )
 
-    def list_models(self, scope, models: dict) -> dict:
+    def list_models(self, models: dict) -> dict:
         """``/v1/models``'s answer as served: each entry's ``root`` (vLLM puts the model's or the adapter's
         path there) becomes its name, and :meth:`extra_names` are listed."""
         data = [
@@ -370,7 +374,7 @@ class MixMiddleware:
             body = b"".join(chunks)
             if start.get("status") == 200:
                 try:
-                    body = json.dumps(self.list_models(scope, json.loads(body))).encode()
+                    body = json.dumps(self.list_models(json.loads(body))).encode()
                 except (ValueError, TypeError, AttributeError):
                     pass  # not the JSON vLLM sends: passed on as it came
             headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
