@@ -196,6 +196,26 @@ def _take_rows(t: torch.Tensor, rows: torch.Tensor | slice | None) -> torch.Tens
     return t[rows] if isinstance(rows, slice) else t.index_select(0, rows)
 
 
+def _stack_rows(stack: torch.Tensor, rows: torch.Tensor | slice | None) -> torch.Tensor:
+    """Rows ``rows`` of ``stack`` ``[L, R, C]`` flattened to ``[L*R, C]``, reading only those rows.
+
+    ``stack`` may be a transposed view (vLLM stores B as ``[L, N, R]``): flattening it would copy every
+    slot, used or not, on every layer call, so the rows are gathered from the view instead."""
+    L, R, C = stack.shape
+    try:
+        return _take_rows(stack.view(L * R, C), rows)
+    except RuntimeError:  # not viewable as [L*R, C]
+        pass
+    if rows is None:
+        return stack.reshape(L * R, C)
+    if isinstance(rows, slice):
+        first, last = divmod(rows.start, R), divmod(rows.stop - 1, R)
+        if first[0] == last[0]:  # within one slot (one adapter): a view
+            return stack[first[0], first[1] : last[1] + 1]
+        rows = torch.arange(rows.start, rows.stop, device=stack.device)
+    return stack[torch.div(rows, R, rounding_mode="floor"), rows % R]
+
+
 def tensor_version(t: torch.Tensor) -> int:
     """The tensor's in-place version counter (inference tensors have none: -1, identity alone counts)."""
     return -1 if t.is_inference() else t._version
@@ -359,15 +379,11 @@ def _grouped(x, lora_a, lora_b, plan, out, ranks, scales, cache, adapter_weights
 
 def _dense(x, lora_a, lora_b, plan, out, scales, cache, rank_list, adapter_weights):
     """Small batches: ``out += ((x @ A_rows^T) * coef) @ B_rows`` over the used rank rows."""
-    L, R, K = lora_a.shape
-    rows, row_adapter = cache.rank_rows(rank_list, R)
+    rows, row_adapter = cache.rank_rows(rank_list, lora_a.shape[1])
     if row_adapter.numel() == 0:
         return out
-    N = lora_b.shape[1]
     # Only rows below each rank are read, so whatever lies beyond a rank never enters the sums.
-    a_rows = lora_a.reshape(L * R, K)
-    b_rows = lora_b.transpose(1, 2).reshape(L * R, N)  # a view when B is stored [L, R, N], as the layers do
-    a_rows, b_rows = _take_rows(a_rows, rows), _take_rows(b_rows, rows)
+    a_rows, b_rows = _stack_rows(lora_a, rows), _stack_rows(lora_b.transpose(1, 2), rows)
     if adapter_weights is None:
         coef = cache.token_coefficients()
     else:
@@ -478,7 +494,7 @@ def expand_shared(
         if row_adapter.numel() == 0:
             return out
         v_m = v.view(T, row_adapter.numel() // R, -1)[:, :, offset : offset + R].reshape(T, -1)
-        b_rows = _take_rows(lora_b.transpose(1, 2).reshape(L * R, N), rows)
+        b_rows = _stack_rows(lora_b.transpose(1, 2), rows)
         active = cache.active_tokens()
         reuse = scale_tuple is not None and (adapter_weights is None or not adapter_weights.requires_grad)
         key = ("shared", R, scale_tuple, v.dtype)

@@ -36,7 +36,7 @@ CASES = (
     + ["mix-qkv-ours-triton", "mix-sharded-refused", "mix-embedding-refused", "mix-embedding-zero-ok"]
     + ["mix-embedding-anchor-refused", "route-replicated", "route-qkv", "route-logits-refused"]
     + ["route-embedding-plain-refused", "route-full-module-refused", "route-errors", "zero-tokens"]
-    + ["plugin", "engine-hooks", "manager-peft", "tp2"]
+    + ["slot-ranks", "plugin", "engine-hooks", "manager-peft", "tp2"]
 )
 
 K, N, R, VOCAB = 64, 40, 16, 96
@@ -538,6 +538,41 @@ def case_full_module():
             NotImplementedError, lambda: run(_wrapper("ours"), reqs, route), "modules_to_save"
         )
         checks.append((ok, f"{label}: {detail}"))
+    return all(ok for ok, _ in checks), "; ".join(d for _, d in checks)
+
+
+def case_slot_ranks():
+    """The wrapper reads each slot's rank from the zero padding of vLLM's A stack, reads it again after
+    every write into the stack (an adapter replaced in its slot, a slot emptied), and the delta it
+    computes with those ranks equals the one over the full padded rank."""
+    import torch
+
+    from dlplora_triton.ops import fused_lora_planned, prepare_batch
+
+    checks = []
+    wrapper = _wrapper("ours")
+    gen = torch.Generator().manual_seed(5)
+    a_stacked = torch.zeros(3, 1, R, K)  # vLLM's [L, 1, R, K]
+    b_stacked = torch.randn(3, 1, N, R, generator=gen)  # B beyond a rank is ignored too
+    a_stacked[0, 0, :5] = torch.randn(5, K, generator=gen)
+    a_stacked[2, 0, :R] = torch.randn(R, K, generator=gen)
+    a_stacked[2, 0, 7] = 0  # a zero row inside the rank: the rank is one past the last non-zero row
+    a = a_stacked[:, 0]
+    seen = wrapper._slot_ranks(a).tolist()
+    checks.append((seen == [5, 0, R], f"ranks {seen}, expected [5, 0, {R}]"))
+    a_stacked[1, 0, :3] = torch.randn(3, K, generator=gen)  # set_lora into slot 1 (in place)
+    a_stacked[0] = 0  # reset_lora of slot 0
+    seen = wrapper._slot_ranks(a_stacked[:, 0]).tolist()
+    checks.append((seen == [0, 3, R], f"ranks after writes {seen}, expected [0, 3, {R}]"))
+    x = torch.randn(6, K, generator=gen)
+    ids = torch.tensor([[1, 2], [2, -1], [1, -1]])
+    weights = torch.tensor([[0.5, 0.5], [1.0, 0.0], [-1.0, 0.0]])
+    batch = prepare_batch(torch.tensor([0, 2, 4, 6]), ids, weights, 3, num_tokens=6)
+    b = b_stacked[:, 0]
+    full = fused_lora_planned(x, a_stacked[:, 0], b, batch)
+    ranked = fused_lora_planned(x, a_stacked[:, 0], b, batch, ranks=wrapper._slot_ranks(a_stacked[:, 0]))
+    err = float((full - ranked).abs().max())
+    checks.append((err < 1e-5, f"delta with the slots' ranks differs from the padded one by {err:.2e}"))
     return all(ok for ok, _ in checks), "; ".join(d for _, d in checks)
 
 
@@ -1065,6 +1100,7 @@ def run_case(name: str):
         return case_route(parts[1])
     return {
         "zero-tokens": case_zero_tokens,
+        "slot-ranks": case_slot_ranks,
         "plugin": case_plugin,
         "engine-hooks": case_engine_hooks,
         "manager-peft": case_manager_peft,

@@ -104,7 +104,9 @@ def test_zipf_traffic_with_mixes_is_served_right(server, client, fleet, names, p
     assert loads >= used > CPU_LORAS
     evicted_cpu = counter(metrics, 'dlplora_adapter_evictions_total{cache="cpu"}')
     evicted_slots = counter(metrics, 'dlplora_adapter_evictions_total{cache="slots"}')
-    assert evicted_cpu >= loads - CPU_LORAS and evicted_slots > 0
+    # Every adapter past the host cache's size pushed one out. Not `loads - CPU_LORAS`: a load need not
+    # end in the cache (one run under load counted 253 loads and 241 evictions, the cache holding 8).
+    assert loads >= evicted_cpu >= used - CPU_LORAS and evicted_slots > 0
     assert counter(metrics, "dlplora_adapter_activations_total") >= used
 
 
