@@ -34,14 +34,15 @@ DEFAULT_WEIGHTING = "renorm"
 BASE_THRESHOLD = 0.3
 # Router.train's shape n-grams (dlplora_triton/routing/features.py, text_shape): (min, max) lengths, or None.
 # Measured by bench/bench_router_lengths.py (bench/results/cpu/router_lengths.json; docs/routing.md, "Short
-# prompts"): on, prompts of 1-3 words reach a wrong adapter half as often (2.4% / 1.9% against 4.5% /
-# 3.8% over 2 seeds), one-line code never does (0 against 1.3% / 0.4%), `def fib(n):` reaches code, at
+# prompts"): on, prompts of 1-3 words reach a wrong adapter half as often (2.4% / 2.3% against 4.5% /
+# 3.7% at seeds 0 / 1), one-line code never does (0 against 1.25% / 0.4%), `def fib(n):` reaches code, at
 # equal or better held-out accuracy and general prompts to the base model.
 SHAPE_NGRAMS = (2, 4)
 # Router.train adds, per training text, this many crops of 1 to CROP_MAX_UNITS words (a CJK character is
-# one), labelled as their text (dlplora_triton/routing/augment.py). Off by default: 2 crops per text
-# brought more short prompts to their adapter (1-3 words: 87% against 83%) but fewer general prompts to
-# the base model and a lower held-out accuracy (98.2% against 98.7-98.9%), for 3x the training rows.
+# one), labelled as their text (dlplora_triton/routing/augment.py). Off by default: with shapes, 2 crops
+# per text brought more prompts of 1-3 words to their adapter (86-88% against 83%) but fewer general
+# prompts to the base model (test set 96.0% against 97.6-99.2%) and a lower held-out accuracy (98.2%
+# against 98.7-98.9%), for 2.9x the training rows.
 SHORT_CROPS_PER_TEXT = 0
 CROP_MAX_UNITS = 6
 # Router.train lists in router.report["warnings"], and `dlplora train-router` prints on stderr, what falls
