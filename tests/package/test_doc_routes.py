@@ -38,6 +38,7 @@ PRINT_COMMENT = re.compile(
     r'print\(raw\.headers\["x-dlplora-route"\], raw\.parse\(\)\.model\)\s*#\s*(\S+) (\S+)'
 )
 TOP_K_OVERRIDE = re.compile(r'"top_k": (\d+)')
+AUTO_REQUEST = re.compile(r'"model":\s*"auto"|model="auto"')  # what a routed request in a block looks like
 
 
 def _blocks(doc: Path) -> list[tuple[str, str]]:
@@ -52,8 +53,10 @@ def _blocks(doc: Path) -> list[tuple[str, str]]:
 
 
 def _commands(code: str) -> list[list[str]]:
+    """The ``dlplora`` command lines of a block as argument lists (continuation lines joined); other
+    lines (Python, curl) are not split."""
     joined = re.sub(r"\\\n\s*", " ", code)
-    return [shlex.split(line, comments=True) for line in joined.splitlines() if line.strip()]
+    return [shlex.split(line, comments=True) for line in joined.splitlines() if line.startswith("dlplora ")]
 
 
 def _resolve(words: list[str]) -> list[str]:
@@ -137,6 +140,8 @@ def _served_routes() -> list[tuple[str, str, dict, str, str | None]]:
                         "top_k": min(int(override.group(1)) if override else top_k, max_loras),
                     }
                     found.append((doc.name, prompt, options, shown.group(1), shown.group(2)))
+            if AUTO_REQUEST.search(code) and not (CURL_PROMPT.search(code) or CHAT_PROMPT.search(code)):
+                raise AssertionError(f"{doc.name}: a routed request this test cannot read:\n{code}")
     return found
 
 
