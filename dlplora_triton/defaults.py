@@ -7,6 +7,7 @@ from __future__ import annotations
 __all__ = [
     "AUTO_NAME",
     "BASE_THRESHOLD",
+    "CROP_MAX_UNITS",
     "DEFAULT_P",
     "DEFAULT_WEIGHTING",
     "IMPORTANCE_KINDS",
@@ -15,6 +16,8 @@ __all__ = [
     "ROUTER_MIN_BACKGROUND_TO_BASE",
     "ROUTER_MIN_HELDOUT_ACCURACY",
     "SERVE_TOP_K",
+    "SHAPE_NGRAMS",
+    "SHORT_CROPS_PER_TEXT",
     "WEIGHTINGS",
 ]
 
@@ -29,6 +32,19 @@ WEIGHTINGS = ("renorm", "softmax")
 DEFAULT_WEIGHTING = "renorm"
 # The base model serves a text whose background probability is at least this (docs/routing.md).
 BASE_THRESHOLD = 0.3
+# Router.train's shape n-grams (dlplora_triton/routing/features.py, text_shape): (min, max) lengths, or None.
+# Measured by bench/bench_router_lengths.py (bench/results/cpu/router_lengths.json; docs/routing.md, "Short
+# prompts"): on, prompts of 1-3 words reach a wrong adapter half as often (2.4% / 2.3% against 4.5% /
+# 3.7% at seeds 0 / 1), one-line code never does (0 against 1.25% / 0.4%), `def fib(n):` reaches code, at
+# equal or better held-out accuracy and general prompts to the base model.
+SHAPE_NGRAMS = (2, 4)
+# Router.train adds, per training text, this many crops of 1 to CROP_MAX_UNITS words (a CJK character is
+# one), labelled as their text (dlplora_triton/routing/augment.py). Off by default: with shapes, 2 crops
+# per text brought more prompts of 1-3 words to their adapter (86-88% against 83%) but fewer general
+# prompts to the base model (test set 96.0% against 97.6-99.2%) and a lower held-out accuracy (98.2%
+# against 98.7-98.9%), for 2.9x the training rows.
+SHORT_CROPS_PER_TEXT = 0
+CROP_MAX_UNITS = 6
 # Router.train lists in router.report["warnings"], and `dlplora train-router` prints on stderr, what falls
 # below these (docs/routing.md, "How much data"; bench/results/cpu/router_data_size.json: 2, 6 and 9
 # tasks, 12 to 200 texts each, 2 seeds, the 835 general prompts as background). Every router trained on

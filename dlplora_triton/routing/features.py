@@ -1,4 +1,4 @@
-"""Text features of the sentence router: normalisation, hashed word and character n-grams, pooled
+"""Text features of the sentence router: normalisation, hashed word, character and shape n-grams, pooled
 hidden states of a transformers model. Hashing is a fixed function of the text (docs/routing.md)."""
 
 from __future__ import annotations
@@ -10,12 +10,46 @@ import zlib
 import numpy as np
 import torch
 
-__all__ = ["featurize", "pooled_hidden_states"]
+__all__ = ["featurize", "text_shape", "pooled_hidden_states"]
 
 _MOD = 2_147_483_647  # 2^31 - 1: a prime; h < 2^31 times a multiplier < 2^31 stays inside int64
 _BASE = 1_000_003
 _MIX = 1_597_334_677 % _MOD
 _WORD = re.compile(r"\w+")
+
+
+def _shape_class(ch: str) -> str:
+    """A character's class in a text's shape: letters by script (Latin ``a``, Cyrillic ``c``, Greek
+    ``g``, Han ``H``, hiragana ``h``, katakana ``k``, Hangul ``K``, other ``l``), digits ``0``, a space,
+    and any other character (punctuation, symbols) as itself."""
+    if ch.isalpha():
+        code = ord(ch)
+        if code < 0x250:
+            return "a"
+        if 0x370 <= code < 0x400:
+            return "g"
+        if 0x400 <= code < 0x530:
+            return "c"
+        if 0x3040 <= code < 0x30A0:
+            return "h"
+        if 0x30A0 <= code < 0x3100 or 0xFF66 <= code < 0xFFA0:
+            return "k"
+        if 0x3400 <= code < 0xA000 or 0xF900 <= code < 0xFB00:
+            return "H"
+        if 0xAC00 <= code < 0xD7B0 or 0x1100 <= code < 0x1200:
+            return "K"
+        return "l"
+    if ch.isdigit():
+        return "0"
+    return ch
+
+
+def text_shape(text: str) -> str:
+    """``text`` with each character replaced by its class (:func:`_shape_class`) and runs of one class
+    collapsed: ``def fib(n):`` -> ``a a(a):``. What a text's layout says whatever its words: calls,
+    operators and indentation of code, the script of a prompt in any language."""
+    classes = [_shape_class(ch) for ch in text]
+    return "".join(c for i, c in enumerate(classes) if i == 0 or c != classes[i - 1] or not c.isalnum())
 
 
 def _normalise(text: str, max_chars: int) -> str:
@@ -78,7 +112,9 @@ def _avalanche(h: np.ndarray, num_buckets: int) -> np.ndarray:
 def featurize(texts: list[str], features: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Bucket indices of all features of ``texts`` grouped by text, and the ``[B]`` offsets.
 
-    ``features``: ``num_buckets``, ``char_ngrams`` ``[min, max]``, ``word_ngrams``, ``max_chars``.
+    ``features``: ``num_buckets``, ``char_ngrams`` ``[min, max]``, ``word_ngrams``, ``max_chars``, and
+    optionally ``shape_ngrams`` ``[min, max]`` (character n-grams of :func:`text_shape`; absent or
+    ``None``: none, as in routers saved before it).
     Returns ``(indices [F] int64, offsets [B] int64)`` for ``nn.EmbeddingBag``. Hashing runs in numpy:
     single-threaded vector ops, which on a busy CPU beat torch's thread pool on these small arrays.
     """
@@ -88,8 +124,13 @@ def featurize(texts: list[str], features: dict) -> tuple[torch.Tensor, torch.Ten
     word_h, word_owner = _word_hashes(norm, features["word_ngrams"])
     # Salt the two families apart before bucketing, so a word and a character n-gram with equal raw
     # hashes do not share a bucket by construction.
-    hashes = np.concatenate([char_h, word_h * 31 + 17])
-    owner = np.concatenate([char_owner, word_owner])
+    families, owners = [char_h, word_h * 31 + 17], [char_owner, word_owner]
+    if features.get("shape_ngrams"):
+        lo, hi = features["shape_ngrams"]
+        shape_h, shape_owner = _char_ngram_hashes([text_shape(t) for t in norm], lo, hi)
+        families.append(shape_h * 29 + 11)  # salted apart from the character n-grams of the text
+        owners.append(shape_owner)
+    hashes, owner = np.concatenate(families), np.concatenate(owners)
     order = np.argsort(owner, kind="stable")
     indices = _avalanche(hashes[order], features["num_buckets"])
     counts = np.bincount(owner, minlength=len(texts))

@@ -189,6 +189,14 @@ def _parse_config(config: dict, path: Path) -> tuple[list[str], dict, float, dic
             and 1 <= char[0] <= char[1]
         ):
             fail("features.char_ngrams", char, "[min, max] with 1 <= min <= max")
+        shape = features.get("shape_ngrams")  # absent in routers saved before shape features
+        if shape is not None and not (
+            isinstance(shape, list)
+            and len(shape) == 2
+            and all(_is_int(c) for c in shape)
+            and 1 <= shape[0] <= shape[1]
+        ):
+            fail("features.shape_ngrams", shape, "null or [min, max] with 1 <= min <= max")
     elif features["source"] == "model":
         ints = {"hidden_size": 1, "max_length": 1}
     else:

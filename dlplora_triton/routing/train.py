@@ -16,11 +16,15 @@ import torch
 import torch.nn.functional as F
 
 from ..defaults import (
+    CROP_MAX_UNITS,
     MIN_TEXTS_PER_TASK,
     ROUTER_MIN_ADAPTER_ACCURACY,
     ROUTER_MIN_BACKGROUND_TO_BASE,
     ROUTER_MIN_HELDOUT_ACCURACY,
+    SHAPE_NGRAMS,
+    SHORT_CROPS_PER_TEXT,
 )
+from .augment import short_crops as make_short_crops
 from .features import featurize, pooled_hidden_states
 from .net import BASE_THRESHOLD, GENERAL, check_number, check_texts, one_thread, resolve_adapters
 
@@ -52,6 +56,9 @@ def train_router(
     char_ngrams: tuple[int, int] = (2, 4),
     word_ngrams: int = 2,
     max_chars: int = 2048,
+    shape_ngrams: tuple[int, int] | None = SHAPE_NGRAMS,
+    short_crops: int = SHORT_CROPS_PER_TEXT,
+    crop_max_units: int = CROP_MAX_UNITS,
     model=None,
     tokenizer=None,
     max_length: int = 256,
@@ -92,6 +99,13 @@ def train_router(
             parameters). char_ngrams: (min, max) character n-gram lengths of the lower-cased text
             padded with spaces (word boundaries); word_ngrams: word n-grams up to this length
             (1: unigrams, 0: none); max_chars: a text is cut to this many characters before hashing.
+        shape_ngrams: (min, max) character n-gram lengths of the text's shape (letters replaced by
+            their script, digits by ``0``, runs collapsed: ``def fib(n):`` is ``a a(a):``;
+            :func:`~dlplora_triton.routing.features.text_shape`), or None for none.
+        short_crops, crop_max_units: each training text (not the held-out ones) adds ``short_crops``
+            crops of 1 to ``crop_max_units`` words (a CJK character counts as one) with its label, so
+            that prompts of a few words route as well as sentences (:mod:`.augment`; docs/routing.md,
+            "Short prompts"); 0 adds none.
         hidden, dropout: the MLP's hidden widths and dropout.
         heldout: the fraction of each task held out (stratified) for early stopping and the report.
         epochs, patience: at most ``epochs`` passes; stop after ``patience`` epochs without a better
@@ -143,11 +157,22 @@ def train_router(
         isinstance(char_ngrams, Sequence) and len(char_ngrams) == 2 and 1 <= char_ngrams[0] <= char_ngrams[1]
     ):
         raise ValueError(f"char_ngrams must be (min, max) with 1 <= min <= max, got {char_ngrams!r}")
+    if shape_ngrams is not None and not (
+        isinstance(shape_ngrams, Sequence)
+        and len(shape_ngrams) == 2
+        and all(isinstance(n, int) and not isinstance(n, bool) for n in shape_ngrams)
+        and 1 <= shape_ngrams[0] <= shape_ngrams[1]
+    ):
+        raise ValueError(
+            f"shape_ngrams must be None or (min, max) with 1 <= min <= max, got {shape_ngrams!r}"
+        )
     for name, value, low in (
         ("num_buckets", num_buckets, 1),
         ("embed_dim", embed_dim, 1),
         ("word_ngrams", word_ngrams, 0),
         ("max_chars", max_chars, 1),
+        ("short_crops", short_crops, 0),
+        ("crop_max_units", crop_max_units, 1),
         ("max_length", max_length, 1),
         ("epochs", epochs, 1),
         ("patience", patience, 1),
@@ -169,6 +194,18 @@ def train_router(
     start_time = time.perf_counter()
     index_of = {n: i for i, n in enumerate(names)}
     labels = torch.tensor([index_of[t] for t in tasks], dtype=torch.int64)
+    # The split draws from its own generator (the epochs' order continues from it); crops are cut from
+    # the training texts only, so the held-out figures stay those of whole texts.
+    gen = torch.Generator().manual_seed(seed)
+    train_rows, held_rows = _stratified_split(labels, heldout, gen)
+    num_texts = len(texts)
+    if short_crops:
+        crops, sources = make_short_crops(
+            [texts[i] for i in train_rows.tolist()], short_crops, crop_max_units, seed
+        )
+        texts = texts + crops
+        labels = torch.cat([labels, labels[train_rows[torch.tensor(sources, dtype=torch.int64)]]])
+        train_rows = torch.cat([train_rows, torch.arange(num_texts, num_texts + len(crops))])
     mlp = {"hidden": list(hidden), "dropout": dropout}
     if features == "hash":
         config = {
@@ -179,6 +216,8 @@ def train_router(
             "word_ngrams": word_ngrams,
             "max_chars": max_chars,
         }
+        if shape_ngrams is not None:
+            config["shape_ngrams"] = list(shape_ngrams)
         indices, offsets = featurize(texts, config)
         take = lambda rows: _gather(indices, offsets, rows)  # noqa: E731
         encoder = None
@@ -197,11 +236,9 @@ def train_router(
     # caller's RNG state as it was.
     with one_thread(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        gen = torch.Generator().manual_seed(seed)
         router = router_cls(
             names, config, mlp, encoder=encoder, adapters=adapters, base_threshold=base_threshold
         )
-        train_rows, held_rows = _stratified_split(labels, heldout, gen)
         history, best_epoch = _fit(
             router.net,
             take,
@@ -232,6 +269,7 @@ def train_router(
         epochs_run=len(history),
         best_epoch=best_epoch,
         num_train=len(train_rows),
+        num_crops=len(texts) - num_texts,
         num_heldout=len(held_rows),
         num_parameters=router.num_parameters,
         served=served,
