@@ -82,6 +82,7 @@ import gzip
 import hashlib
 import json
 import re
+import struct
 import sys
 import unicodedata
 from collections import Counter, defaultdict
@@ -492,8 +493,6 @@ def mo_catalogue(path: Path) -> list[str]:
     """The translated strings of a GNU gettext .mo file (the first form of a plural; the header and
     untranslated entries skipped), read from the file's tables without Python's gettext (which needs
     a valid header)."""
-    import struct
-
     data = path.read_bytes()
     if len(data) < 28:
         return []
@@ -637,8 +636,8 @@ def license_sentences() -> list[tuple[str, str]]:
     return out
 
 
-# The tasks added in the second version. Languages: (man page folders, locale folders); code: a
-# function of nothing giving (snippet, file) pairs.
+# The tasks added in the second version. Languages: (man page folders, locale folders); code: (a
+# function giving (snippet, file) pairs, what it reads).
 ADDED_LANGS = {
     "it": (["it"], ["it"]),
     "pt": (["pt", "pt_BR"], ["pt", "pt_BR"]),
@@ -770,10 +769,6 @@ def raw_sources() -> tuple[dict, dict, dict, dict[str, str]]:
     extra["code"] = [(s, "dist-packages:" + src) for s, src in python_code(DIST_PACKAGES)]
     sources["code"] += f" and of {DIST_PACKAGES}"
     return first, added, extra, sources
-
-
-def _by_hash(items: list[str]) -> list[str]:
-    return sorted(items, key=lambda s: hashlib.blake2b(s.encode(), digest_size=8).digest())
 
 
 def select(
