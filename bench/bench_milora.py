@@ -53,6 +53,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported:
 import common  # noqa: E402
 import torch  # noqa: E402
 
+from dlplora_triton.demo.tasks import load_texts  # noqa: E402
 from dlplora_triton.finetune import pad_token_ids  # noqa: E402
 from dlplora_triton.readers import read_labelled_jsonl  # noqa: E402
 
@@ -88,8 +89,7 @@ def tasks() -> dict:
         for split in ("train", "test")
     }
     by_source: dict[str, list[str]] = {}
-    source_file = ROOT / "dlplora_triton" / "data" / "router_texts.jsonl"
-    for text, task in zip(*read_labelled_jsonl(source_file, owner="source task")):
+    for text, task in zip(*load_texts()):  # the text set's first version: its 9 tasks
         by_source.setdefault(task, []).append(text)
     source = {"train": [], "test": []}
     rng = random.Random(1234)  # the sample is fixed; the seeds vary the training only

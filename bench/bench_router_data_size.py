@@ -4,7 +4,8 @@
 
 For each set of tasks and size N, ``dlplora train-router``'s default training (the package's 835
 general prompts as background, ``Router.train``'s defaults) on the first N texts of each task among the
-first 10,000 lines of dlplora_triton/data/router_texts.jsonl. The task sets: 2 tasks (de, code), the
+first 10,000 lines of the first version of dlplora_triton/data/router_texts.jsonl (its 9 tasks:
+``demo.tasks.load_texts``). The task sets: 2 tasks (de, code), the
 README's 6 adapters' tasks (code, de, fr, ja, ru, zh), and all 9 tasks served by those 6 adapters (es,
 license and shell become background). Fewer tasks means the general prompts outnumber the tasks' texts
 by more. Reported per task set, size and seed: the training report's
@@ -23,10 +24,10 @@ from pathlib import Path
 
 import common
 
+from dlplora_triton.demo.tasks import load_texts
 from dlplora_triton.routing import Router, read_labelled_jsonl
 
 HERE = Path(__file__).resolve().parent
-DATA = HERE.parent / "dlplora_triton" / "data" / "router_texts.jsonl"
 GENERAL_DEV = HERE / "data" / "general_prompts_dev.jsonl"
 ADAPTERS = ["code", "de", "fr", "ja", "ru", "zh"]  # the README's train-router example
 ALL_TASKS = [*ADAPTERS, "es", "license", "shell"]
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=common.RESULTS / "cpu" / "router_data_size.json")
     args = parser.parse_args(argv)
 
-    texts, tasks = read_labelled_jsonl(DATA)
+    texts, tasks = load_texts()  # the text set's first version (9 tasks), as measured
     pool_x, pool_y = texts[:TRAIN_LINES], tasks[:TRAIN_LINES]
     unseen_x, unseen_y = texts[TRAIN_LINES:], tasks[TRAIN_LINES:]
     general_x, _ = read_labelled_jsonl(GENERAL_DEV, label_key="lang")

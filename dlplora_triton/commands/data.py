@@ -22,7 +22,7 @@ DESCRIPTION = (
 _PACKAGE_DATA = {
     "router-texts": (
         "data/router_texts.jsonl",
-        "the router's text set, JSONL {text, task}: 11,335 sentences of 9 tasks (train-router --data)",
+        "the router's text set, JSONL {text, task, source}: 34,335 texts of 34 tasks (train-router --data)",
     ),
     "general-prompts": (
         "data/general_prompts.jsonl",

@@ -1,15 +1,28 @@
 """The SmolLM2 tasks: which texts of the package's text set train the adapters and the router, which are held out.
 
 Each task is one label of ``dlplora_triton/data/router_texts.jsonl`` (Debian's translated man pages,
-licence texts, Python source, shell help). Per task, the last ``HELD_OUT`` texts in file order are held
-out (evaluation, demo prompts); everything before them trains the adapter and the router.
+licence texts, Python source, shell help). The demo, the adapters and the benchmarks built on them read
+the text set's first version (``load_texts``: its nine tasks, from the sources they had then), so that
+the tasks and sources added later leave their splits as they were. Per task, the last ``HELD_OUT`` texts
+in file order are held out (evaluation, demo prompts); everything before them trains the adapter and
+the router.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["TASKS", "HELD_OUT", "ADAPTERS_DIR", "TEXTS_PATH", "load_texts", "task_split", "adapter_paths"]
+__all__ = [
+    "TASKS",
+    "HELD_OUT",
+    "ADAPTERS_DIR",
+    "TEXTS_PATH",
+    "FIRST_TASKS",
+    "FIRST_SOURCES",
+    "load_texts",
+    "task_split",
+    "adapter_paths",
+]
 
 TASKS = ("de", "fr", "ru", "ja", "zh", "code")
 HELD_OUT = 100
@@ -18,13 +31,22 @@ HELD_OUT = 100
 ADAPTERS_DIR = Path(__file__).resolve().parents[1] / "data" / "adapters" / "smollm2"
 
 TEXTS_PATH = Path(__file__).resolve().parents[1] / "data" / "router_texts.jsonl"
+# The text set's first version (11,335 lines): these tasks, from sources of these kinds (a row's
+# "source" starts with one). The second version added 25 tasks and, for de, fr, es, ja, ru, zh and
+# code, program messages ("mo:") and Python code outside the standard library ("dist-packages:").
+FIRST_TASKS = ("code", "de", "es", "fr", "ja", "license", "ru", "shell", "zh")
+FIRST_SOURCES = ("man:", "stdlib:", "license:")
 
 
-def load_texts() -> tuple[list[str], list[str]]:
-    """``(texts, tasks)`` of the package's text set (bench/data/build_router_data.py made it; data/NOTICE)."""
-    from ..readers import read_labelled_jsonl
+def load_texts(everything: bool = False) -> tuple[list[str], list[str]]:
+    """``(texts, tasks)`` of the package's text set (bench/data/build_router_data.py made it; data/NOTICE):
+    its first version's rows (see ``FIRST_TASKS``), in file order; with ``everything`` every row."""
+    from ..readers import read_jsonl
 
-    return read_labelled_jsonl(TEXTS_PATH, owner="the package's text set")
+    rows = read_jsonl(TEXTS_PATH, "the package's text set", ("text", "task", "source"))
+    if not everything:
+        rows = [r for r in rows if r["task"] in FIRST_TASKS and r["source"].startswith(FIRST_SOURCES)]
+    return [r["text"] for r in rows], [r["task"] for r in rows]
 
 
 def task_split(texts: list[str], tasks: list[str]) -> tuple[dict[str, list[str]], dict[str, list[str]]]:

@@ -16,18 +16,17 @@ from hypothesis import strategies as st
 
 import dlplora_triton as dlp
 from dlplora_triton.cli import main
+from dlplora_triton.demo.tasks import load_texts
 from dlplora_triton.routing import (
     CONFIG_FILE,
     GENERAL,
     WEIGHTS_FILE,
     Router,
     general_prompts,
-    read_labelled_jsonl,
     top_p_select,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
-DATA = ROOT / "dlplora_triton" / "data" / "router_texts.jsonl"
 
 # ---------------------------------------------------------------------------------------------------
 # top_p_select: hand-computed cases
@@ -195,7 +194,7 @@ SMALL = {"num_buckets": 2**14, "hidden": (64,), "epochs": 12, "batch_size": 64}
 
 @pytest.fixture(scope="module")
 def split():
-    texts, tasks = read_labelled_jsonl(DATA)
+    texts, tasks = load_texts()  # the text set's first version: 9 tasks (the full set: test_router_texts.py)
     per_task: dict[str, list[int]] = {}
     for i, t in enumerate(tasks):
         per_task.setdefault(t, []).append(i)

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from dlplora_triton.cli import main
+from dlplora_triton.demo.tasks import load_texts
 from dlplora_triton.routing import (
     BASE_THRESHOLD,
     CONFIG_FILE,
@@ -24,7 +25,6 @@ from dlplora_triton.routing import (
 )
 
 ROOT = Path(__file__).resolve().parents[2]
-DATA = ROOT / "dlplora_triton" / "data" / "router_texts.jsonl"
 DEV_PROMPTS = ROOT / "bench" / "data" / "general_prompts_dev.jsonl"  # never trained on
 ADAPTERS = ["code", "de", "fr", "ja", "ru", "zh"]
 SMALL = {"num_buckets": 2**14, "hidden": (64,), "epochs": 12, "batch_size": 64}
@@ -33,7 +33,7 @@ ISSUE_PROMPTS = ["hello", "hello, how are you?", "What is the capital of France?
 
 @pytest.fixture(scope="module")
 def split():
-    texts, tasks = read_labelled_jsonl(DATA)
+    texts, tasks = load_texts()  # the text set's first version: 9 tasks (the full set: test_router_texts.py)
     per_task: dict[str, list[int]] = {}
     for i, t in enumerate(tasks):
         per_task.setdefault(t, []).append(i)
