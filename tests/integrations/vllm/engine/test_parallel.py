@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from engine_util import assert_matches, route_of_header, serve_for_module
+from engine_util import Server, assert_matches, route_of_header, serve_for_module
 from parallel_util import TINY_ADAPTERS, TINY_RANK, TinyReference, bind_threads, build_tiny_llama
 
 MAX_TOKENS = 5
@@ -97,8 +97,9 @@ def server(tmp_path_factory, tiny, router_dir, request):
     dlplora = [str(Path(sys.executable).parent / "dlplora"), "serve"]
     args = ["--adapters", str(adapters["a"].parent), "--router", str(router_dir), "--top-k", str(SLOTS)]
     args += [*engine_flags(model_dir), "--tensor-parallel-size", "2", "--distributed-executor-backend", "mp"]
-    env = {"VLLM_CPU_OMP_THREADS_BIND": bind_threads(2), "VLLM_LOGGING_LEVEL": "INFO"}
     log = tmp_path_factory.mktemp("tp2") / "server.log"
+    env = {"VLLM_CPU_OMP_THREADS_BIND": bind_threads(2), "VLLM_LOGGING_LEVEL": "INFO"}
+    env["DLPLORA_METRICS_DIR"] = str(log.parent)  # the workers' adapter counts (one file per process)
     yield from serve_for_module(request, log, args, command=dlplora, env=env)
 
 
@@ -196,7 +197,35 @@ def _prompt_logprobs(choice, ids) -> list[float]:
     return [step[str(token)]["logprob"] for step, token in zip(steps, ids[1:])]
 
 
-def test_teacher_forced_logprobs_equal_one_worker_and_peft(server, tiny, tokenizer, tiny_reference):
+def test_adapter_counts_come_from_one_worker(server):
+    # Both workers load and activate every adapter (each its shard); /metrics counts each event once.
+    import json
+
+    counted = [json.loads(p.read_text()) for p in server.log_path.parent.glob("adapters-*.json")]
+    counted = [c for c in counted if any(c.values())]
+    assert len(counted) == 1, counted
+    assert counted[0]["loads"] >= len(TINY_ADAPTERS) and counted[0]["activations"] >= len(TINY_ADAPTERS)
+    assert f"dlplora_adapter_loads_total {float(counted[0]['loads'])}" in server.metrics()
+
+
+def teacher_forced_rows(server, tokenizer) -> list[tuple[list[int], tuple, list[float]]]:
+    """``(prompt ids, mix, the TP=2 server's log-probs of ids[1:])`` for each of ``MIXES``."""
+    rows = []
+    for i, mix in enumerate(MIXES):
+        ids = tokenizer(PROMPTS[i % len(PROMPTS)] * 3)["input_ids"]
+        choice = complete(server, ids, mix, max_tokens=1, prompt_logprobs=0)
+        rows.append((ids, mix, _prompt_logprobs(choice, ids)))
+    return rows
+
+
+def test_teacher_forced_logprobs_equal_peft(server, tokenizer, tiny_reference):
+    for ids, mix, got in teacher_forced_rows(server, tokenizer):
+        worst = max(abs(a - b) for a, b in zip(got, tiny_reference.prompt_logprobs(ids, mix)))
+        assert worst < 1e-4, f"{mix}: TP=2 vs PEFT differ by {worst:.2e}"
+
+
+@pytest.mark.slow  # a second engine; make test checks the same log-probs against PEFT above
+def test_teacher_forced_logprobs_equal_one_worker(server, tiny, tokenizer):
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
     from vllm.lora.request import LoRARequest
@@ -204,16 +233,11 @@ def test_teacher_forced_logprobs_equal_one_worker_and_peft(server, tiny, tokeniz
     from dlplora_triton.integrations.vllm import mix_request
 
     model_dir, adapters = tiny
-    rows = [(tokenizer(PROMPTS[i % len(PROMPTS)] * 3)["input_ids"], mix) for i, mix in enumerate(MIXES)]
-    tp2 = [
-        _prompt_logprobs(complete(server, ids, mix, max_tokens=1, prompt_logprobs=0), ids)
-        for ids, mix in rows
-    ]
-
+    rows = teacher_forced_rows(server, tokenizer)
     lora_ids = {name: i + 1 for i, name in enumerate(TINY_ADAPTERS)}
     params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
     requests = []
-    for _, mix in rows:
+    for _, mix, _ in rows:
         components = [(LoRARequest(n, lora_ids[n], str(adapters[n])), w) for n, w in mix]
         if not mix:
             requests.append((None, params))
@@ -235,20 +259,20 @@ def test_teacher_forced_logprobs_equal_one_worker_and_peft(server, tiny, tokeniz
     )
     try:
         outputs = llm.generate(
-            [TokensPrompt(prompt_token_ids=ids) for ids, _ in rows],
+            [TokensPrompt(prompt_token_ids=ids) for ids, _, _ in rows],
             [p for _, p in requests],
             lora_request=[r for r, _ in requests],
             use_tqdm=False,
         )
     finally:
         llm.llm_engine.engine_core.shutdown()
-    for (ids, mix), got, out in zip(rows, tp2, outputs):
+    for (ids, mix, got), out in zip(rows, outputs):
         tp1 = [step[token].logprob for step, token in zip(out.prompt_logprobs[1:], ids[1:])]
-        peft = tiny_reference.prompt_logprobs(ids, mix)
-        assert max(abs(a - b) for a, b in zip(got, tp1)) < 1e-4, f"{mix}: TP=2 vs TP=1"
-        assert max(abs(a - b) for a, b in zip(got, peft)) < 1e-4, f"{mix}: TP=2 vs PEFT"
+        worst = max(abs(a - b) for a, b in zip(got, tp1))
+        assert worst < 1e-4, f"{mix}: TP=2 vs TP=1 differ by {worst:.2e}"
 
 
+@pytest.mark.slow  # another engine start; make test checks the same refusal in test_worker_check.py
 def test_a_worker_without_the_plugin_stops_the_engine(tiny, capfd):
     # Rank 1 runs vLLM's own punica wrapper (worker_classes.py): the engine must not start.
     from vllm import LLM
@@ -273,3 +297,37 @@ def test_a_worker_without_the_plugin_stops_the_engine(tiny, capfd):
     err = capfd.readouterr().err
     assert "dlplora: 1 of 2 vLLM workers do not run the plugin" in err, err[-3000:]
     assert "rank 1 (pid" in err and "PunicaWrapperCPU" in err
+
+
+@pytest.mark.slow  # another server (two engine cores)
+def test_data_parallel_replicas_equal_peft_alone(
+    tmp_path_factory, tiny, router_dir, tokenizer, tiny_reference
+):
+    # --data-parallel-size 2: two engine cores with one worker each, behind one API server that
+    # balances requests between them; both must serve mixes as PEFT does.
+    model_dir, adapters = tiny
+    dlplora = [str(Path(sys.executable).parent / "dlplora"), "serve"]
+    args = ["--adapters", str(adapters["a"].parent), "--router", str(router_dir), "--top-k", str(SLOTS)]
+    args += [*engine_flags(model_dir), "--data-parallel-size", "2"]
+    log = tmp_path_factory.mktemp("dp2") / "server.log"
+    dp = Server(args, log, command=dlplora, env={"VLLM_CPU_OMP_THREADS_BIND": bind_threads(2)})
+    passed = False
+    try:
+        rows = [(tokenizer(PROMPTS[i % len(PROMPTS)])["input_ids"], mix) for i, mix in enumerate(MIXES * 2)]
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda row: complete(dp, *row), rows))
+        for (ids, mix), choice in zip(rows, answers):
+            assert_matches(
+                *tokens_and_logprobs(choice), tiny_reference.greedy(ids, mix, MAX_TOKENS), f"{mix}"
+            )
+        served = {}
+        for line in dp.metrics().splitlines():
+            if line.startswith("vllm:request_success_total{"):
+                engine = line.split('engine="')[1].split('"')[0]
+                served[engine] = served.get(engine, 0.0) + float(line.rsplit(" ", 1)[1])
+        assert served.get("0", 0) > 0 and served.get("1", 0) > 0, f"requests per engine core: {served}"
+        passed = True
+    finally:
+        dp.stop(keep_log=not passed)
+        if not passed:
+            print(f"\nserver log kept: {log}")
