@@ -4,10 +4,10 @@ mp``, gloo), each holding half of every layer, started by ``dlplora serve --tens
 The model is parallel_util's small Llama (4 query, 2 key/value heads: SmolLM2's 9 and 3 do not split
 in two), with four adapters and two slots. Every answer is checked against transformers + PEFT
 serving the request alone (greedy tokens, log-probs within 1e-4 in fp32), and the teacher-forced
-log-probs against a one-worker engine (TP=1). ``a_flipped`` is ``a`` with the second shard's half of
-each layer negated, so a mix of the two differs in sign per shard: a shard that applied another row's
-weights, or a component twice, gives another answer. A worker that does not run the plugin stops the
-engine before it serves.
+log-probs against PEFT (and, marked slow, a one-worker engine). ``a_flipped`` is ``a`` with the second
+shard's half of each layer negated, so a mix of the two differs in sign per shard: a shard that applied
+another row's weights, or a component twice, gives another answer. Marked slow (``make test-slow``):
+two data-parallel replicas, and a worker without the plugin stopping the engine before it serves.
 """
 
 import os
