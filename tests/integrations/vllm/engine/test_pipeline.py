@@ -92,3 +92,27 @@ def test_teacher_forced_logprobs_equal_peft(pp_llm, reference, prompts):
         got = [step[t].logprob for step, t in zip(out.prompt_logprobs[1:], ids[1:])]
         worst = max(abs(a - b) for a, b in zip(got, reference.prompt_logprobs(ids, mix)))
         assert worst < 1e-4, f"{mix}: prompt log-probs differ from PEFT by {worst:.2e}"
+
+
+@pytest.mark.slow  # three workers (on 2 cores two share one), another SmolLM2 engine
+def test_tensor_parallel_3_equals_peft_alone(reference, prompts):
+    # SmolLM2's 9 query and 3 key/value heads split in three: each worker holds 3 and 1 of them.
+    from vllm import LLM, SamplingParams
+
+    cpus = sorted(os.sched_getaffinity(0))
+    os.environ.update(
+        ENGINE_ENV, VLLM_CPU_OMP_THREADS_BIND="|".join(str(cpus[i % len(cpus)]) for i in range(3))
+    )
+    args = dict(ENGINE_ARGS, max_loras=2, gpu_memory_utilization=0.05, kv_cache_memory_bytes=2**27)
+    llm = LLM(model=str(model_folder()), **args, tensor_parallel_size=3, distributed_executor_backend="mp")
+    try:
+        rows = [(prompts[i % len(prompts)], mix) for i, mix in enumerate(MIXES)]
+        params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, logprobs=0, ignore_eos=True)
+        outputs = _generate(llm, rows, params)
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+    for (ids, mix), out in zip(rows, outputs):
+        completion = out.outputs[0]
+        tokens = list(completion.token_ids)
+        logprobs = [step[t].logprob for step, t in zip(completion.logprobs, tokens)]
+        assert_matches(tokens, logprobs, reference.greedy(ids, mix, MAX_TOKENS), f"TP=3 {mix}")
