@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 CONSTRAINTS := requirements/constraints.txt
 PIP_QUIET := --quiet --disable-pip-version-check
 
-.PHONY: test test-main test-engine test-latest constraints lint demo bench bench-dynamic bench-serve fuzz-serve clean
+.PHONY: test test-main test-engine test-slow test-latest constraints lint demo bench bench-dynamic bench-serve fuzz-serve clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -54,7 +54,12 @@ test-main: $(STAMP) $(VLLM_STAMP)
 	$(BIN)/python -m pytest -q
 
 test-engine: $(ENGINE_STAMP)
-	$(ENGINE_BIN)/python -m pytest -q -p no:cacheprovider tests/integrations/vllm/engine
+	$(ENGINE_BIN)/python -m pytest -q -p no:cacheprovider -m "not slow" tests/integrations/vllm/engine
+
+# The engine tests marked slow (each starts another engine): e.g. the tensor-parallel engine's
+# teacher-forced log-probs against a one-worker engine (README, "Tests").
+test-slow: $(ENGINE_STAMP)
+	$(ENGINE_BIN)/python -m pytest -q -p no:cacheprovider -m slow tests/integrations/vllm/engine
 
 # The attacker's suite's fuzzer, longer than make test's seeded pass (docs/vllm.md, "Security"): 2000
 # drawn auto / mix: requests against one server; the count and statuses go to bench/results/cpu/.

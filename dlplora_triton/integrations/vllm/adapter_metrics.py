@@ -12,9 +12,10 @@ API server reports the sums on ``/metrics``:
 
 Workers run in other processes than the API server (vLLM's engine core and its workers), so each
 writes its counts to a small JSON file in ``DLPLORA_METRICS_DIR``, replaced whole on every change; the
-API server's collector sums the files when ``/metrics`` is read. The plugin makes that folder when
-vLLM loads it in the first process (the one that starts the others, which inherit it) and removes it
-when that process exits. With ``--api-server-count`` above 1 vLLM builds its own registry per scrape,
+API server's collector sums the files when ``/metrics`` is read. With tensor or pipeline parallelism
+one worker per engine counts (:func:`counts_here`), so the counts do not grow with the workers. The
+plugin makes that folder when vLLM loads it in the first process (the one that starts the others,
+which inherit it) and removes it when that process exits. With ``--api-server-count`` above 1 vLLM builds its own registry per scrape,
 which this collector is not part of: the counts are then in the files only.
 """
 
@@ -107,6 +108,18 @@ class AdapterMetricsCollector:
 _installed: AdapterCounters | None = None
 
 
+def counts_here() -> bool:
+    """Whether this process's LoRA manager counts: one worker per engine does. With tensor or pipeline
+    parallelism every worker loads, evicts and activates each adapter (its own shard or stage), so the
+    sums on ``/metrics`` would count each event once per worker; only the first pipeline stage's
+    tensor rank 0 counts (each data-parallel replica has its own)."""
+    from vllm.distributed.parallel_state import get_pp_group, get_tp_group, model_parallel_is_initialized
+
+    if not model_parallel_is_initialized():
+        return True
+    return get_tp_group().rank_in_group == 0 and get_pp_group().is_first_rank
+
+
 def install_adapter_metrics() -> AdapterCounters:
     """Count in this process's LoRA managers and report on its prometheus registry (idempotent)."""
     global _installed
@@ -124,17 +137,18 @@ def install_adapter_metrics() -> AdapterCounters:
 
     def counted_load(self, lora_request):
         lora = load_adapter(self, lora_request)
-        counters.add("loads")
+        if counts_here():
+            counters.add("loads")
         return lora
 
     def counted_remove_oldest(self):
         removed = remove_oldest(self)
-        if removed:
+        if removed and counts_here():
             counters.add("cpu_evictions")
         return removed
 
     def counted_activate(self, lora_id):
-        if lora_id not in self._active_adapters:
+        if lora_id not in self._active_adapters and counts_here():
             if len(self._active_adapters) >= self.lora_slots:
                 counters.add("slot_evictions")
             counters.add("activations")

@@ -23,6 +23,9 @@ Installed by :func:`dlplora_triton.integrations.vllm.register` in every vLLM pro
 - **Metrics** (vLLM's per-LoRA request counts, ``vllm:lora_requests_info`` on ``/metrics``): a request
   under a mix name counts for each of its components, so the labels name the operator's adapters,
   never a client's weights, and their number stays bounded as with vLLM alone.
+- **Start** (``EngineCore._initialize_kv_caches``): with LoRA enabled, every worker (each tensor,
+  pipeline shard, on every node) is asked whether it runs the plugin; one that does not stops the
+  engine before it serves (:mod:`~dlplora_triton.integrations.vllm.workers`).
 """
 
 from __future__ import annotations
@@ -41,8 +44,10 @@ from dlplora_triton.integrations.vllm.mixes import (
     request_mix,
     verify_mix_args,
 )
+from dlplora_triton.integrations.vllm.workers import check_workers
 
 logger = logging.getLogger(__name__)
+vllm_logger = logging.getLogger("vllm.dlplora")  # under vLLM's logger, so the engine's log shows it
 
 _PATIENCE = patience_from_env()  # read once per process; a bad value stops vLLM at start, named
 
@@ -189,6 +194,15 @@ def install_engine_hooks() -> bool:
     preprocess = EngineCore.preprocess_add_request
     set_active_loras = LoRAModelRunnerMixin.set_active_loras
     lora_update = LoRARequestStates._request_update
+    initialize_kv_caches = EngineCore._initialize_kv_caches
+
+    def check_workers_then_initialize_kv_caches(self, vllm_config):
+        # Every worker has loaded the model by now; one without the plugin must stop the engine
+        # before it serves (workers.py says why).
+        if vllm_config.lora_config is not None:
+            states = check_workers(self.model_executor.collective_rpc)
+            vllm_logger.info("dlplora: the plugin runs in all %d vLLM workers", len(states))
+        return initialize_kv_caches(self, vllm_config)
 
     def get_mix_scheduler_cls(self):
         return mix_slots_scheduler(get_scheduler_cls(self))
@@ -236,6 +250,8 @@ def install_engine_hooks() -> bool:
             lora_update(self, req_id, name, waiting, running)
 
     request_update._dlplora = True
+    check_workers_then_initialize_kv_caches._dlplora = True
+    EngineCore._initialize_kv_caches = check_workers_then_initialize_kv_caches
     LoRARequestStates._request_update = request_update
     get_mix_scheduler_cls._dlplora = True
     set_active_mixes._dlplora = True

@@ -263,7 +263,7 @@ class Server:
         self.log_path = log_path
         command = command or [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
         cmd = [*command, "--host", "127.0.0.1", "--port", str(self.port), *args]
-        full_env = dict(os.environ, **ENGINE_ENV, **(env or {}))
+        full_env = {**os.environ, **ENGINE_ENV, **(env or {})}  # env overrides ENGINE_ENV
         self.log = open(log_path, "wb")
         # Its own process group, so stop() reaches the engine core and workers it spawns.
         self.proc = subprocess.Popen(
