@@ -3,6 +3,9 @@
     router_config.json    {"format": "dlplora-router", "format_version": 2, "names", "classes",
                           "adapter_of", "base_threshold", "features", "mlp", "report"}
     router.safetensors    the :class:`~.net.RouterNet` state_dict (float32)
+    router_replay.safetensors  optional: the replay sample ``Router.add_task`` fits against
+                          ("vectors" [N, width] float32, "labels" [N] int64 class ids); older readers
+                          ignore it, and a router without it loads with ``replay`` None
 
 :meth:`Router.save <dlplora_triton.routing.Router.save>` and :meth:`Router.load
 <dlplora_triton.routing.Router.load>` run :func:`save_router` and :func:`load_router`. Reading checks
@@ -21,6 +24,7 @@ import torch
 
 from ..readers import read_json_object, read_safetensors
 from .net import BASE_THRESHOLD, GENERAL, RouterNet, net_inputs
+from .update import REPLAY_FILE
 
 __all__ = ["FORMAT_VERSION", "CONFIG_FILE", "WEIGHTS_FILE", "save_router", "load_router"]
 
@@ -58,6 +62,13 @@ def save_router(router, directory: str | os.PathLike) -> Path:
         metadata={"format": _FORMAT_NAME},
     )
     os.replace(tmp, directory / WEIGHTS_FILE)
+    replay = getattr(router, "replay", None)
+    if replay is not None:
+        tmp = directory / (REPLAY_FILE + ".tmp")
+        save_file({"vectors": replay[0].contiguous(), "labels": replay[1].contiguous()}, str(tmp))
+        os.replace(tmp, directory / REPLAY_FILE)
+    elif (directory / REPLAY_FILE).exists():  # a previous router's sample would not match this one
+        (directory / REPLAY_FILE).unlink()
     tmp = directory / (CONFIG_FILE + ".tmp")
     tmp.write_text(json.dumps(config, indent=1, ensure_ascii=False), encoding="utf-8")
     os.replace(tmp, directory / CONFIG_FILE)
@@ -115,7 +126,32 @@ def load_router(cls, directory: str | os.PathLike, model=None, tokenizer=None):
             base_threshold=threshold,
         )
     router.net.load_state_dict(state)
+    if (directory / REPLAY_FILE).exists():
+        router.replay = _read_replay(directory / REPLAY_FILE, owner, len(classes), expected)
     return router
+
+
+def _read_replay(path: Path, owner: str, num_classes: int, shapes: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The replay sample of ``path``, checked against the net's input width and class count."""
+    tensors = read_safetensors(path, owner)
+    vectors, labels = tensors.get("vectors"), tensors.get("labels")
+    width = shapes["norm.weight"][0]
+    if (
+        set(tensors) != {"vectors", "labels"}
+        or vectors.dtype != torch.float32
+        or vectors.dim() != 2
+        or vectors.shape[1] != width
+        or labels.dtype != torch.int64
+        or labels.shape != (vectors.shape[0],)
+        or not torch.isfinite(vectors).all()
+        or (labels.numel() and not (0 <= int(labels.min()) and int(labels.max()) < num_classes))
+    ):
+        raise ValueError(
+            f"{owner}: {str(path)!r} is not a replay sample of this router (want 'vectors' [N, {width}] "
+            f"float32 and 'labels' [N] int64 class ids below {num_classes}); delete it to load the router "
+            "without one"
+        )
+    return vectors, labels
 
 
 def _parse_config(config: dict, path: Path) -> tuple[list[str], dict, float, dict, dict, dict]:

@@ -23,6 +23,7 @@ from ..defaults import (
 )
 from .features import featurize, pooled_hidden_states
 from .net import BASE_THRESHOLD, GENERAL, check_number, check_texts, one_thread, resolve_adapters
+from .update import replay_sample
 
 __all__ = ["train_router", "format_report", "format_warnings", "general_prompts", "GENERAL_PROMPTS"]
 
@@ -221,6 +222,7 @@ def train_router(
         )
         held_loss, held_acc, predicted = _evaluate(router.net, take(held_rows), labels[held_rows])
         served = _served(router, take(held_rows), labels[held_rows])
+        router.replay = replay_sample(router.net, take, labels, train_rows, seed)  # for add_task
 
     router.report = _report(
         names,
