@@ -157,7 +157,7 @@ def test_an_adapter_loaded_with_examples_is_routed_to_during_load(server, setup,
     routes = [_routed(acme, t)[0] for t in zh]
     assert routes.count("zh=1.0") >= 4, routes
     header, choice = _routed(acme, zh[0], MAX_TOKENS)
-    assert header == "zh=1.0"
+    assert "zh" in dict(route_of_header(header)), header  # zh alone, or a mix with it
     assert_matches(
         list(choice.token_ids),
         list(choice.logprobs.token_logprobs),
