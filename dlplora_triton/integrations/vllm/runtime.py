@@ -13,8 +13,8 @@ import logging
 import os
 from http import HTTPStatus
 
+from dlplora_triton.integrations.vllm.asgi import LOAD_ROUTE, RequestError
 from dlplora_triton.integrations.vllm.mixes import ADAPTER_NAME
-from dlplora_triton.integrations.vllm.server import LOAD_ROUTE, RequestError
 
 __all__ = ["load_adapter", "resolve_path", "runtime_updates", "serve_change", "unload_adapter"]
 

@@ -44,6 +44,13 @@ import os
 from dataclasses import dataclass, field
 from http import HTTPStatus
 
+from dlplora_triton.integrations.vllm.asgi import (
+    LOAD_ROUTE,
+    TENANT_SCOPE_KEY,
+    UNLOAD_ROUTE,
+    RequestError,
+    send_error,
+)
 from dlplora_triton.integrations.vllm.mixes import (
     ADAPTER_NAME,
     MIX_ARG,
@@ -61,40 +68,12 @@ logger = logging.getLogger(__name__)
 ADAPTER_DIR_ENV = "DLPLORA_VLLM_ADAPTER_DIR"
 MIX_HEADER = "x-dlplora-mix"  # the response header naming the mix served (adapter=weight,...)
 SERVED_ROUTES = ("/v1/completions", "/v1/chat/completions")  # where mix names (and auto) are served
-LOAD_ROUTE, UNLOAD_ROUTE = "/v1/load_lora_adapter", "/v1/unload_lora_adapter"  # vLLM's runtime endpoints
-TENANT_SCOPE_KEY = "dlplora.tenant"  # the request's tenant, set by the guard (ASGI servers set no such key)
 MAX_BODY = 64 * 1024 * 1024
 RESERVED_ARGS = (MIX_ARG, MIX_SIGNATURE_ARG)  # extra_args only the server writes
 NAME_FIELDS = ("model", "lora_name")  # fields that name a model or adapter on vLLM's endpoints
 
 # The mix anchors lent to the request being handled: {model name: LoRARequest}, per asyncio task.
 _LENT: contextvars.ContextVar[dict | None] = contextvars.ContextVar("dlplora_lent", default=None)
-
-
-class RequestError(Exception):
-    """A request the server refuses: an HTTP status and a message naming the problem."""
-
-    def __init__(self, status: HTTPStatus, message: str, param: str | None = "model"):
-        super().__init__(message)
-        self.status, self.message, self.param = status, message, param
-
-    def body(self) -> bytes:
-        kind = {
-            400: "BadRequestError",
-            401: "AuthenticationError",
-            403: "PermissionDeniedError",
-            404: "NotFoundError",
-            413: "RequestTooLargeError",
-        }.get(int(self.status), "InvalidUserInput")
-        error = {"message": self.message, "type": kind, "param": self.param, "code": int(self.status)}
-        return json.dumps({"error": error}).encode()
-
-
-async def send_error(send, error: RequestError) -> None:
-    body = error.body()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    await send({"type": "http.response.start", "status": int(error.status), "headers": headers})
-    await send({"type": "http.response.body", "body": body})
 
 
 async def read_body(receive) -> bytes:

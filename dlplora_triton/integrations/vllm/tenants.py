@@ -96,7 +96,7 @@ class Tenants:
 async def admit(tenants: Tenants, scope, path: str, send) -> bool:
     """Whether the request may go on (its tenant recorded in the scope), else the 401
     (no tenant's key) or 403 (a path this tenant may not call) is sent. Reads only the headers."""
-    from dlplora_triton.integrations.vllm.server import TENANT_SCOPE_KEY, RequestError, send_error
+    from dlplora_triton.integrations.vllm.asgi import TENANT_SCOPE_KEY, RequestError, send_error
 
     if scope["type"] not in ("http", "websocket") or scope.get("method") == "OPTIONS":
         return True
