@@ -241,7 +241,7 @@ class Adapters:
         request = self.registered(name) if visible is None or visible(name) else None
         if request is not None:
             return request
-        if not self.can_load(name) or (visible is not None and not visible(name)):
+        if (visible is not None and not visible(name)) or not self.can_load(name):  # no stat for theirs
             listed = self.loaded_names(20, visible)
             where = (
                 " or in the adapter directory"
