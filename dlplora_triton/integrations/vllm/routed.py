@@ -287,12 +287,12 @@ class RoutingMiddleware(MixMiddleware):
 
         ``routing``: ``{"texts": [...]}`` or ``{"file": "<path in the adapter directory>.jsonl"}``, with
         ``"task"`` (the router's class, default ``name``) and ``"method"`` (``Router.add_task``'s). No
-        ``routing``: a class ``name`` the router has already (a task it learnt, or an adapter unloaded
-        earlier) is routed to ``name`` again, with no training; else routing is unchanged."""
+        ``routing``: a background class ``name`` of the router (a task it learnt without an adapter, or an
+        adapter unloaded earlier) is routed to ``name``, with no training; else routing is unchanged."""
         state = self.state
         if routing is None:
-            if name not in state.router.classes or name in state.names:
-                return None
+            if name not in state.router.classes or state.router.adapter_of[name] in state.names:
+                return None  # no such class, or it is served (by this adapter or another): unchanged
             mapping = {c: (a if a in state.names else None) for c, a in state.router.adapter_of.items()}
             mapping[name] = name
             router = state.router.with_adapters(mapping)
