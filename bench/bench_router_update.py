@@ -6,8 +6,9 @@
 For each task T of ``--tasks`` (default es, zh, shell: each has a near neighbour among the others, fr,
 ja, code), a router is trained on the first ``--train`` lines of dlplora_triton/data/router_texts.jsonl
 less every text of T (8 tasks, each its own adapter, plus the package's general prompts as
-background), then T is added from its first ``--added`` texts by ``add_task`` with each method (``row``:
-T's output row alone; ``head``: the whole MLP, the feature table frozen). The reference retrains from
+background), then T is added from its first ``--added`` texts by ``add_task`` with each method
+(``full``: the whole net, on a copy of the feature table; ``head``: the MLP, the table frozen; ``row``:
+T's output row alone). The reference retrains from
 scratch on the same texts (the 8 tasks' and T's ``--added``). Measured on the lines after ``--train``,
 never trained on: the fraction of T's texts served by T's adapter (not the base model), of the other
 8 tasks' texts served by their own adapter, and of the general prompts of
@@ -31,7 +32,7 @@ from dlplora_triton.routing import Router, read_labelled_jsonl
 HERE = Path(__file__).resolve().parent
 DATA = HERE.parent / "dlplora_triton" / "data" / "router_texts.jsonl"
 GENERAL_DEV = HERE / "data" / "general_prompts_dev.jsonl"
-METHODS = ("row", "head")
+METHODS = ("full", "head", "row")
 
 
 def served(router: Router, texts: list[str], tasks: list[str]) -> dict:

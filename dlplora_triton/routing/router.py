@@ -62,9 +62,9 @@ class Router:
         self.mlp_config = dict(mlp)
         self.report = report or {}
         self._encoder = encoder  # (model, tokenizer) for features="model"
-        # (vectors [N, width], class ids [N]): a sample of the training texts as the MLP reads them,
-        # which add_task replays (routing/update.py); None for a router saved without one
-        self.replay: tuple[torch.Tensor, torch.Tensor] | None = None
+        # {"indices", "offsets" | "vectors", "labels"}: a sample of the training texts as the net's
+        # inputs, which add_task replays (routing/update.py); None for a router saved without one
+        self.replay: dict | None = None
         if net is None:
             net = RouterNet(
                 len(self.classes), list(mlp["hidden"]), mlp["dropout"], **net_inputs(self.features)
@@ -125,7 +125,7 @@ class Router:
     def add_task(self, name: str, texts: Sequence[str], adapter: str | None = "", **options) -> Router:
         """A new router that also routes task ``name``, learnt from example ``texts`` in seconds, to
         ``adapter`` (default: the adapter named ``name``; None: the base model); this one is unchanged.
-        Options (``method="row"`` or ``"head"``, ``seed``, ...) and what it fits:
+        Options (``method="full"``, ``"head"`` or ``"row"``, ``seed``, ...) and what it fits:
         :func:`dlplora_triton.routing.update.add_task`; accuracy against retraining: docs/routing.md."""
         return _update.add_task(self, name, texts, adapter, **options)
 

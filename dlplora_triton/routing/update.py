@@ -2,21 +2,22 @@
 (:func:`without_adapter`), with no retraining from scratch and no access to the original texts.
 
 A router keeps a *replay sample* (``Router.replay``): up to :data:`REPLAY_PER_CLASS` of its training
-texts per class, as the vectors its MLP reads (the mean of a text's hashed-feature rows, or the pooled
-hidden states), never as text. :func:`add_task` adds one output row for the new task (or retrains the
-row of a class the router already has) and fits it, the feature table and hidden layers frozen, on the
-new texts against the replay sample (``method="row"``), or fits the whole MLP (``"head"``, the
-default; the table still frozen). The replay sample is saved beside the router (:data:`REPLAY_FILE`; a router saved without one
-cannot be extended: retrain it). Measured against retraining from scratch in docs/routing.md
-("Adding a task"), with ``bench/bench_router_update.py``.
+texts per class, as the net's inputs (the bucket ids of a text's hashed n-grams, or its pooled hidden
+states), never as text. :func:`add_task` adds one output row for the new task (or refits the row of a
+class the router already has) and fits, on the new texts and the replay sample, the whole net on a copy
+of the feature table (``method="full"``, the default), the MLP alone (``"head"``, the table frozen and
+shared) or the new row alone (``"row"``). The replay sample is saved beside the router
+(:data:`REPLAY_FILE`; a router saved without one cannot be extended: retrain it). Measured against
+retraining from scratch in docs/routing.md ("Adding a task"), with ``bench/bench_router_update.py``.
 
 Every function returns a new :class:`~dlplora_triton.routing.Router` and leaves the one given as it was
-(the new one shares its feature table, which nothing here writes), so a server can build the new router
-beside the one it serves with and swap one reference.
+(nothing here writes its tensors), so a server can build the new router beside the one it serves with
+and swap one reference.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import time
@@ -26,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ..defaults import MIN_TEXTS_PER_TASK
-from .net import GENERAL, RouterNet, check_number, check_texts, one_thread
+from .net import GENERAL, RouterNet, check_number, check_texts, gather_bags, one_thread
 
 __all__ = [
     "METHODS",
@@ -42,8 +43,10 @@ __all__ = [
 ]
 
 REPLAY_FILE = "router_replay.safetensors"
-REPLAY_PER_CLASS = 256  # vectors kept per class: 10 classes x 256 x 16 floats = 160 kB for a hash router
-METHODS = ("row", "head")
+REPLAY_PER_CLASS = 256  # texts kept per class (their bucket ids: about 1 MB for 10 classes of sentences)
+METHODS = ("full", "head", "row")
+# Per method: (epochs, learning rate), from bench/bench_router_update.py (docs/routing.md, "Adding a task")
+DEFAULTS = {"full": (5, 3e-3), "head": (20, 5e-3), "row": (1000, 0.05)}
 MIN_ADDED_TEXTS = 20  # fewer: refused (the row would fit a handful of sentences); under 50: a warning
 MAX_ADDED_TEXTS = 20_000
 MAX_EXAMPLES_BYTES = 64 * 1024 * 1024
@@ -84,18 +87,39 @@ def text_vectors(net: RouterNet, inputs: tuple[torch.Tensor, ...]) -> torch.Tens
         return (net.embedding(*inputs) if net.embedding is not None else inputs[0]).float()
 
 
-def replay_sample(
-    net: RouterNet, take, labels: torch.Tensor, rows: torch.Tensor, seed: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(vectors [N, width], labels [N])``: up to :data:`REPLAY_PER_CLASS` of the texts ``rows`` per class
-    (drawn with ``seed``), as :func:`text_vectors` of the trained ``net``."""
+def _select(inputs: tuple, rows: torch.Tensor) -> tuple:
+    """The net's inputs of the texts ``rows`` of a batch's inputs (bags, or vectors)."""
+    return gather_bags(*inputs, rows) if len(inputs) == 2 else (inputs[0][rows],)
+
+
+def _concat(first: tuple, second: tuple) -> tuple:
+    """The net's inputs of two batches' texts, one after the other."""
+    if len(first) == 2:
+        return torch.cat([first[0], second[0]]), torch.cat([first[1], second[1] + first[0].numel()])
+    return (torch.cat([first[0], second[0]]),)
+
+
+def replay_inputs(replay: dict) -> tuple:
+    """The net's inputs of a replay sample (``(indices, offsets)`` or ``(vectors,)``)."""
+    return (replay["indices"], replay["offsets"]) if "indices" in replay else (replay["vectors"],)
+
+
+def _as_replay(inputs: tuple, labels: torch.Tensor) -> dict:
+    if len(inputs) == 2:
+        return {"indices": inputs[0].contiguous(), "offsets": inputs[1].contiguous(), "labels": labels}
+    return {"vectors": inputs[0].float().contiguous(), "labels": labels}
+
+
+def replay_sample(take, labels: torch.Tensor, rows: torch.Tensor, seed: int) -> dict:
+    """Up to :data:`REPLAY_PER_CLASS` of the texts ``rows`` per class (drawn with ``seed``), as the net's
+    inputs (``take(rows)``): ``{"indices", "offsets", "labels"}`` or ``{"vectors", "labels"}``."""
     gen = torch.Generator().manual_seed(seed)
     kept = []
     for c in torch.unique(labels[rows]).tolist():
         members = rows[labels[rows] == c]
         kept.append(members[torch.randperm(len(members), generator=gen)[:REPLAY_PER_CLASS]])
     chosen = torch.sort(torch.cat(kept)).values if kept else rows[:0]
-    return text_vectors(net, take(chosen)).contiguous(), labels[chosen].clone()
+    return _as_replay(take(chosen), labels[chosen].clone())
 
 
 def _body(net: RouterNet, vectors: torch.Tensor) -> torch.Tensor:
@@ -156,6 +180,22 @@ def _fit_row(net, row, vectors, labels, weight, epochs, lr, label_smoothing):
     return loss.item()
 
 
+def _fit_full(net, inputs, labels, weight, epochs, lr, label_smoothing, gen, batch_size=128):
+    """Fit every weight of ``net`` (its feature table a copy) on the texts' inputs (AdamW minibatches)."""
+    optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4, fused=True)
+    net.train()
+    loss = torch.zeros(())
+    for _ in range(epochs):
+        for rows in torch.split(torch.randperm(len(labels), generator=gen), batch_size):
+            logits = net(*_select(inputs, rows))
+            loss = F.cross_entropy(logits, labels[rows], weight=weight, label_smoothing=label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    net.eval()
+    return loss.item()
+
+
 def _fit_head(net, vectors, labels, weight, epochs, lr, label_smoothing, gen, batch_size=128):
     """Fit the norm, hidden and output layers (AdamW minibatches); the feature table stays frozen."""
     params = [p for name, p in net.named_parameters() if not name.startswith("embedding.")]
@@ -179,7 +219,7 @@ def add_task(
     texts: Sequence[str],
     adapter: str | None = "",
     *,
-    method: str = "head",
+    method: str = "full",
     epochs: int | None = None,
     lr: float | None = None,
     label_smoothing: float = 0.1,
@@ -190,9 +230,11 @@ def add_task(
     ``adapter``: the adapter serving the task (default ``""``: the adapter of the same name; ``None``: a
     background task, served by the base model). ``name`` may be a class the router has already (a task it
     was trained on, background or not): its row is fitted again on ``texts`` and it maps to ``adapter``.
-    ``method``: ``"head"`` (default) fits the whole MLP on the replay sample and the texts (the feature
-    table frozen); ``"row"`` fits the task's output row alone, the rest of the net frozen: the other
-    classes' logits do not change, so old texts route as before unless the new row outscores them.
+    ``method``: ``"full"`` (default) fits the whole net, on a copy of its feature table (16 MB at the
+    defaults), on the replay sample and the texts; ``"head"`` the MLP alone (the table frozen and
+    shared); ``"row"`` the task's output row alone: the other classes' logits do not change, so old
+    texts route as before unless the new row outscores them. ``epochs`` and ``lr``: per method,
+    :data:`DEFAULTS`.
     ``texts``: at least :data:`MIN_ADDED_TEXTS` (20; under 50 the report warns), at most
     :data:`MAX_ADDED_TEXTS`. The same router, texts and seed give the same new router, bit for bit.
     ``router.report["updates"]`` gains one entry (task, adapter, method, texts, seconds, warnings).
@@ -216,9 +258,8 @@ def add_task(
         raise ValueError(
             f"adding task {name!r} takes {MIN_ADDED_TEXTS} to {MAX_ADDED_TEXTS} example texts, got {len(texts)}"
         )
-    # Defaults from bench/bench_router_update.py (docs/routing.md, "Adding a task")
-    epochs = epochs if epochs is not None else (1000 if method == "row" else 20)
-    lr = lr if lr is not None else (0.05 if method == "row" else 5e-3)
+    epochs = epochs if epochs is not None else DEFAULTS[method][0]
+    lr = lr if lr is not None else DEFAULTS[method][1]
     check_number("epochs", epochs, 1, 100_000, integer=True)
     check_number("lr", lr, 0, 1, low_open=True)
     check_number("label_smoothing", label_smoothing, 0, 1, high_open=True)
@@ -229,26 +270,34 @@ def add_task(
         classes.append(name)
     mapping = {c: router.adapter_of[c] for c in router.classes}
     mapping[name] = adapter
-    old_vectors, old_labels = router.replay
+    old_labels = router.replay["labels"]
     with one_thread(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         gen = torch.Generator().manual_seed(seed)
-        new_vectors = text_vectors(router.net, router._inputs(texts))
-        kept = old_labels != row  # a class fitted again: its old replay gives way to the new texts
-        vectors = torch.cat([old_vectors[kept], new_vectors])
-        labels = torch.cat([old_labels[kept], torch.full((len(texts),), row, dtype=torch.int64)])
+        new_inputs = router._inputs(texts)
+        # a class fitted again: its old replay gives way to the new texts
+        kept = _select(replay_inputs(router.replay), (old_labels != row).nonzero().flatten())
+        inputs = _concat(kept, new_inputs)
+        new_label = torch.full((len(texts),), row, dtype=torch.int64)
+        labels = torch.cat([old_labels[old_labels != row], new_label])
         net = _grown_net(router.net, len(classes), router.mlp_config["hidden"], router.mlp_config["dropout"])
         weight = _class_weights(labels, len(classes))
-        if method == "row":
-            loss = _fit_row(net, row, vectors, labels, weight, epochs, lr, label_smoothing)
-        else:
+        if method == "full":
+            if net.embedding is not None:  # trained here: the serving router's table stays as it is
+                net.embedding = copy.deepcopy(net.embedding)
+            loss = _fit_full(net, inputs, labels, weight, epochs, lr, label_smoothing, gen)
+        elif method == "head":
+            vectors = text_vectors(router.net, inputs)
             loss = _fit_head(net, vectors, labels, weight, epochs, lr, label_smoothing, gen)
+        else:
+            vectors = text_vectors(router.net, inputs)
+            loss = _fit_row(net, row, vectors, labels, weight, epochs, lr, label_smoothing)
         with torch.no_grad():
-            fitted = (net.mlp(net.norm(new_vectors)).argmax(dim=1) == row).float().mean().item()
+            fitted = (net(*new_inputs).argmax(dim=1) == row).float().mean().item()
         own = torch.randperm(len(texts), generator=gen)[:REPLAY_PER_CLASS]
-        replay = (
-            torch.cat([old_vectors[kept], new_vectors[own]]).contiguous(),
-            torch.cat([old_labels[kept], torch.full((len(own),), row, dtype=torch.int64)]),
+        replay = _as_replay(
+            _concat(kept, _select(new_inputs, own)),
+            torch.cat([old_labels[old_labels != row], new_label[own]]),
         )
     warnings = []
     if len(texts) < MIN_TEXTS_PER_TASK:

@@ -49,9 +49,15 @@ def _served(router, texts, adapter):
     return sum((route[0][0] if route else None) == adapter for route in routes) / len(texts)
 
 
-def test_training_keeps_a_replay_sample_of_each_class(router):
-    vectors, labels = router.replay
-    assert vectors.shape == (len(labels), router.features["embed_dim"]) and vectors.dtype == torch.float32
+def test_training_keeps_a_replay_sample_of_each_class(router, data):
+    replay = router.replay
+    labels = replay["labels"]
+    assert set(replay) == {"indices", "offsets", "labels"} and replay["offsets"].shape == labels.shape
+    from dlplora_triton.routing.features import featurize
+
+    first = data[router.classes[int(labels[0])]] if router.classes[int(labels[0])] in data else None
+    bag = replay["indices"][: int(replay["offsets"][1])]  # the first text's bucket ids
+    assert first is None or any(torch.equal(bag, featurize([t], router.features)[0]) for t in first[:200])
     counts = torch.bincount(labels, minlength=len(router.classes)).tolist()
     assert all(0 < n <= REPLAY_PER_CLASS for n in counts), counts
 
@@ -60,26 +66,26 @@ def test_an_added_task_is_routed_and_the_old_ones_still_are(router, grown, data)
     unseen = data["zh"][300:360]
     assert _served(router, unseen, "zh") == 0  # not a task of the router: never routed there
     assert grown.names == sorted([*OLD, "zh"]) and grown.classes[-1] == "zh"
-    assert _served(grown, unseen, "zh") >= 0.9
-    for task in OLD:
+    # 0.9 and up at full size (docs/routing.md); this router of 16k buckets learnt zh from 100 texts
+    assert _served(grown, unseen, "zh") >= 0.6
+    for task in OLD:  # ja, which shares its kanji with zh, included
         texts = data[task][400:440]
-        # ja shares its kanji with zh, and the frozen feature table cannot tell them apart as well as
-        # retraining would: this small router loses a fifth of ja (docs/routing.md, "Adding a task")
-        margin = 0.25 if task == "ja" else 0.05
-        assert _served(grown, texts, task) >= _served(router, texts, task) - margin, task
+        assert _served(grown, texts, task) >= _served(router, texts, task) - 0.05, task
     entry = grown.report["updates"][-1]
-    assert (entry["task"], entry["adapter"], entry["method"], entry["texts"]) == ("zh", "zh", "head", 100)
-    assert entry["own_texts_top"] >= 0.9 and entry["seconds"] > 0
+    assert (entry["task"], entry["adapter"], entry["method"], entry["texts"]) == ("zh", "zh", "full", 100)
+    assert entry["own_texts_top"] >= 0.8 and entry["seconds"] > 0
 
 
 def test_adding_leaves_the_router_given_as_it_was(router, data):
     before = {k: v.clone() for k, v in router.net.state_dict().items()}
-    classes, replay = list(router.classes), router.replay[0].clone()
-    first = router.add_task("zh", data["zh"][:40], seed=3, epochs=3)
-    again = router.add_task("zh", data["zh"][:40], seed=3, epochs=3)
-    assert router.classes == classes and torch.equal(router.replay[0], replay)
-    assert all(torch.equal(v, router.net.state_dict()[k]) for k, v in before.items())
-    assert first.net.embedding is router.net.embedding  # shared, not copied
+    classes, replay = list(router.classes), router.replay["indices"].clone()
+    first = router.add_task("zh", data["zh"][:40], seed=3, epochs=2)
+    again = router.add_task("zh", data["zh"][:40], seed=3, epochs=2)
+    assert router.classes == classes and torch.equal(router.replay["indices"], replay)
+    assert all(torch.equal(v, router.net.state_dict()[k]) for k, v in before.items())  # its table too
+    assert (
+        router.add_task("zh", data["zh"][:40], method="head", epochs=1).net.embedding is router.net.embedding
+    )
     for key, value in first.net.state_dict().items():  # bit for bit from the same inputs and seed
         assert torch.equal(value, again.net.state_dict()[key]), key
 
@@ -99,13 +105,13 @@ def test_a_known_class_is_fitted_again_and_mapped(grown, data):
     assert again.classes == router.classes and again.adapter_of["zh"] == "chinese"
     assert _served(again, data["zh"][300:340], "chinese") >= 0.8
     row = router.classes.index("zh")
-    assert int((again.replay[1] == row).sum()) == 60  # its old replay gave way to the new texts
+    assert int((again.replay["labels"] == row).sum()) == 60  # its old replay gave way to the new texts
 
 
 def test_without_adapter_sends_its_texts_to_the_base_model(grown, data):
     less = grown.without_adapter("zh")
     assert less.names == OLD and "zh" in less.background and less.net is grown.net
-    assert _served(less, data["zh"][300:340], None) >= 0.9
+    assert _served(less, data["zh"][300:340], None) >= 0.75  # the rest: its neighbour ja
     with pytest.raises(KeyError, match="does not route to 'nosuch'"):
         grown.without_adapter("nosuch")
     two = Router.train(["a b c"] * 3 + ["x y z"] * 3, ["a"] * 3 + ["b"] * 3, adapters=["a"], **SMALL)
@@ -115,7 +121,7 @@ def test_without_adapter_sends_its_texts_to_the_base_model(grown, data):
 def test_the_replay_sample_is_saved_and_a_loaded_router_grows_the_same(router, grown, data, tmp_path):
     router.save(tmp_path / "r")
     loaded = Router.load(tmp_path / "r")
-    assert all(torch.equal(a, b) for a, b in zip(loaded.replay, router.replay))
+    assert all(torch.equal(loaded.replay[k], router.replay[k]) for k in router.replay)
     again = loaded.add_task("zh", data["zh"][:100])
     texts = data["zh"][300:310] + data["fr"][400:410]
     assert torch.equal(again.predict_proba(texts), grown.predict_proba(texts))
@@ -147,6 +153,11 @@ def test_errors_name_the_problem(router, grown, data, tmp_path):
     from safetensors.torch import save_file
 
     save_file({"vectors": torch.zeros(3, 5), "labels": torch.zeros(3, dtype=torch.int64)}, str(replay))
+    with pytest.raises(ValueError, match="is not a replay sample of this router"):
+        Router.load(tmp_path / "r")
+    bad = {k: v.clone() for k, v in grown.replay.items()}
+    bad["indices"][0] = grown.features["num_buckets"]  # a bucket the table does not have
+    save_file(bad, str(replay))
     with pytest.raises(ValueError, match="is not a replay sample of this router"):
         Router.load(tmp_path / "r")
     replay.write_bytes(b"")

@@ -307,7 +307,7 @@ class RoutingMiddleware(MixMiddleware):
                     "routing",
                 )
             task = routing.get("task", name)
-            method = routing.get("method", "head")
+            method = routing.get("method", "full")
             from dlplora_triton.routing.update import METHODS
 
             if not isinstance(task, str) or not ADAPTER_NAME.fullmatch(task):
