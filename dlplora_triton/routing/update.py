@@ -30,6 +30,7 @@ from ..defaults import MIN_TEXTS_PER_TASK
 from .net import GENERAL, RouterNet, check_number, check_texts, gather_bags, one_thread
 
 __all__ = [
+    "DEFAULTS",
     "METHODS",
     "MAX_ADDED_TEXTS",
     "MIN_ADDED_TEXTS",
@@ -37,6 +38,7 @@ __all__ = [
     "REPLAY_PER_CLASS",
     "add_task",
     "read_examples",
+    "replay_inputs",
     "replay_sample",
     "text_vectors",
     "without_adapter",
@@ -132,7 +134,8 @@ def _body(net: RouterNet, vectors: torch.Tensor) -> torch.Tensor:
 
 def _grown_net(net: RouterNet, num_classes: int, hidden: list[int], dropout: float) -> RouterNet:
     """A net with ``num_classes`` outputs (at least the old count): the old norm, hidden layers and output
-    rows copied, new rows zero, and the old feature table shared (not copied: nothing writes it)."""
+    rows copied, new rows zero, and the old feature table shared (``"full"`` replaces it with a copy
+    before fitting; the other methods only read it)."""
     width = net.norm.normalized_shape[0]
     grown = RouterNet(num_classes, hidden, dropout, input_dim=width)
     old, new = net.state_dict(), grown.state_dict()
