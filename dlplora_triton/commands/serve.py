@@ -1,6 +1,7 @@
 """``dlplora serve``: vLLM's OpenAI server with routed adapter mixes and the model name ``auto``.
 
-    dlplora serve --adapters DIR --router DIR [--p 0.8] [--top-k 3] [--auto-name auto] [vLLM server arguments...]
+    dlplora serve --adapters DIR --router DIR [--p 0.8] [--top-k 3] [--auto-name auto]
+                  [--tenants FILE] [--save-router DIR] [vLLM server arguments...]
 
 This module parses the command's own options and checks ``--p`` / ``--top-k``; the arguments it does not
 know go to vLLM's server. Everything vLLM-specific (the adapter and router checks, vLLM's command line,
@@ -51,6 +52,20 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         "--auto-name",
         default=AUTO_NAME,
         help=f"the model name that asks for routing (default {AUTO_NAME})",
+    )
+    parser.add_argument(
+        "--tenants",
+        default=None,
+        metavar="FILE",
+        help="JSON file of API keys, each with the adapters its requests may reach (docs/vllm.md, "
+        "'Tenants'); replaces vLLM's --api-key",
+    )
+    parser.add_argument(
+        "--save-router",
+        default=None,
+        metavar="DIR",
+        help="save the router here after each runtime change (adapters loaded or unloaded with "
+        "VLLM_ALLOW_RUNTIME_LORA_UPDATING); start again with --router DIR to keep them",
     )
     return parser
 

@@ -21,7 +21,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser = parser or argparse.ArgumentParser(prog="dlplora train-router", description=DESCRIPTION)
     parser.add_argument(
         "--data",
-        required=True,
+        default=None,
         help='JSONL file, one {"text": "...", "task": "..."} per line; at least '
         f"{MIN_TEXTS_PER_TASK} texts per task",
     )
@@ -29,6 +29,22 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         "--out",
         required=True,
         help="folder to save the router in (created if missing; checked before training)",
+    )
+    parser.add_argument(
+        "--router",
+        default=None,
+        metavar="DIR",
+        help="with --add: the saved router to extend (instead of training one on --data)",
+    )
+    parser.add_argument(
+        "--add",
+        action="append",
+        default=None,
+        metavar="TASK=FILE",
+        help="add task TASK, served by the adapter of that name, to --router from the texts of FILE "
+        '(JSONL, {"text": ...} per line; lines of other tasks skipped) in seconds, without retraining '
+        "(Router.add_task; repeat for several tasks). What a server does when an adapter is loaded at "
+        "runtime with examples",
     )
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument(
@@ -72,11 +88,47 @@ def _split_names(value: str, flag: str) -> list[str]:
     return names
 
 
+def _add(args: argparse.Namespace, out) -> int:
+    """``--router DIR --add TASK=FILE ...``: the saved router with the tasks added, saved to ``out``."""
+    from ..routing import Router
+    from ..routing.update import read_examples
+
+    if args.router is None or args.data is not None:
+        raise ValueError("--add extends a saved router: give --router DIR (and no --data)")
+    additions = []
+    for item in args.add:
+        task, sep, path = item.partition("=")
+        if not sep or not task.strip() or not path.strip():
+            raise ValueError(f"--add takes TASK=FILE, got {item!r}")
+        additions.append((task.strip(), path.strip()))
+    router = Router.load(args.router)
+    for task, path in additions:
+        texts = read_examples(path, task, f"--add {task}={path}")
+        router = router.add_task(task, texts, seed=args.seed)
+        entry = router.report["updates"][-1]
+        print(
+            f"added {task!r} from {entry['texts']} texts in {entry['seconds']:.2f} s ({entry['method']}; "
+            f"{entry['own_texts_top']:.1%} of them score it highest)"
+        )
+        for warning in entry["warnings"]:
+            import sys
+
+            print(f"dlplora train-router: warning: {warning}", file=sys.stderr)
+    print(f"saved to {router.save(out)}/; it routes to the adapters {router.names}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from ..readers import check_output_dir
     from ..routing import Router, read_labelled_jsonl
 
     out = check_output_dir(args.out, "--out")  # before the data is read or anything trains
+    if args.add:
+        return _add(args, out)
+    if args.data is None:
+        raise ValueError("give --data (labelled texts to train on), or --router DIR --add TASK=FILE")
+    if args.router is not None:
+        raise ValueError("--router is read with --add only (to extend a saved router)")
     texts, tasks = read_labelled_jsonl(args.data, int_labels=False, owner="--data")
     known = sorted(set(tasks))
     if args.tasks is not None:

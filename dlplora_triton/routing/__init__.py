@@ -9,10 +9,13 @@
 - :mod:`.train`: :func:`train_router` (what ``Router.train`` runs), :func:`format_report` and
   :func:`general_prompts` (the default background texts);
 - :mod:`.files`: the saved router's folder (``save_router`` / ``load_router``, what ``Router.save`` /
-  ``Router.load`` run), :data:`FORMAT_VERSION`, :data:`CONFIG_FILE`, :data:`WEIGHTS_FILE`.
+  ``Router.load`` run), :data:`FORMAT_VERSION`, :data:`CONFIG_FILE`, :data:`WEIGHTS_FILE`;
+- :mod:`.update`: ``add_task`` / ``without_adapter`` (what ``Router.add_task`` / ``Router.without_adapter``
+  run): a task added in seconds against the router's replay sample.
 
-Imports point one way: ``router`` imports ``train``, ``files`` and ``net``; ``train`` and ``files``
-import ``net``; ``net`` imports none of them.
+Imports point one way: ``router`` imports ``train``, ``files``, ``update`` and ``net``; ``train`` and
+``files`` import ``update`` (the replay sample) and ``net``; ``update`` imports ``net``; ``net`` imports
+none of them.
 """
 
 from ..readers import read_labelled_jsonl

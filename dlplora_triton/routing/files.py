@@ -3,6 +3,10 @@
     router_config.json    {"format": "dlplora-router", "format_version": 2, "names", "classes",
                           "adapter_of", "base_threshold", "features", "mlp", "report"}
     router.safetensors    the :class:`~.net.RouterNet` state_dict (float32)
+    router_replay.safetensors  optional: the replay sample ``Router.add_task`` fits against: "labels"
+                          [N] int64 class ids, and the texts' bucket ids ("indices" [F] int32,
+                          "offsets" [N] int64) or their vectors ("vectors" [N, width] float32);
+                          older readers ignore it, and a router without it loads with ``replay`` None
 
 :meth:`Router.save <dlplora_triton.routing.Router.save>` and :meth:`Router.load
 <dlplora_triton.routing.Router.load>` run :func:`save_router` and :func:`load_router`. Reading checks
@@ -21,6 +25,7 @@ import torch
 
 from ..readers import read_json_object, read_safetensors
 from .net import BASE_THRESHOLD, GENERAL, RouterNet, net_inputs
+from .update import REPLAY_FILE
 
 __all__ = ["FORMAT_VERSION", "CONFIG_FILE", "WEIGHTS_FILE", "save_router", "load_router"]
 
@@ -58,6 +63,17 @@ def save_router(router, directory: str | os.PathLike) -> Path:
         metadata={"format": _FORMAT_NAME},
     )
     os.replace(tmp, directory / WEIGHTS_FILE)
+    replay = getattr(router, "replay", None)
+    if replay is not None:
+        tmp = directory / (REPLAY_FILE + ".tmp")
+        tensors = {key: value.contiguous() for key, value in replay.items()}
+        indices = tensors.get("indices")
+        if indices is not None and (not indices.numel() or int(indices.max()) < 2**31):
+            tensors["indices"] = indices.to(torch.int32)  # half the bytes; read back as int64
+        save_file(tensors, str(tmp))
+        os.replace(tmp, directory / REPLAY_FILE)
+    elif (directory / REPLAY_FILE).exists():  # a previous router's sample would not match this one
+        (directory / REPLAY_FILE).unlink()
     tmp = directory / (CONFIG_FILE + ".tmp")
     tmp.write_text(json.dumps(config, indent=1, ensure_ascii=False), encoding="utf-8")
     os.replace(tmp, directory / CONFIG_FILE)
@@ -115,7 +131,43 @@ def load_router(cls, directory: str | os.PathLike, model=None, tokenizer=None):
             base_threshold=threshold,
         )
     router.net.load_state_dict(state)
+    if (directory / REPLAY_FILE).exists():
+        router.replay = _read_replay(directory / REPLAY_FILE, owner, len(classes), features, expected)
     return router
+
+
+def _read_replay(path: Path, owner: str, num_classes: int, features: dict, shapes: dict) -> dict:
+    """The replay sample of ``path``, checked against the router's inputs and class count."""
+    tensors = read_safetensors(path, owner)
+    labels = tensors.get("labels")
+    ok = isinstance(labels, torch.Tensor) and labels.dtype == torch.int64 and labels.dim() == 1
+    ok = ok and (not labels.numel() or (int(labels.min()) >= 0 and int(labels.max()) < num_classes))
+    if features["source"] == "hash":
+        want = "'indices' [F] int32 bucket ids, 'offsets' [N] int64"
+        indices, offsets = tensors.get("indices"), tensors.get("offsets")
+        ok = ok and set(tensors) == {"labels", "indices", "offsets"}
+        ok = ok and indices.dtype in (torch.int32, torch.int64) and indices.dim() == 1
+        ok = ok and offsets.dtype == torch.int64 and offsets.shape == labels.shape
+        ok = ok and (
+            not indices.numel() or (int(indices.min()) >= 0 and int(indices.max()) < features["num_buckets"])
+        )
+        ok = ok and (not offsets.numel() or (int(offsets[0]) == 0 and bool((offsets.diff() >= 0).all())))
+        ok = ok and (not offsets.numel() or int(offsets[-1]) <= indices.numel())
+        replay = {"indices": indices.long(), "offsets": offsets, "labels": labels} if ok else None
+    else:
+        width = shapes["norm.weight"][0]
+        want = f"'vectors' [N, {width}] float32"
+        vectors = tensors.get("vectors")
+        ok = ok and set(tensors) == {"labels", "vectors"} and vectors.dtype == torch.float32
+        ok = ok and vectors.dim() == 2 and vectors.shape == (labels.shape[0], width)
+        ok = ok and bool(torch.isfinite(vectors).all())
+        replay = {"vectors": vectors, "labels": labels} if ok else None
+    if replay is None:
+        raise ValueError(
+            f"{owner}: {str(path)!r} is not a replay sample of this router (want {want} and 'labels' [N] "
+            f"int64 class ids below {num_classes}); delete it to load the router without one"
+        )
+    return replay
 
 
 def _parse_config(config: dict, path: Path) -> tuple[list[str], dict, float, dict, dict, dict]:

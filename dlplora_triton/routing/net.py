@@ -33,6 +33,7 @@ __all__ = [
     "one_thread",
     "check_texts",
     "check_number",
+    "gather_bags",
 ]
 
 GENERAL = "_general"  # the class of the general prompts Router.train adds; always background
@@ -94,6 +95,18 @@ class RouterNet(nn.Module):
         ``indices[offsets[b]:offsets[b+1]]``), or ``(vectors [B, input_dim],)``."""
         x = self.embedding(*inputs) if self.embedding is not None else inputs[0]
         return self.mlp(self.norm(x))
+
+
+def gather_bags(
+    indices: torch.Tensor, offsets: torch.Tensor, rows: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The EmbeddingBag inputs ``(indices, offsets)`` of the texts ``rows`` of a batch of bags (a
+    vectorized slice gather)."""
+    lens = torch.diff(offsets, append=torch.tensor([indices.numel()]))[rows]
+    starts = offsets[rows]
+    new_offsets = torch.cumsum(lens, 0) - lens
+    flat = torch.repeat_interleave(starts - new_offsets, lens) + torch.arange(int(lens.sum()))
+    return indices[flat], new_offsets
 
 
 def net_inputs(features: dict) -> dict:

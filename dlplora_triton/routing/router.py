@@ -17,6 +17,7 @@ from torch import nn
 from ..defaults import BASE_THRESHOLD, DEFAULT_P
 from ..route_options import check_route_options
 from . import train as _train
+from . import update as _update
 from .features import featurize, pooled_hidden_states
 from .files import load_router, save_router
 from .net import RouterNet, check_number, check_texts, net_inputs, one_thread, resolve_adapters
@@ -61,6 +62,9 @@ class Router:
         self.mlp_config = dict(mlp)
         self.report = report or {}
         self._encoder = encoder  # (model, tokenizer) for features="model"
+        # {"indices", "offsets" | "vectors", "labels"}: a sample of the training texts as the net's
+        # inputs, which add_task replays (routing/update.py); None for a router saved without one
+        self.replay: dict | None = None
         if net is None:
             net = RouterNet(
                 len(self.classes), list(mlp["hidden"]), mlp["dropout"], **net_inputs(self.features)
@@ -105,7 +109,7 @@ class Router:
             ['_general', 'es', 'license', 'shell']
         """
         report = {k: v for k, v in self.report.items() if k != "served"}
-        return type(self)(
+        routed = type(self)(
             self.classes,
             self.features,
             self.mlp_config,
@@ -115,6 +119,19 @@ class Router:
             base_threshold=self.base_threshold if base_threshold is None else base_threshold,
             net=self.net,
         )
+        routed.replay = self.replay
+        return routed
+
+    def add_task(self, name: str, texts: Sequence[str], adapter: str | None = "", **options) -> Router:
+        """A new router that also routes task ``name``, learnt from example ``texts`` in seconds, to
+        ``adapter`` (default: the adapter named ``name``; None: the base model); this one is unchanged.
+        Options (``method="full"``, ``"head"`` or ``"row"``, ``seed``, ...) and what it fits:
+        :func:`dlplora_triton.routing.update.add_task`; accuracy against retraining: docs/routing.md."""
+        return _update.add_task(self, name, texts, adapter, **options)
+
+    def without_adapter(self, adapter: str) -> Router | None:
+        """The router with ``adapter``'s classes made background (None when it was the last adapter)."""
+        return _update.without_adapter(self, adapter)
 
     # ---- inference -------------------------------------------------------------------------------
 

@@ -26,7 +26,16 @@ from ..defaults import (
 )
 from .augment import short_crops as make_short_crops
 from .features import featurize, pooled_hidden_states
-from .net import BASE_THRESHOLD, GENERAL, check_number, check_texts, one_thread, resolve_adapters
+from .net import (
+    BASE_THRESHOLD,
+    GENERAL,
+    check_number,
+    check_texts,
+    gather_bags,
+    one_thread,
+    resolve_adapters,
+)
+from .update import replay_sample
 
 __all__ = ["train_router", "format_report", "format_warnings", "general_prompts", "GENERAL_PROMPTS"]
 
@@ -219,7 +228,7 @@ def train_router(
         if shape_ngrams is not None:
             config["shape_ngrams"] = list(shape_ngrams)
         indices, offsets = featurize(texts, config)
-        take = lambda rows: _gather(indices, offsets, rows)  # noqa: E731
+        take = lambda rows: gather_bags(indices, offsets, rows)  # noqa: E731
         encoder = None
     else:
         vectors = pooled_hidden_states(texts, model, tokenizer, max_length)  # frozen: computed once
@@ -258,6 +267,7 @@ def train_router(
         )
         held_loss, held_acc, predicted = _evaluate(router.net, take(held_rows), labels[held_rows])
         served = _served(router, take(held_rows), labels[held_rows])
+        router.replay = replay_sample(take, labels, train_rows, seed)  # for add_task
 
     router.report = _report(
         names,
@@ -294,17 +304,6 @@ def _stratified_split(
         held.append(members[:n_held])
         train.append(members[n_held:])
     return torch.sort(torch.cat(train)).values, torch.sort(torch.cat(held)).values
-
-
-def _gather(
-    indices: torch.Tensor, offsets: torch.Tensor, rows: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The EmbeddingBag inputs ``(indices, offsets)`` of the texts ``rows`` (a vectorized slice gather)."""
-    lens = torch.diff(offsets, append=torch.tensor([indices.numel()]))[rows]
-    starts = offsets[rows]
-    new_offsets = torch.cumsum(lens, 0) - lens
-    flat = torch.repeat_interleave(starts - new_offsets, lens) + torch.arange(int(lens.sum()))
-    return indices[flat], new_offsets
 
 
 @torch.no_grad()

@@ -201,3 +201,32 @@ def test_serve_puts_the_mix_key_in_vllms_environment(monkeypatch, router_dir):
     monkeypatch.setattr(os, "execve", lambda path, argv, env: seen.update(env=env))
     assert main(["serve", "--adapters", str(ADAPTERS), "--router", str(router_dir), "--model", "m"]) == 0
     assert len(seen["env"]["DLPLORA_MIX_KEY"]) == 64
+
+
+def test_tenants_and_save_router_reach_vllms_environment_and_never_the_command_line(
+    monkeypatch, router_dir, tmp_path, capsys
+):
+    import os
+
+    key = "tenant-key-0123456789"
+    tenants = tmp_path / "tenants.json"
+    tenants.write_text(json.dumps({"tenants": [{"name": "a", "key": key, "adapters": ["de"]}]}))
+    os.chmod(tenants, 0o600)
+    seen = {}
+    monkeypatch.delenv("VLLM_API_KEY", raising=False)
+    monkeypatch.setattr(os, "execve", lambda path, argv, env: seen.update(argv=argv, env=env))
+    base = ["serve", "--adapters", str(ADAPTERS), "--router", str(router_dir), "--model", "m"]
+    assert main([*base, "--tenants", str(tenants), "--save-router", str(tmp_path / "saved")]) == 0
+    assert seen["env"]["DLPLORA_TENANTS_FILE"] == str(tenants.resolve())
+    assert seen["env"]["DLPLORA_ROUTER_SAVE_DIR"] == str((tmp_path / "saved").resolve())
+    assert key not in " ".join(seen["argv"]) + capsys.readouterr().err
+    monkeypatch.setenv("DLPLORA_TENANTS_FILE", str(tenants))  # not inherited: only what --tenants says
+    assert main(base) == 0 and "DLPLORA_TENANTS_FILE" not in seen["env"]
+
+    code, err = _serve([*base[1:], "--tenants", str(tenants), "--api-key", "x"], capsys)
+    assert code == 2 and "--tenants replaces vLLM's --api-key" in err
+    tenants.write_text(json.dumps({"tenants": [{"name": "a", "key": "short", "adapters": ["de"]}]}))
+    code, err = _serve([*base[1:], "--tenants", str(tenants)], capsys)
+    assert code == 2 and "--tenants:" in err and "at least 16" in err and "short" not in err.split(":", 2)[2]
+    code, err = _serve([*base[1:], "--save-router", str(tenants)], capsys)
+    assert code == 2 and "--save-router" in err and "is a file" in err

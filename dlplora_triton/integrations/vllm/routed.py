@@ -19,21 +19,32 @@ request:
    ``dlplora_route_seconds`` wall time, ``dlplora_route_cpu_seconds`` CPU time) count the routes.
 
 Start-up (``dlplora serve``) passes the router directory and options in ``$DLPLORA_ROUTER_DIR``,
-``$DLPLORA_ROUTE_P``, ``$DLPLORA_ROUTE_TOP_K``.
+``$DLPLORA_ROUTE_P``, ``$DLPLORA_ROUTE_TOP_K``, and where to save the router after each change in
+``$DLPLORA_ROUTER_SAVE_DIR``.
+
+Adapters loaded and unloaded at runtime (``VLLM_ALLOW_RUNTIME_LORA_UPDATING``; docs/vllm.md, "Adapters
+added and removed at runtime") join and leave routing: a load's ``routing`` examples train the new
+adapter's class into a new router beside the one serving (``Router.add_task``, in a worker thread),
+which is swapped in, one reference, once vLLM has the adapter; an unload swaps in a router without it
+before vLLM drops it. A request reads the reference once (:class:`RoutingState`), so it is routed by the
+old router or the new one, whole; an adapter it was routed to is lent to its handler, so an unload
+landing between the route and vLLM's lookup does not fail it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import os
 import time
+from dataclasses import dataclass, field
 from http import HTTPStatus
 
 import torch
 
 from dlplora_triton.defaults import AUTO_NAME, DEFAULT_P
-from dlplora_triton.integrations.vllm.mixes import canonical_mix_name
+from dlplora_triton.integrations.vllm.mixes import ADAPTER_NAME, canonical_mix_name
 from dlplora_triton.integrations.vllm.server import MixMiddleware, Prepared, RequestError
 from dlplora_triton.route_options import RouteOptionError, check_route_options
 
@@ -41,14 +52,31 @@ __all__ = ["AUTO_ENV", "MAX_ROUTE_CHARS", "ROUTE_HEADER", "RoutingMiddleware", "
 
 logger = logging.getLogger("vllm.dlplora")  # under vLLM's logger, so the server's log shows it
 
-ROUTER_ENV, P_ENV, TOP_K_ENV, AUTO_ENV = (
+ROUTER_ENV, P_ENV, TOP_K_ENV, AUTO_ENV, SAVE_ENV = (
     "DLPLORA_ROUTER_DIR",
     "DLPLORA_ROUTE_P",
     "DLPLORA_ROUTE_TOP_K",
     "DLPLORA_AUTO_MODEL",
+    "DLPLORA_ROUTER_SAVE_DIR",
 )
 ROUTE_HEADER = "x-dlplora-route"
 MAX_ROUTE_CHARS = 4096  # the router's hashed n-grams of a prompt's start say its task; bounds the cost
+ROUTING_FIELDS = ("texts", "file", "task", "method")  # a runtime load's "routing" object
+
+
+@dataclass
+class RoutingState:
+    """The router a request is routed by, and its restrictions to subsets of adapters (built on demand).
+    Replaced whole, never changed in place but for the cache: a request takes it once. ``empty``: every
+    adapter was unloaded, so ``auto`` serves the base model (``router`` is kept to learn new tasks)."""
+
+    router: object
+    empty: bool = False
+    restricted: dict = field(default_factory=dict)
+
+    @property
+    def names(self) -> list[str]:
+        return [] if self.empty else list(self.router.names)
 
 
 def route_text(payload: dict, chat: bool) -> str:
@@ -150,39 +178,184 @@ class RoutingMiddleware(MixMiddleware):
         # This process only routes and talks HTTP (the model runs in vLLM's engine processes): one
         # intra-op thread, so the router's own one-thread sections do not resize a thread pool per call.
         torch.set_num_threads(1)
-        self.router = Router.load(router_dir)
+        self.state = RoutingState(Router.load(router_dir))
+        self.save_dir = os.environ.get(SAVE_ENV) or None
         self.auto_name = os.environ.get(AUTO_ENV, AUTO_NAME)
         self.p = float(os.environ.get(P_ENV, DEFAULT_P))
         top_k = os.environ.get(TOP_K_ENV)
         self.top_k = int(top_k) if top_k else None
-        self._restricted: dict[tuple[str, ...], object] = {}
         _metrics()
 
-    def _router_among(self, adapters) -> object:
-        if adapters is None:
-            return self.router
-        if not isinstance(adapters, list) or not adapters or not all(isinstance(a, str) for a in adapters):
+    @property
+    def router(self):
+        """The router serving now (None when every adapter it routed to was unloaded)."""
+        state = self.state
+        return None if state.empty else state.router
+
+    def _router_among(self, state: RoutingState, adapters, visible=None) -> object | None:
+        """The router of ``state`` restricted to the adapters named in ``routing.adapters`` and to those
+        ``visible`` allows (a tenant's); None when that leaves none (the base model serves)."""
+        names = state.names
+        if visible is not None:
+            names = [name for name in names if visible(name)]
+        if adapters is not None:
+            if (
+                not isinstance(adapters, list)
+                or not adapters
+                or not all(isinstance(a, str) for a in adapters)
+            ):
+                raise RequestError(
+                    HTTPStatus.BAD_REQUEST,
+                    "routing.adapters must be a non-empty list of adapter names",
+                    "routing",
+                )
+            unknown = sorted(set(adapters) - set(names))
+            if unknown:
+                shown = [name[:40] for name in unknown[:8]] + (["..."] if len(unknown) > 8 else [])
+                raise RequestError(
+                    HTTPStatus.BAD_REQUEST,
+                    f"routing.adapters names {shown}, which the router does not route to (it knows {names})",
+                    "routing",
+                )
+            names = [name for name in names if name in adapters]
+        if not names:
+            return None
+        if len(names) == len(state.names):
+            return state.router
+        key = tuple(sorted(set(names)))
+        if key not in state.restricted:
+            if len(state.restricted) >= 64:
+                state.restricted.clear()
+            state.restricted[key] = state.router.with_adapters(
+                {c: a for c, a in state.router.adapter_of.items() if a in key}
+            )
+        return state.restricted[key]
+
+    async def _swap(self, state: RoutingState) -> str:
+        """Serve ``state`` from the next request on (one reference assigned), then save its router to
+        ``$DLPLORA_ROUTER_SAVE_DIR`` (if set); returns what now routes."""
+        self.state = state
+        names = state.names
+        if self.save_dir and not state.empty:
+            await asyncio.to_thread(state.router.save, self.save_dir)
+        saved = (
+            " (saved to the router directory of --save-router)" if self.save_dir and not state.empty else ""
+        )
+        logger.info("dlplora: the router routes to %s", names or "nothing (the base model serves auto)")
+        return f"auto routes to {', '.join(names) or 'no adapter (the base model)'}{saved}"
+
+    def _examples(self, scope, routing: dict, task: str) -> list[str]:
+        """A runtime load's example texts: ``routing.texts``, or ``routing.file`` (a JSONL file inside the
+        adapter directory)."""
+        texts, path = routing.get("texts"), routing.get("file")
+        if (texts is None) == (path is None):
+            raise RequestError(
+                HTTPStatus.BAD_REQUEST, "routing needs one of 'texts' (a list of str) and 'file'", "routing"
+            )
+        if path is not None:
+            adapters = self.adapters(scope)
+            from dlplora_triton.integrations.vllm.runtime import resolve_path
+
+            resolved = resolve_path(adapters, task, path)
+            if not os.path.isfile(resolved):
+                raise RequestError(
+                    HTTPStatus.NOT_FOUND, "routing.file is not a file inside the adapter directory", "routing"
+                )
+            from dlplora_triton.routing.update import read_examples
+
+            try:
+                texts = read_examples(resolved, task, "routing.file")
+            except (OSError, ValueError) as e:
+                raise RequestError(HTTPStatus.BAD_REQUEST, str(e), "routing") from None
+        if not isinstance(texts, list) or not all(isinstance(t, str) and t.strip() for t in texts):
+            raise RequestError(
+                HTTPStatus.BAD_REQUEST, "routing.texts must be a list of non-blank strings", "routing"
+            )
+        from dlplora_triton.routing.update import MAX_ADDED_TEXTS, MIN_ADDED_TEXTS
+
+        if not MIN_ADDED_TEXTS <= len(texts) <= MAX_ADDED_TEXTS:
             raise RequestError(
                 HTTPStatus.BAD_REQUEST,
-                "routing.adapters must be a non-empty list of adapter names",
+                f"routing takes {MIN_ADDED_TEXTS} to {MAX_ADDED_TEXTS} example texts, got {len(texts)}",
                 "routing",
             )
-        unknown = sorted(set(adapters) - set(self.router.names))
-        if unknown:
-            shown = [name[:40] for name in unknown[:8]] + (["..."] if len(unknown) > 8 else [])
-            raise RequestError(
-                HTTPStatus.BAD_REQUEST,
-                f"routing.adapters names {shown}, which the router does not route to (it knows {self.router.names})",
-                "routing",
+        return [text[:MAX_ROUTE_CHARS] for text in texts]
+
+    async def routing_added(self, scope, name: str, routing):
+        """The router that also routes to adapter ``name``, built now (training in a worker thread: the
+        server keeps routing with the old one), swapped in by the returned callable once vLLM has it.
+
+        ``routing``: ``{"texts": [...]}`` or ``{"file": "<path in the adapter directory>.jsonl"}``, with
+        ``"task"`` (the router's class, default ``name``) and ``"method"`` (``Router.add_task``'s). No
+        ``routing``: a background class ``name`` of the router (a task it learnt without an adapter, or an
+        adapter unloaded earlier) is routed to ``name``, with no training; else routing is unchanged."""
+        state = self.state
+        if routing is None:
+            if name not in state.router.classes or state.router.adapter_of[name] in state.names:
+                return None  # no such class, or it is served (by this adapter or another): unchanged
+            mapping = {c: (a if a in state.names else None) for c, a in state.router.adapter_of.items()}
+            mapping[name] = name
+            router = state.router.with_adapters(mapping)
+        else:
+            if not isinstance(routing, dict):
+                raise RequestError(HTTPStatus.BAD_REQUEST, "routing must be an object", "routing")
+            unknown = sorted(set(routing) - set(ROUTING_FIELDS))
+            if unknown:
+                raise RequestError(
+                    HTTPStatus.BAD_REQUEST,
+                    f"routing has unknown fields {[u[:40] for u in unknown[:8]]} ({', '.join(ROUTING_FIELDS)})",
+                    "routing",
+                )
+            task = routing.get("task", name)
+            method = routing.get("method", "full")
+            from dlplora_triton.routing.update import METHODS
+
+            if not isinstance(task, str) or not ADAPTER_NAME.fullmatch(task):
+                raise RequestError(HTTPStatus.BAD_REQUEST, "routing.task must be a task name", "routing")
+            if method not in METHODS:
+                raise RequestError(
+                    HTTPStatus.BAD_REQUEST, f"routing.method must be one of {METHODS}", "routing"
+                )
+            texts = self._examples(scope, routing, task)
+            start = time.perf_counter()
+            try:
+                router = await asyncio.to_thread(self._grow, state, task, name, texts, method)
+            except ValueError as e:
+                raise RequestError(HTTPStatus.BAD_REQUEST, f"routing: {e}", "routing") from None
+            logger.info(
+                "dlplora: the router learnt %r for adapter %r from %d texts in %.2f s",
+                task,
+                name,
+                len(texts),
+                time.perf_counter() - start,
             )
-        key = tuple(sorted(set(adapters)))
-        if key not in self._restricted:
-            if len(self._restricted) >= 64:
-                self._restricted.clear()
-            self._restricted[key] = self.router.with_adapters(
-                {c: a for c, a in self.router.adapter_of.items() if a in key}
+
+        async def commit():
+            return await self._swap(RoutingState(router))
+
+        return commit
+
+    @staticmethod
+    def _grow(state: RoutingState, task: str, adapter: str, texts: list[str], method: str):
+        """``Router.add_task`` on the serving router (read, never written), its unloaded adapters kept
+        background."""
+        grown = state.router.add_task(task, texts, adapter=adapter, method=method)
+        served = set(state.names) | {adapter}
+        if set(grown.names) != served:
+            grown = grown.with_adapters(
+                {c: (a if a in served else None) for c, a in grown.adapter_of.items()}
             )
-        return self._restricted[key]
+        return grown
+
+    async def routing_removed(self, scope, name: str) -> str | None:
+        """Swap in the router without ``name`` (before vLLM drops it); None when it did not route there."""
+        state = self.state
+        if name not in state.names:
+            return None
+        router = state.router.without_adapter(name)
+        if router is None:
+            return await self._swap(RoutingState(state.router, empty=True))
+        return await self._swap(RoutingState(router))
 
     def reserved_name(self, name) -> bool:
         return name == self.auto_name or super().reserved_name(name)
@@ -222,18 +395,23 @@ class RoutingMiddleware(MixMiddleware):
         adapters = self.adapters(scope)
         adapters.require_lora()
         options = self._options(routing, adapters.max_loras)
-        router = self._router_among(routing.get("adapters") if isinstance(routing, dict) else None)
+        state = self.state  # once: an addition or removal swaps it whole, never under this request
+        router = self._router_among(
+            state, routing.get("adapters") if isinstance(routing, dict) else None, self.visible(scope)
+        )
         text = route_text(payload, chat=scope.get("path", "").endswith("/chat/completions"))
         if torch.get_num_threads() != 1:  # set again: vLLM may change it after start-up (see __init__)
             torch.set_num_threads(1)
         start, start_cpu = time.perf_counter(), time.thread_time()
-        (chosen,) = router.route(
-            [text],
-            p=options.get("p", self.p),
-            # A routed mix needs a slot per adapter: never more than the server holds at once.
-            top_k=min(options.get("top_k", self.top_k or adapters.max_loras), adapters.max_loras),
-            base_threshold=options.get("base_threshold"),
-        )
+        chosen = []
+        if router is not None:  # None: no adapter left to route to (for this tenant)
+            (chosen,) = router.route(
+                [text],
+                p=options.get("p", self.p),
+                # A routed mix needs a slot per adapter: never more than the server holds at once.
+                top_k=min(options.get("top_k", self.top_k or adapters.max_loras), adapters.max_loras),
+                base_threshold=options.get("base_threshold"),
+            )
         elapsed, elapsed_cpu = time.perf_counter() - start, time.thread_time() - start_cpu
         if not chosen:
             model, label = adapters.models.base_model_paths[0].name, "base"
@@ -253,6 +431,10 @@ class RoutingMiddleware(MixMiddleware):
         payload["model"] = model
         if len(chosen) > 1:  # the router's pairs, handed over as they are: no name parsed back
             prepared = await self.prepare_mix(scope, payload, model, chosen)
+        elif chosen:
+            # Lent to this request's handler: an unload landing before vLLM looks the name up finds
+            # the adapter this request was routed to all the same.
+            prepared = Prepared(payload, lent={model: await adapters.get(model)})
         else:
             prepared = await super().prepare(scope, payload) or Prepared(payload)
         prepared.headers.append((ROUTE_HEADER, label))

@@ -2,7 +2,8 @@
 ``dlplora_triton.commands.serve``): vLLM's OpenAI server with the plugin, a directory of adapters and the
 DLP-LoRA router.
 
-    dlplora serve --adapters DIR --router DIR [--p 0.8] [--top-k 3] [--auto-name auto] [vLLM server arguments...]
+    dlplora serve --adapters DIR --router DIR [--p 0.8] [--top-k 3] [--auto-name auto]
+                  [--tenants FILE] [--save-router DIR] [vLLM server arguments...]
 
 Checks everything it can before vLLM starts (that vLLM is installed, the base model folder, the
 adapters, the router, the router's adapters against the directory) and stops with one line naming the
@@ -97,6 +98,25 @@ def load_router(path: str, adapters: dict) -> object:
             "retrain with `dlplora train-router --adapters ...` or map the router onto the served adapters"
         )
     return router
+
+
+def check_tenants(path: str | None, rest: list[str]) -> str | None:
+    """The tenants file's absolute path (None without ``--tenants``), read and checked; ServeError for a
+    bad file, or for vLLM's own keys beside it (a request carries one key: both checks could not pass)."""
+    if path is None:
+        return None
+    from dlplora_triton.integrations.vllm.tenants import read_tenants
+
+    if _has(rest, "--api-key") or os.environ.get("VLLM_API_KEY"):
+        raise ServeError(
+            "--tenants replaces vLLM's --api-key / $VLLM_API_KEY (each request carries one key): give "
+            'the operator a tenant with "adapters": "*" and "admin": true instead'
+        )
+    try:
+        read_tenants(path)
+    except (OSError, ValueError) as e:
+        raise ServeError(f"--tenants: {e}") from None
+    return str(Path(path).resolve())
 
 
 def _has(rest: list[str], flag: str) -> bool:
@@ -245,6 +265,15 @@ def serve(args: argparse.Namespace, rest: list[str]) -> int:
     check_model(_model(rest))  # before the adapters and the router: the first mistake, named first
     adapters = adapter_directories(args.adapters)
     load_router(args.router, adapters)
+    tenants = check_tenants(getattr(args, "tenants", None), rest)
+    save_router = getattr(args, "save_router", None)
+    if save_router is not None:
+        from dlplora_triton.readers import check_output_dir
+
+        try:
+            save_router = str(check_output_dir(save_router, "--save-router").resolve())
+        except ValueError as e:
+            raise ServeError(str(e)) from None
     cpu_flags = cpu_defaults(rest) if _on_cpu() else []  # reads the host's memory once
     cmd = vllm_command(args, rest, adapters, cpu_flags)
     if cpu_flags:
@@ -266,6 +295,11 @@ def serve(args: argparse.Namespace, rest: list[str]) -> int:
         DLPLORA_ROUTE_TOP_K=str(args.top_k),
         DLPLORA_AUTO_MODEL=args.auto_name,
     )
+    for name, value in (("DLPLORA_TENANTS_FILE", tenants), ("DLPLORA_ROUTER_SAVE_DIR", save_router)):
+        if value is not None:
+            env[name] = value
+        else:  # not inherited from the caller's environment: only what this command line says
+            env.pop(name, None)
     print("dlplora serve: " + " ".join(cmd[1:]), file=sys.stderr, flush=True)
     os.execve(cmd[0], cmd, env)
     return 0  # not reached

@@ -23,6 +23,13 @@ name's, or (``"model": "auto"``) the router's, handed over by the routing middle
 
 A plain adapter name found in the adapter directory but not loaded yet is loaded the same way. On every
 other endpoint, mix names, and the mix arguments in any field, get a 400 saying where mixes are served.
+
+With ``VLLM_ALLOW_RUNTIME_LORA_UPDATING`` and an adapter directory, vLLM's runtime endpoints are served
+here (:mod:`~dlplora_triton.integrations.vllm.runtime`): an adapter is loaded from
+the adapter directory only (by name, or a path inside it, with the checks of first-use loading), and an
+unloaded adapter is not loaded again on first use until it is loaded again explicitly. With
+``$DLPLORA_TENANTS_FILE`` every request needs a tenant's key, and a tenant's requests reach, name and
+list only its own adapters (:mod:`~dlplora_triton.integrations.vllm.tenants`).
 Errors are vLLM's JSON error body, ``{"error": {"message", "type", "param", "code"}}``, with the HTTP
 status in ``code``; they name adapters, never the server's paths.
 """
@@ -37,6 +44,13 @@ import os
 from dataclasses import dataclass, field
 from http import HTTPStatus
 
+from dlplora_triton.integrations.vllm.asgi import (
+    LOAD_ROUTE,
+    TENANT_SCOPE_KEY,
+    UNLOAD_ROUTE,
+    RequestError,
+    send_error,
+)
 from dlplora_triton.integrations.vllm.mixes import (
     ADAPTER_NAME,
     MIX_ARG,
@@ -60,28 +74,6 @@ NAME_FIELDS = ("model", "lora_name")  # fields that name a model or adapter on v
 
 # The mix anchors lent to the request being handled: {model name: LoRARequest}, per asyncio task.
 _LENT: contextvars.ContextVar[dict | None] = contextvars.ContextVar("dlplora_lent", default=None)
-
-
-class RequestError(Exception):
-    """A request the server refuses: an HTTP status and a message naming the problem."""
-
-    def __init__(self, status: HTTPStatus, message: str, param: str | None = "model"):
-        super().__init__(message)
-        self.status, self.message, self.param = status, message, param
-
-    def body(self) -> bytes:
-        kind = {400: "BadRequestError", 404: "NotFoundError", 413: "RequestTooLargeError"}.get(
-            int(self.status), "InvalidUserInput"
-        )
-        error = {"message": self.message, "type": kind, "param": self.param, "code": int(self.status)}
-        return json.dumps({"error": error}).encode()
-
-
-async def send_error(send, error: RequestError) -> None:
-    body = error.body()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    await send({"type": "http.response.start", "status": int(error.status), "headers": headers})
-    await send({"type": "http.response.body", "body": body})
 
 
 async def read_body(receive) -> bytes:
@@ -194,6 +186,8 @@ class Adapters:
         self.max_lora_rank = lora_config.max_lora_rank if lora_config else 0
         self.adapter_dir = os.environ.get(ADAPTER_DIR_ENV) or None
         self._loading: dict[str, asyncio.Lock] = {}
+        # Unloaded at runtime: not loaded again on first use (only by an explicit load)
+        self.withdrawn: set[str] = set()
 
     def require_lora(self) -> None:
         """RequestError (400) when the server has LoRA disabled: no mix and no route can be served."""
@@ -205,9 +199,10 @@ class Adapters:
     def registered(self, name: str):
         return dict.get(self.models.lora_requests, name)
 
-    def loaded_names(self, most: int) -> str:
-        """The loaded adapters' names, sorted, the first ``most`` of them and how many more ("" for none)."""
-        known = sorted(self.models.lora_requests)
+    def loaded_names(self, most: int, visible=None) -> str:
+        """The loaded adapters' names, sorted, the first ``most`` of them and how many more ("" for none);
+        ``visible``: a predicate on names (a tenant's), the others left out."""
+        known = sorted(n for n in self.models.lora_requests if visible is None or visible(n))
         return ", ".join(known[:most]) + (f" and {len(known) - most} more" if len(known) > most else "")
 
     def base_names(self) -> list[str]:
@@ -225,6 +220,7 @@ class Adapters:
         return (
             bool(self.adapter_dir)
             and ADAPTER_NAME.fullmatch(name) is not None
+            and name not in self.withdrawn
             and os.path.isdir(os.path.join(self.adapter_dir, name))
         )
 
@@ -235,16 +231,18 @@ class Adapters:
                 message = message.replace(os.path.join(root, ""), "").replace(root, "<adapter directory>")
         return message
 
-    async def get(self, name: str):
+    async def get(self, name: str, visible=None):
         """The ``LoRARequest`` of adapter ``name``, loading it from the adapter directory if needed.
 
         Concurrent first requests for one adapter load it once: the others wait for that load.
+        ``visible``: a predicate on names (a tenant's); an adapter it refuses is answered as one that
+        does not exist (the same 404, listing only visible adapters).
         """
-        request = self.registered(name)
+        request = self.registered(name) if visible is None or visible(name) else None
         if request is not None:
             return request
-        if not self.can_load(name):
-            listed = self.loaded_names(20)
+        if (visible is not None and not visible(name)) or not self.can_load(name):  # no stat for theirs
+            listed = self.loaded_names(20, visible)
             where = (
                 " or in the adapter directory"
                 if self.adapter_dir
@@ -258,24 +256,37 @@ class Adapters:
         async with self._loading.setdefault(name, asyncio.Lock()):
             return self.registered(name) or await self._load(name)
 
-    async def _load(self, name: str):
-        from vllm.entrypoints.serve.lora.protocol import LoadLoRAAdapterRequest
-
+    def check(self, name: str, path: str) -> None:
+        """RequestError (404 / 400) unless ``path`` holds a LoRA this server can load (the checks of
+        first-use loading: untruncated, a LoRA, rank at most ``--max-lora-rank``)."""
         from dlplora_triton.adapters import check_adapter_dir
 
-        path = os.path.join(self.adapter_dir, name)
         try:
             check_adapter_dir(path, self.max_lora_rank, f"adapter {name!r}", values=True)
         except FileNotFoundError as e:
             raise RequestError(HTTPStatus.NOT_FOUND, self.redact(str(e))) from None
         except ValueError as e:
             raise RequestError(HTTPStatus.BAD_REQUEST, self.redact(str(e))) from None
+
+    async def load_checked(self, name: str, path: str) -> str:
+        """Load adapter ``name`` from ``path`` (checked by :meth:`check`) into vLLM: vLLM's message;
+        RequestError with vLLM's status and its message, paths redacted."""
+        from vllm.entrypoints.serve.lora.protocol import LoadLoRAAdapterRequest
+
         result = await self.models.load_lora_adapter(LoadLoRAAdapterRequest(lora_name=name, lora_path=path))
         if not isinstance(result, str):  # vLLM's ErrorResponse
+            status = result.error.code if result.error.code in (400, 404) else 400
             raise RequestError(
-                HTTPStatus.BAD_REQUEST, f"adapter {name!r} did not load: {self.redact(result.error.message)}"
+                HTTPStatus(status), f"adapter {name!r} did not load: {self.redact(result.error.message)}"
             )
+        self.withdrawn.discard(name)
         logger.info("dlplora: loaded adapter %r from %s", name, path)
+        return self.redact(result)
+
+    async def _load(self, name: str):
+        path = os.path.join(self.adapter_dir, name)
+        self.check(name, path)
+        await self.load_checked(name, path)
         return self.registered(name)
 
 
@@ -294,8 +305,12 @@ class MixMiddleware:
     """ASGI middleware serving ``mix:`` model names in vLLM's OpenAI server (see the module docstring)."""
 
     def __init__(self, app):
+        from dlplora_triton.integrations.vllm.tenants import Tenants
+
         self.app = app
         self._adapters: Adapters | None = None
+        self.tenants = Tenants.from_env()  # None: no allow-lists ($DLPLORA_TENANTS_FILE unset)
+        self._changing = asyncio.Lock()  # one runtime load or unload at a time
         self._router = install_guard(app, self.guard)
 
     async def __call__(self, scope, receive, send):
@@ -315,15 +330,24 @@ class MixMiddleware:
         """Model names this middleware serves besides vLLM's, each with what it does (for the 404)."""
         return {}
 
-    def unknown_model(self, adapters: Adapters, model: str) -> RequestError:
-        """The 404 for a ``model`` nothing here serves, naming what is served (never a path)."""
+    @staticmethod
+    def visible(scope):
+        """The request's tenant's predicate on adapter names, or None (every adapter: no tenants, or an
+        admin's key)."""
+        tenant = scope.get(TENANT_SCOPE_KEY)
+        return None if tenant is None or tenant.adapters is None else tenant.allows
+
+    def unknown_model(self, adapters: Adapters, model: str, visible=None) -> RequestError:
+        """The 404 for a ``model`` nothing here serves, naming what is served (never a path; with
+        ``visible``, only the adapters it allows)."""
         base = adapters.base_names()[:1]  # the name answers carry; the others may be paths
         extra = self.extra_names()
-        known = [*base, *extra, *sorted(adapters.models.lora_requests)]
+        shown = sorted(n for n in adapters.models.lora_requests if visible is None or visible(n))
+        known = [*base, *extra, *shown]
         near = [name for name in known if name.casefold() == model.casefold()]
         parts = [f"the base model {base[0]!r}"] if base else []
         parts += [f"{name!r} ({what})" for name, what in extra.items()]
-        listed = adapters.loaded_names(12)
+        listed = adapters.loaded_names(12, visible)
         if listed or adapters.adapter_dir:
             folder = " or a folder of the adapter directory" if adapters.adapter_dir else ""
             parts.append(f"an adapter ({listed or 'none loaded'}){folder}")
@@ -336,11 +360,14 @@ class MixMiddleware:
             + (f" or {parts[-1]}" if len(parts) > 1 else parts[-1] if parts else ""),
         )
 
-    def list_models(self, models: dict) -> dict:
+    def list_models(self, models: dict, hidden=frozenset()) -> dict:
         """``/v1/models``'s answer as served: each entry's ``root`` (vLLM puts the model's or the adapter's
-        path there) becomes its name, and :meth:`extra_names` are listed."""
+        path there) becomes its name, :meth:`extra_names` are listed, the names in ``hidden`` (adapters
+        of other tenants) are not."""
         data = [
-            dict(entry, root=entry.get("id")) for entry in models.get("data", []) if isinstance(entry, dict)
+            dict(entry, root=entry.get("id"))
+            for entry in models.get("data", [])
+            if isinstance(entry, dict) and entry.get("id") not in hidden
         ]
         created = data[0].get("created") if data else None
         for name in self.extra_names():
@@ -370,13 +397,19 @@ class MixMiddleware:
                 if not message.get("more_body"):
                     await finish()
 
+        visible = self.visible(scope)
+        hidden = frozenset()
+        if visible is not None:
+            hidden = frozenset(n for n in self.adapters(scope).models.lora_requests if not visible(n))
+
         async def finish():
             body = b"".join(chunks)
             if start.get("status") == 200:
                 try:
-                    body = json.dumps(self.list_models(json.loads(body))).encode()
+                    body = json.dumps(self.list_models(json.loads(body), hidden)).encode()
                 except (ValueError, TypeError, AttributeError):
-                    pass  # not the JSON vLLM sends: passed on as it came
+                    if hidden:  # unreadable, so it cannot be filtered: nothing of it is sent
+                        body, start["status"] = b'{"object": "list", "data": []}', 200
             headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
             headers.append((b"content-length", str(len(body)).encode()))
             await send(dict(start, headers=headers))
@@ -413,7 +446,11 @@ class MixMiddleware:
 
     async def guard(self, scope, receive, send):
         """Every request after the other middlewares (authenticated): mix names served, misuse refused."""
+        from dlplora_triton.integrations.vllm.tenants import admit
+
         path = scope.get("path", "").removeprefix(scope.get("root_path", ""))
+        if self.tenants is not None and not await admit(self.tenants, scope, path, send):
+            return None
         if scope["type"] == "http" and scope.get("method") == "GET" and path == "/v1/models":
             return await self._models(scope, receive, send)
         if scope["type"] != "http" or scope.get("method") in ("GET", "HEAD", "OPTIONS") or not is_json(scope):
@@ -425,6 +462,12 @@ class MixMiddleware:
             refused = self.reserved_field(payload, served)
             if refused is not None:
                 raise refused
+            if scope.get("method") == "POST" and path in (LOAD_ROUTE, UNLOAD_ROUTE):
+                from dlplora_triton.integrations.vllm import runtime
+
+                if runtime.runtime_updates(self.adapters(scope)):  # else vLLM's own (or its 404)
+                    async with self._changing:
+                        return await runtime.serve_change(self, scope, path, payload, send)
             prepared = await self.prepare(scope, payload) if served and isinstance(payload, dict) else None
         except ConnectionError:
             return None
@@ -450,18 +493,37 @@ class MixMiddleware:
         finally:
             _LENT.reset(token)
 
+    async def routing_added(self, scope, name: str, routing):
+        """What a runtime load of ``name`` changes in routing, prepared before the load: None (nothing),
+        or an async callable that applies it once the adapter is loaded and returns what it did.
+        Here: no router, so ``routing`` examples are refused."""
+        if routing is not None:
+            raise RequestError(
+                HTTPStatus.BAD_REQUEST, "routing examples need a router (dlplora serve --router)", "routing"
+            )
+        return None
+
+    async def routing_removed(self, scope, name: str) -> str | None:
+        """Remove ``name`` from routing before it is unloaded; what was done, or None. Here: no router."""
+        return None
+
     async def prepare(self, scope, payload: dict) -> Prepared | None:
         """The rewritten request, None to pass it through untouched; RequestError for one to refuse."""
         model = payload.get("model")
         if not isinstance(model, str) or not model:  # no model: vLLM serves its base model
             return None
         adapters = self.adapters(scope)
+        visible = self.visible(scope)
         if not model.startswith(MIX_PREFIX):
+            if model in adapters.base_names():
+                return None
+            if visible is not None and not visible(model):
+                raise self.unknown_model(adapters, model, visible)  # another tenant's, or nothing
             if adapters.registered(model) is None:
                 if adapters.can_load(model):
                     await adapters.get(model)  # a plain adapter of the directory, loaded on first use
-                elif model not in adapters.base_names() and not adapters.vllm_resolves_names():
-                    raise self.unknown_model(adapters, model)  # vLLM's 404 names only the base model
+                elif not adapters.vllm_resolves_names():
+                    raise self.unknown_model(adapters, model, visible)  # vLLM's 404 names only the base
             return None
         self._check_xargs(payload)
         adapters.require_lora()
@@ -487,8 +549,9 @@ class MixMiddleware:
         self._check_xargs(payload)
         adapters = self.adapters(scope)
         components = []
+        visible = self.visible(scope)
         for adapter, weight in pairs:
-            request = await adapters.get(adapter)
+            request = await adapters.get(adapter, visible)
             components.append(MixComponent(adapter, request.lora_int_id, request.lora_path, float(weight)))
         if len({c.lora_int_id for c in components}) != len(components):
             raise RequestError(
