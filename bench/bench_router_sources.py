@@ -1,6 +1,7 @@
 """Does the router generalise to sources it never saw? Whole sources held out of training.
 
     python bench/bench_router_sources.py [--folds 2] [--seed 0] [--out bench/results/cpu/router_sources.json]
+        [--train-tasks code,de,fr,ja,ru,zh,es,license,shell | all]
 
 Every line of dlplora_triton/data/router_texts.jsonl names its source (``"source"``: a man page, a
 gettext catalogue, a code file; bench/data/build_router_data.py). A *source group* is one man page
@@ -8,10 +9,11 @@ gettext catalogue, a code file; bench/data/build_router_data.py). A *source grou
 top-level package or module (``dist-packages:requests``, ``stdlib:asyncio``), or one file of the other
 kinds (a C header, a Perl module, a licence file, ...). Each task's source groups are dealt into 4
 folds by a BLAKE2b hash of (task, group); for fold f (f < ``--folds``) every text of the groups in
-fold f is held out, and a router is trained the documented way (``dlplora train-router --adapters
-code,de,fr,ja,ru,zh``: ``Router.train`` at its defaults, the package's general prompts as background,
-the six tasks served by the six SmolLM2 adapters, the other tasks background) on the texts of the
-other groups. Then, on the held-out groups:
+fold f is held out, and a router is trained the documented way (``dlplora train-router --tasks
+code,de,fr,ja,ru,zh,es,license,shell --adapters code,de,fr,ja,ru,zh``: ``Router.train`` at its
+defaults, the package's general prompts as background, the six tasks served by the six SmolLM2
+adapters, es / license / shell background; ``--train-tasks all``: every task, the other 28 background)
+on the texts of the other groups. Then, on the held-out groups (every task's, trained on or not):
 
 * on-task: texts of the six adapters' tasks served by their own adapter (target >= 99%), also per
   kind (man pages, program messages, standard library, other Python packages);
@@ -43,6 +45,7 @@ GENERAL_SETS = {
     "test": HERE / "data" / "general_prompts_test.jsonl",
 }
 ADAPTERS = ["code", "de", "fr", "ja", "ru", "zh"]  # dlplora_triton/data/adapters/smollm2/
+DOCUMENTED_TASKS = "code,de,fr,ja,ru,zh,es,license,shell"  # the README's dlplora train-router --tasks
 NUM_FOLDS = 4
 THRESHOLDS = (0.3, 0.5, 0.6, 0.7)
 FIRST_KINDS = ("man", "stdlib", "license")  # the first version's sources (the adapters' training data)
@@ -111,12 +114,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--folds", type=int, default=2, help=f"folds measured, of {NUM_FOLDS} (default 2)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=common.RESULTS / "cpu" / "router_sources.json")
+    parser.add_argument(
+        "--train-tasks", default=DOCUMENTED_TASKS, help="tasks trained on, comma-separated, or 'all'"
+    )
     args = parser.parse_args(argv)
 
     texts, tasks = read_labelled_jsonl(args.data)
     _, sources = read_labelled_jsonl(args.data, label_key="source")
     groups = [source_group(s) for s in sources]
     folds = [fold_of(t, g) for t, g in zip(tasks, groups)]
+    trained = set(tasks) if args.train_tasks == "all" else set(args.train_tasks.split(","))
     general = {name: read_labelled_jsonl(path, label_key="lang")[0] for name, path in GENERAL_SETS.items()}
 
     def run(train_rows, test_rows) -> dict:
@@ -145,10 +152,10 @@ def main(argv: list[str] | None = None) -> dict:
         result["heldout_accuracy_of_its_split"] = router.report["heldout_accuracy"]
         return result
 
-    results = {"environment": common.environment("cpu"), "folds": {}}
+    results = {"environment": common.environment("cpu"), "train_tasks": sorted(trained), "folds": {}}
     for fold in range(args.folds):
         held = [i for i, f in enumerate(folds) if f == fold]
-        train = [i for i, f in enumerate(folds) if f != fold]
+        train = [i for i, f in enumerate(folds) if f != fold and tasks[i] in trained]
         held_groups = defaultdict(set)
         seen_groups = defaultdict(set)
         for i in range(len(texts)):
@@ -177,7 +184,8 @@ def main(argv: list[str] | None = None) -> dict:
         tasks[i] in ADAPTERS and sources[i].partition(":")[0] not in FIRST_KINDS for i in range(len(texts))
     ]
     reference = run(
-        [i for i in range(len(texts)) if not new_kind[i]], [i for i in range(len(texts)) if new_kind[i]]
+        [i for i in range(len(texts)) if not new_kind[i] and tasks[i] in trained],
+        [i for i in range(len(texts)) if new_kind[i]],
     )
     results["kind_held_out_reference"] = reference
     print(
