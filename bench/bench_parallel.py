@@ -18,13 +18,10 @@ before the run (the machine's other processes); then ours/vLLM per round and the
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import statistics
 import sys
 import tempfile
-import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import common
@@ -32,7 +29,8 @@ import common
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "integrations" / "vllm" / "engine"))  # the engine tests' helpers
 
-from engine_util import Server, greedy_completion  # noqa: E402
+from bench_serve import check, run  # noqa: E402
+from engine_util import Server  # noqa: E402
 from parallel_util import TINY_RANK, TinyReference, bind_threads, build_tiny_llama  # noqa: E402
 
 MIDDLEWARE = "dlplora_triton.integrations.vllm.server.MixMiddleware"
@@ -58,38 +56,6 @@ def workload(n: int, vocab: int, seed: int) -> list[tuple[list[int], tuple, int]
         ids = [rng.randrange(3, vocab) for _ in range(rng.randint(8, 32))]
         rows.append((ids, ((rng.choice(ADAPTERS), 1.0),), rng.choice(LENGTHS)))
     return rows
-
-
-def run(client, rows, clients: int) -> dict:
-    def one(row):
-        ids, mix, length = row
-        start = time.perf_counter()
-        tokens, logprobs = greedy_completion(client, ids, mix, length, model="tiny")
-        return time.perf_counter() - start, tokens, logprobs
-
-    load = os.getloadavg()[0]
-    start = time.perf_counter()
-    with ThreadPoolExecutor(clients) as pool:
-        results = list(pool.map(one, rows))
-    wall = time.perf_counter() - start
-    latencies = sorted(r[0] for r in results)
-    return {
-        "load_1min_before": round(load, 2),
-        "wall_s": round(wall, 3),
-        "requests_per_s": round(len(rows) / wall, 3),
-        "tokens_per_s": round(sum(len(r[1]) for r in results) / wall, 2),
-        "p50_s": round(statistics.median(latencies), 3),
-        "p99_s": round(latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))], 3),
-        "outputs": [(r[1], r[2]) for r in results],
-    }
-
-
-def check(rows, outputs, reference, what: str) -> int:
-    for (ids, mix, length), (tokens, logprobs) in zip(rows, outputs):
-        ref_tokens, ref_logprobs = reference.greedy(ids, mix, length)
-        if tokens != ref_tokens or max(abs(a - b) for a, b in zip(logprobs, ref_logprobs)) >= 1e-4:
-            raise AssertionError(f"{what}: {mix} gave {tokens}, PEFT alone {ref_tokens}")
-    return len(rows)
 
 
 def main(argv=None) -> int:
@@ -134,13 +100,13 @@ def main(argv=None) -> int:
             for name, s in servers.items()
         }
         for name in servers:  # warm-up: every adapter loaded once
-            run(clients[name], rows[: args.clients], args.clients)
+            run(clients[name], rows[: args.clients], args.clients, model="tiny")
         checked = 0
         for r in range(args.rounds):
             order = ("vllm", "ours") if r % 2 == 0 else ("ours", "vllm")
             row = {}
             for name in order:
-                stats = run(clients[name], rows, args.clients)
+                stats = run(clients[name], rows, args.clients, model="tiny")
                 checked += check(rows, stats.pop("outputs"), reference, name)
                 row[name] = stats
                 print(f"round {r} {name:>4} {stats}", flush=True)

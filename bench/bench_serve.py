@@ -26,6 +26,7 @@ every adapter a slot and leaves the wrapper's own cost.
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import statistics
 import sys
@@ -90,13 +91,17 @@ def workload(kind: str, prompts, n: int, seed: int) -> list[tuple[list[int], tup
     return rows
 
 
-def run(client, rows, clients: int) -> dict:
+def run(client, rows, clients: int, model: str = "smollm2") -> dict:
+    """Serve ``rows`` from ``clients`` threads: wall time, requests/s, tokens/s, latency p50 / p99, the
+    load average before, and each row's ``(tokens, log-probs)``."""
+
     def one(row):
         ids, mix, length = row
         start = time.perf_counter()
-        tokens, logprobs = greedy_completion(client, ids, mix, length)
+        tokens, logprobs = greedy_completion(client, ids, mix, length, model=model)
         return time.perf_counter() - start, tokens, logprobs
 
+    load = os.getloadavg()[0]
     start = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
         results = list(pool.map(one, rows))
@@ -104,6 +109,7 @@ def run(client, rows, clients: int) -> dict:
     latencies = sorted(r[0] for r in results)
     tokens = sum(len(r[1]) for r in results)
     return {
+        "load_1min_before": round(load, 2),
         "wall_s": round(wall, 3),
         "requests_per_s": round(len(rows) / wall, 3),
         "tokens_per_s": round(tokens / wall, 2),
