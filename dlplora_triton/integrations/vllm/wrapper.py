@@ -24,7 +24,6 @@ from typing import Any
 import torch
 from vllm.lora.punica_wrapper.punica_base import PunicaWrapperBase
 
-from dlplora_triton.backends.torch_path import tensor_version
 from dlplora_triton.integrations.vllm.mixes import LoRARouteMapping, slot_routing
 from dlplora_triton.ops import fused_lora_planned, prepare_batch
 
@@ -224,9 +223,9 @@ class PunicaWrapperDLP(PunicaWrapperBase):
         multiply every slot's padding (a fleet's ranks 4 to 64 under ``max_lora_rank`` 64: 2.6x the
         work). Rows past the last non-zero row of A add nothing whatever B holds, so the ranks are
         exact. They are read again whenever vLLM writes the stack (``set_lora`` bumps its version)."""
-        version = tensor_version(lora_a)
-        if version < 0:  # an inference tensor has no version counter: no rank can be trusted for long
+        if lora_a.is_inference():  # no version counter: no rank read once could be trusted for long
             return None
+        version = lora_a._version
         key = (lora_a.data_ptr(), tuple(lora_a.shape), tuple(lora_a.stride()))
         cached = self._ranks.get(key)
         if cached is None or cached[0] != version:
