@@ -183,32 +183,16 @@ def _fit_row(net, row, vectors, labels, weight, epochs, lr, label_smoothing):
     return loss.item()
 
 
-def _fit_full(net, inputs, labels, weight, epochs, lr, label_smoothing, gen, batch_size=128):
-    """Fit every weight of ``net`` (its feature table a copy) on the texts' inputs (AdamW minibatches)."""
-    optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4, fused=True)
+def _fit_minibatches(params, logits_of, net, labels, weight, epochs, lr, label_smoothing, gen, fused=None):
+    """AdamW minibatches of 128 over ``params`` of ``net``; ``logits_of(rows)`` gives those rows' logits."""
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4, fused=fused)
     net.train()
     loss = torch.zeros(())
     for _ in range(epochs):
-        for rows in torch.split(torch.randperm(len(labels), generator=gen), batch_size):
-            logits = net(*_select(inputs, rows))
-            loss = F.cross_entropy(logits, labels[rows], weight=weight, label_smoothing=label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-    net.eval()
-    return loss.item()
-
-
-def _fit_head(net, vectors, labels, weight, epochs, lr, label_smoothing, gen, batch_size=128):
-    """Fit the norm, hidden and output layers (AdamW minibatches); the feature table stays frozen."""
-    params = [p for name, p in net.named_parameters() if not name.startswith("embedding.")]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
-    net.train()
-    loss = torch.zeros(())
-    for _ in range(epochs):
-        for rows in torch.split(torch.randperm(len(labels), generator=gen), batch_size):
-            logits = net.mlp(net.norm(vectors[rows]))
-            loss = F.cross_entropy(logits, labels[rows], weight=weight, label_smoothing=label_smoothing)
+        for rows in torch.split(torch.randperm(len(labels), generator=gen), 128):
+            loss = F.cross_entropy(
+                logits_of(rows), labels[rows], weight=weight, label_smoothing=label_smoothing
+            )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -288,10 +272,17 @@ def add_task(
         if method == "full":
             if net.embedding is not None:  # trained here: the serving router's table stays as it is
                 net.embedding = copy.deepcopy(net.embedding)
-            loss = _fit_full(net, inputs, labels, weight, epochs, lr, label_smoothing, gen)
+            # every weight of net (its feature table a copy) on the texts' inputs
+            logits_of = lambda rows: net(*_select(inputs, rows))  # noqa: E731
+            loss = _fit_minibatches(
+                net.parameters(), logits_of, net, labels, weight, epochs, lr, label_smoothing, gen, fused=True
+            )
         elif method == "head":
             vectors = text_vectors(router.net, inputs)
-            loss = _fit_head(net, vectors, labels, weight, epochs, lr, label_smoothing, gen)
+            # the norm, hidden and output layers; the feature table stays frozen
+            params = [p for name, p in net.named_parameters() if not name.startswith("embedding.")]
+            logits_of = lambda rows: net.mlp(net.norm(vectors[rows]))  # noqa: E731
+            loss = _fit_minibatches(params, logits_of, net, labels, weight, epochs, lr, label_smoothing, gen)
         else:
             vectors = text_vectors(router.net, inputs)
             loss = _fit_row(net, row, vectors, labels, weight, epochs, lr, label_smoothing)
