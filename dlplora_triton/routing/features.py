@@ -48,8 +48,28 @@ def text_shape(text: str) -> str:
     """``text`` with each character replaced by its class (:func:`_shape_class`) and runs of one class
     collapsed: ``def fib(n):`` -> ``a a(a):``. What a text's layout says whatever its words: calls,
     operators and indentation of code, the script of a prompt in any language."""
-    classes = [_shape_class(ch) for ch in text]
-    return "".join(c for i, c in enumerate(classes) if i == 0 or c != classes[i - 1] or not c.isalnum())
+    # Both steps in C: str.translate through a table that fills itself (one _shape_class call per
+    # distinct character ever seen), and a regex whose [^\W_] is exactly str.isalnum for str patterns.
+    return _SAME_ALNUM_RUN.sub(r"\1", text.translate(_SHAPE_TABLE))
+
+
+class _ShapeTable(dict):
+    """``str.translate``'s table for :func:`text_shape`: code point -> class, computed on first use and
+    kept for the first ``_SHAPE_TABLE_SIZE`` distinct code points (a client sending every code point
+    does not grow it past a few MB)."""
+
+    def __missing__(self, code: int) -> str:
+        shape = _shape_class(chr(code))
+        if len(self) < _SHAPE_TABLE_SIZE:
+            self[code] = shape
+        return shape
+
+
+_SHAPE_TABLE_SIZE = 1 << 16
+
+
+_SHAPE_TABLE = _ShapeTable()
+_SAME_ALNUM_RUN = re.compile(r"([^\W_])\1+")
 
 
 def _normalise(text: str, max_chars: int) -> str:
@@ -73,13 +93,19 @@ def _char_ngram_hashes(texts: list[str], ngram_min: int, ngram_max: int) -> tupl
     seps_upto = np.concatenate([[0], np.cumsum(is_sep)])  # separators in codes[:i]
     total = codes.size
     hashes, owners = [], []
-    for n in range(ngram_min, ngram_max + 1):
+    # h starts at n * 7919 and takes n steps h = (h * _BASE + c + 1) mod _MOD: that is
+    # (n * 7919 * _BASE^n + poly) mod _MOD, where poly of length n extends poly of length n - 1 by one
+    # step, so all lengths together take ngram_max steps (exact integer arithmetic, below 2^52).
+    shifted = codes + 1
+    poly = np.zeros(total, dtype=np.int64)
+    for n in range(1, ngram_max + 1):
         count = total - n + 1
         if count <= 0:
+            break
+        poly = (poly[:count] * _BASE + shifted[n - 1 : n - 1 + count]) % _MOD
+        if n < ngram_min:
             continue
-        h = np.full(count, n * 7919, dtype=np.int64)
-        for k in range(n):
-            h = (h * _BASE + codes[k : k + count] + 1) % _MOD
+        h = (poly + n * 7919 * pow(_BASE, n, _MOD)) % _MOD
         valid = seps_upto[n : n + count] == seps_upto[:count]  # no separator inside the window
         hashes.append(h[valid])
         owners.append(seps_upto[:count][valid])

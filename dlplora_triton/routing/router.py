@@ -21,7 +21,7 @@ from . import update as _update
 from .features import featurize, pooled_hidden_states
 from .files import load_router, save_router
 from .net import RouterNet, check_number, check_texts, net_inputs, one_thread, resolve_adapters
-from .top_p import top_p_select
+from .top_p import top_p_unchecked
 
 __all__ = ["Router", "train_router"]
 
@@ -77,6 +77,9 @@ class Router:
         ]
         self._one_class_each = all(len(g) == 1 for g in self._groups)
         self._background_ids = [c for c, n in enumerate(self.classes) if self.adapter_of[n] is None]
+        # as index tensors, made once: indexing with a list builds one on every call
+        self._adapter_columns = torch.tensor([g[0] for g in self._groups], dtype=torch.int64)
+        self._background_columns = torch.tensor(self._background_ids, dtype=torch.int64)
 
     @property
     def source(self) -> str:
@@ -153,7 +156,8 @@ class Router:
         """The net's logits ``[B, len(classes)]`` float32 of a list of ``B`` texts."""
         texts = check_texts(texts)
         check_number("batch_size", batch_size, 1, 2**62, integer=True)
-        self.net.eval()
+        if self.net.training:  # eval() walks every module: a tenth of a one-prompt route
+            self.net.eval()
         out = [torch.empty(0, len(self.classes))]
         for start in range(0, len(texts), batch_size):
             inputs = self._inputs(texts[start : start + batch_size])
@@ -164,31 +168,33 @@ class Router:
     def _adapter_probs(self, logits: torch.Tensor) -> torch.Tensor:
         """``[B, len(names)]``: P(adapter | not background), a softmax over each adapter's classes'
         log-sum-exp (in log space: no 0 / 0 when the background holds nearly all the mass)."""
-        with one_thread():
-            if self._one_class_each:
-                grouped = logits[:, [g[0] for g in self._groups]]
-            else:
-                grouped = torch.stack([torch.logsumexp(logits[:, g], dim=1) for g in self._groups], dim=1)
-            return torch.softmax(grouped, dim=1)
+        if self._one_class_each:
+            grouped = logits.index_select(1, self._adapter_columns)
+        else:
+            grouped = torch.stack([torch.logsumexp(logits[:, g], dim=1) for g in self._groups], dim=1)
+        return torch.softmax(grouped, dim=1)
 
     def _base_probs(self, logits: torch.Tensor) -> torch.Tensor:
         """``[B]``: the probability of the background classes together (0 without background)."""
         if not self._background_ids:
             return torch.zeros(logits.shape[0])
-        with one_thread():
-            log_base = torch.logsumexp(logits[:, self._background_ids], dim=1)
-            return torch.exp(log_base - torch.logsumexp(logits, dim=1))
+        log_base = torch.logsumexp(logits.index_select(1, self._background_columns), dim=1)
+        return torch.exp(log_base - torch.logsumexp(logits, dim=1))
 
     def predict_proba(self, texts: Sequence[str], batch_size: int = 4096) -> torch.Tensor:
         """Adapter probabilities ``[B, len(names)]`` float32 (rows sum to 1) of a list of ``B`` texts,
         given that an adapter serves the text: the background classes are left out and the rest
         renormalised. Whether the base model serves it instead: :meth:`base_proba`."""
-        return self._adapter_probs(self.class_logits(texts, batch_size))
+        logits = self.class_logits(texts, batch_size)
+        with one_thread():
+            return self._adapter_probs(logits)
 
     def base_proba(self, texts: Sequence[str], batch_size: int = 4096) -> torch.Tensor:
         """``[B]`` float32: the probability that none of the adapters fits a text (the background
         classes' total); all 0 for a router without background (``can_abstain`` False)."""
-        return self._base_probs(self.class_logits(texts, batch_size))
+        logits = self.class_logits(texts, batch_size)
+        with one_thread():
+            return self._base_probs(logits)
 
     def _check_route_args(self, p, top_k, weighting, min_confidence, base_threshold) -> float:
         options = check_route_options(
@@ -214,16 +220,18 @@ class Router:
         ``fused_lora`` and ``MultiLoRA.select`` read as the base model). ``P`` >= 1 for ``B`` >= 1."""
         threshold = self._check_route_args(p, top_k, weighting, min_confidence, base_threshold)
         logits = self.class_logits(texts)
-        probs = self._adapter_probs(logits)
-        if probs.shape[0] == 0:
+        if logits.shape[0] == 0:
             empty = torch.empty(0, 0)
             return empty.long(), empty.float()
-        ids, weights = top_p_select(probs, p=p, top_k=top_k, weighting=weighting)
-        base = self._base_probs(logits) >= threshold
-        if min_confidence is not None:
-            base |= probs.max(dim=1).values < min_confidence
-        ids = ids.masked_fill(base.unsqueeze(1), -1)
-        weights = weights.masked_fill(base.unsqueeze(1), 0.0)
+        with one_thread():
+            probs = self._adapter_probs(logits)
+            # probs is a softmax: the row checks of top_p_select hold by construction
+            ids, weights = top_p_unchecked(probs.double(), p, top_k, weighting)
+            base = self._base_probs(logits) >= threshold
+            if min_confidence is not None:
+                base |= probs.max(dim=1).values < min_confidence
+            ids = ids.masked_fill(base.unsqueeze(1), -1)
+            weights = weights.masked_fill(base.unsqueeze(1), 0.0)
         return ids, weights
 
     def route(

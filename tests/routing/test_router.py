@@ -185,6 +185,28 @@ def test_properties(rows, p, top_k, weighting):
             assert all(math.isclose(w, row_p[i] / total, rel_tol=1e-5) for i, w in zip(kept, row_w))
 
 
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(_rows, min_size=1, max_size=6),
+    st.one_of(st.floats(0.01, 1.0), st.sampled_from([0.25, 0.5, 0.6, 0.75, 1.0])),
+    st.one_of(st.none(), st.integers(1, 4)),
+    st.integers(0, 2**32 - 1),
+)
+def test_loops_equal_tensor_ops(rows, p, top_k, seed):
+    """Small batches are selected by Python loops, large ones by tensor ops: the same bits."""
+    from dlplora_triton.routing.top_p import _select_loops, _select_tensors
+
+    width = max(len(r) for r in rows)
+    probs = torch.zeros(len(rows), width, dtype=torch.float64)
+    for i, r in enumerate(rows):
+        probs[i, : len(r)] = torch.tensor(r, dtype=torch.float64)
+    # ties and zeros from the integers, and rows of softmax-like values with every bit in use
+    noisy = torch.softmax(torch.randn(len(rows), width, generator=torch.Generator().manual_seed(seed)), 1)
+    for batch in (probs / probs.sum(dim=1, keepdim=True), noisy.double()):
+        loops, tensors = _select_loops(batch, p, top_k), _select_tensors(batch, p, top_k, "renorm")
+        assert torch.equal(loops[0], tensors[0]) and torch.equal(loops[1], tensors[1])
+
+
 # ---------------------------------------------------------------------------------------------------
 # Router on a slice of the real text set
 
