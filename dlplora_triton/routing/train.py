@@ -34,6 +34,7 @@ from .net import (
     gather_bags,
     one_thread,
     resolve_adapters,
+    weighted_loss,
 )
 from .update import replay_sample
 
@@ -364,7 +365,7 @@ def _fit(
             total = 0.0
             for rows in torch.split(order, batch_size):
                 logits = net(*take(rows))
-                loss = _weighted_loss(logits, labels[rows], loss_weight, label_smoothing)
+                loss = weighted_loss(logits, labels[rows], loss_weight, label_smoothing)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -402,21 +403,6 @@ def _fit(
     net.load_state_dict(best)
     net.eval()
     return history, best_epoch
-
-
-def _weighted_loss(logits, targets, weight, label_smoothing: float) -> torch.Tensor:
-    """Label-smoothed cross-entropy, each text weighted by its task's weight (None: unweighted).
-
-    Not ``F.cross_entropy(weight=...)``: with label smoothing it also weights each class's share of
-    the smoothing mass, so every text learns to put mass on the rare classes in proportion to their
-    weight. With a few large adapter tasks and many small background tasks that mass is background:
-    a clear German sentence got base_proba ~0.3 and went to the base model (docs/routing.md,
-    "Unseen sources")."""
-    per_text = F.cross_entropy(logits, targets, label_smoothing=label_smoothing, reduction="none")
-    if weight is None:
-        return per_text.mean()
-    text_weight = weight[targets]
-    return (per_text * text_weight).sum() / text_weight.sum()
 
 
 @torch.no_grad()

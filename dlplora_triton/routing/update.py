@@ -24,10 +24,9 @@ import time
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from ..defaults import MIN_TEXTS_PER_TASK
-from .net import GENERAL, RouterNet, check_number, check_texts, gather_bags, one_thread
+from .net import GENERAL, RouterNet, check_number, check_texts, gather_bags, one_thread, weighted_loss
 
 __all__ = [
     "DEFAULTS",
@@ -173,7 +172,7 @@ def _fit_row(net, row, vectors, labels, weight, epochs, lr, label_smoothing):
     for _ in range(epochs):
         column = (hidden @ w + b).unsqueeze(1)
         logits = torch.cat([fixed[:, :row], column, fixed[:, row + 1 :]], dim=1)
-        loss = F.cross_entropy(logits, labels, weight=weight, label_smoothing=label_smoothing)
+        loss = weighted_loss(logits, labels, weight, label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -190,9 +189,7 @@ def _fit_minibatches(params, logits_of, net, labels, weight, epochs, lr, label_s
     loss = torch.zeros(())
     for _ in range(epochs):
         for rows in torch.split(torch.randperm(len(labels), generator=gen), 128):
-            loss = F.cross_entropy(
-                logits_of(rows), labels[rows], weight=weight, label_smoothing=label_smoothing
-            )
+            loss = weighted_loss(logits_of(rows), labels[rows], weight, label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
