@@ -55,6 +55,8 @@ def source_group(source: str) -> str:
     """The unit held out: a man page (its section dropped), a catalogue, a Python top-level package
     or module, or a file."""
     kind, _, rest = source.partition(":")
+    if kind in ("imports", "headers"):  # <kind>:<tree>/<file>: with the statements of its package
+        kind, _, rest = rest.partition("/")
     if kind == "man":
         return "man:" + rest.rsplit(".", 1)[0]
     if kind in ("stdlib", "dist-packages"):

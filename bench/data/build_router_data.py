@@ -36,6 +36,11 @@ Added in the second version (``--per-extra`` rows each, selected after the first
                              requests, urllib3, yaml, pkg_resources, oauthlib, ...: MIT, Apache-2.0,
                              BSD, GPL-2+ for python-apt).
 
+and, added last (``--per-late`` rows each): the import statements (``import os``, ``from x import (a, b)``;
+source ``imports:stdlib/<file>`` or ``imports:dist-packages/<file>``) and the block headers (``for x
+in y:``, ``class A(B):``; source ``headers:...``) of both Python trees, which the statements above
+never are: without them ``import numpy as np`` and ``while True:`` went to the base model.
+
 and 25 tasks (``--per-added-task`` rows each):
 
     it pt pl nl sv da uk ko  translated man pages (/usr/share/man/<lang>/; pt: pt and pt_BR) and program
@@ -94,6 +99,7 @@ DIST_PACKAGES = Path("/usr/lib/python3/dist-packages")
 LOCALE = Path("/usr/share/locale")
 OUT = Path(__file__).resolve().parents[2] / "dlplora_triton" / "data" / "router_texts.jsonl"
 MIN_CHARS, MAX_CHARS = 20, 300
+MIN_SHORT_CHARS = 9  # the import statements and block headers: "import os", "else:" is too short
 LANGS = {"de": ["de"], "fr": ["fr"], "es": ["es"], "ja": ["ja"], "ru": ["ru"], "zh": ["zh_CN", "zh_TW"]}
 
 # ---------------------------------------------------------------------------------------------------
@@ -457,8 +463,25 @@ _CODE_NODES = (
 )
 
 
-def python_code(root: Path) -> list[tuple[str, str]]:
-    """(statement, file) of the Python source under ``root`` (tests excluded), 1 to 6 lines, dedented."""
+# Compound statements whose first line is a prompt of its own (``def f(x):``, ``for i in range(10):``).
+_BLOCK_NODES = (
+    ast.FunctionDef,
+    ast.AsyncFunctionDef,
+    ast.ClassDef,
+    ast.For,
+    ast.While,
+    ast.If,
+    ast.With,
+    ast.Try,
+)
+
+
+def python_code(
+    root: Path, nodes: tuple[type, ...] = _CODE_NODES, min_chars: int = MIN_CHARS, headers: bool = False
+) -> list[tuple[str, str]]:
+    """(statement, file) of the Python source under ``root`` (tests excluded), 1 to 6 lines, dedented:
+    statements of the kinds ``nodes``, of ``min_chars`` to ``MAX_CHARS`` characters; with ``headers``
+    only a compound statement's first line, when it is the whole header (``for x in y:``)."""
     out = []
     for path in sorted(root.rglob("*.py")):
         rel = path.relative_to(root).parts
@@ -471,16 +494,18 @@ def python_code(root: Path) -> list[tuple[str, str]]:
             continue
         lines = source.split("\n")  # as ast counts lines (splitlines also breaks at \f, \x1c, ...)
         for node in ast.walk(tree):
-            if not isinstance(node, _CODE_NODES) or node.end_lineno - node.lineno > 5:
+            if not isinstance(node, nodes) or (node.end_lineno - node.lineno > 5 and not headers):
                 continue
             if isinstance(node, ast.Expr) and not isinstance(node.value, ast.Call):
                 continue  # docstrings and bare names
-            segment = lines[node.lineno - 1 : node.end_lineno]
+            segment = lines[node.lineno - 1 : node.lineno if headers else node.end_lineno]
+            if headers and not segment[0].rstrip().endswith(":"):
+                continue  # a header over several lines, or with its body on the same line
             indent = node.col_offset
             if any(l[:indent].strip() for l in segment):
                 continue  # a statement sharing its line with another (a; b)
             text = "\n".join(l[indent:].rstrip() for l in segment)
-            if MIN_CHARS <= len(text) <= MAX_CHARS and sum(ch.isalpha() for ch in text) >= 0.4 * len(text):
+            if min_chars <= len(text) <= MAX_CHARS and sum(ch.isalpha() for ch in text) >= 0.4 * len(text):
                 out.append((text, str(path.relative_to(root))))
     return out
 
@@ -715,10 +740,10 @@ ADDED_CODE = {
 }
 
 
-def raw_sources() -> tuple[dict, dict, dict, dict[str, str]]:
+def raw_sources() -> tuple[dict, dict, dict, list[dict], dict[str, str]]:
     """Every candidate (text, source) per task, before deduplication and selection: the first
-    version's nine tasks, the added tasks, the added sources of the first nine tasks, and a one-line
-    source description per task."""
+    version's nine tasks, the added tasks, the added sources of the first nine tasks, the groups added
+    last (import statements, block headers), and a one-line source description per task."""
     english_man = man_sentences(_man_files([MAN], "12345678"))
     english_keys = {_key(s) for s, _ in english_man}
     commands = man_sentences(_man_files([MAN], "18"))
@@ -768,16 +793,35 @@ def raw_sources() -> tuple[dict, dict, dict, dict[str, str]]:
         )
     extra["code"] = [(s, "dist-packages:" + src) for s, src in python_code(DIST_PACKAGES)]
     sources["code"] += f" and of {DIST_PACKAGES}"
-    return first, added, extra, sources
+    # Import statements, in neither of the above (a prompt `import numpy as np` went to the base model):
+    # rows added after all others, so that every earlier row stays.
+    trees = (("stdlib", PYLIB), ("dist-packages", DIST_PACKAGES))
+    late = [
+        {
+            "code": [
+                (s, f"{label}:{kind}/{src}")
+                for kind, root in trees
+                for s, src in python_code(root, nodes, min_chars=MIN_SHORT_CHARS, headers=headers)
+            ]
+        }
+        for label, nodes, headers in (
+            ("imports", (ast.Import, ast.ImportFrom), False),
+            ("headers", _BLOCK_NODES, True),
+        )
+    ]
+    sources["code"] += ", with their import statements and block headers"
+    return first, added, extra, late, sources
 
 
 def select(
     first: dict[str, list[tuple[str, str]]],
     added: dict[str, list[tuple[str, str]]],
     extra: dict[str, list[tuple[str, str]]],
+    late: list[dict[str, list[tuple[str, str]]]],
     per_task: int,
     per_added_task: int,
     per_extra: int,
+    per_late: int,
 ) -> tuple[list[dict], dict[str, int]]:
     """The selected rows ({"text", "task", "source"}) and each task's number of distinct usable texts.
 
@@ -790,11 +834,18 @@ def select(
             for s, _ in items:
                 owners[_key(s)].add(task)
     first_owners = {k: {t for t in ts if t in first} for k, ts in owners.items()}
+    # the late group's texts are checked against every task, and do not change the earlier groups' rows
+    late_owners = defaultdict(set, {k: set(ts) for k, ts in owners.items()})
+    for group in late:
+        for task, items in group.items():
+            for s, _ in items:
+                late_owners[_key(s)].add(task)
     rows, distinct, taken = [], Counter(), set()
     for group, limit, owner_of in (
         (first, per_task, first_owners),
         (added, per_added_task, owners),
         (extra, per_extra, owners),
+        *((group, per_late, late_owners) for group in late),
     ):
         for task in sorted(group):
             source_of: dict[str, tuple[str, str]] = {}
@@ -810,10 +861,12 @@ def select(
     return rows, distinct
 
 
-def collect(per_task: int, per_added_task: int, per_extra: int) -> tuple[list[dict], dict[str, str]]:
+def collect(
+    per_task: int, per_added_task: int, per_extra: int, per_late: int
+) -> tuple[list[dict], dict[str, str]]:
     """The selected rows and a one-line source description per task."""
-    first, added, extra, sources = raw_sources()
-    rows, distinct = select(first, added, extra, per_task, per_added_task, per_extra)
+    first, added, extra, late, sources = raw_sources()
+    rows, distinct = select(first, added, extra, late, per_task, per_added_task, per_extra, per_late)
     counts = Counter(r["task"] for r in rows)
     for task in sources:
         sources[task] += f": {distinct[task]} distinct texts, kept {counts[task]}"
@@ -834,12 +887,18 @@ def main(argv: list[str] | None = None) -> int:
         default=1500,
         help="texts kept per added source of a first task (default 1500)",
     )
+    parser.add_argument(
+        "--per-late",
+        type=int,
+        default=300,
+        help="import statements, and block headers, kept for code (default 300 each)",
+    )
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args(argv)
     if not MAN.is_dir():
         print(f"error: {MAN} not found: this script reads the man pages of a Debian machine", file=sys.stderr)
         return 2
-    rows, sources = collect(args.per_task, args.per_added_task, args.per_extra)
+    rows, sources = collect(args.per_task, args.per_added_task, args.per_extra, args.per_late)
     # Order rows by hash, not by task, so that any prefix of the file holds every task.
     rows.sort(key=lambda r: hashlib.blake2b((r["task"] + "\t" + r["text"]).encode(), digest_size=8).digest())
     with open(args.out, "w", encoding="utf-8") as f:

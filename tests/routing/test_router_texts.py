@@ -14,7 +14,7 @@ from dlplora_triton.routing import GENERAL, Router
 
 SMALL = {"num_buckets": 2**14, "hidden": (64,), "epochs": 12, "batch_size": 64}
 SOURCE_KINDS = {"man", "mo", "stdlib", "dist-packages", "license", "c", "perl", "javascript", "vim", "cmake"}
-SOURCE_KINDS |= {"sql", "shellscript"}
+SOURCE_KINDS |= {"sql", "shellscript", "imports", "headers"}
 ADAPTERS = ["code", "de", "fr", "ja", "ru", "zh"]
 
 
@@ -35,7 +35,11 @@ def test_at_least_32_tasks_each_with_a_source(rows):
     # (other Python packages): bench/bench_router_sources.py holds whole sources of each out.
     for task in ADAPTERS:
         kinds = {r["source"].partition(":")[0] for r in rows if r["task"] == task}
-        assert kinds == ({"stdlib", "dist-packages"} if task == "code" else {"man", "mo"}), (task, kinds)
+        expected = {"stdlib", "dist-packages", "imports", "headers"} if task == "code" else {"man", "mo"}
+        assert kinds == expected, (task, kinds)
+    # import statements and block headers, which a one-line prompt often is (``import numpy as np``)
+    for kind in ("imports:", "headers:"):
+        assert sum(r["source"].startswith(kind) for r in rows if r["task"] == "code") >= 200, kind
 
 
 def test_first_version_rows_are_unchanged():
