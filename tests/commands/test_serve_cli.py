@@ -193,6 +193,28 @@ def test_max_loras_follows_top_k():
         command("--max-loras=x")
 
 
+def test_runtime_updates_get_one_api_server(monkeypatch):
+    """Each API server process holds its own router: a runtime load or unload reaches one of them."""
+    adapters = adapter_directories(ADAPTERS)
+
+    def command(*extra):
+        args, rest = build_parser().parse_known_args(
+            ["--adapters", "a", "--router", "r", "--model", "m", *extra]
+        )
+        return vllm_command(args, rest, adapters)
+
+    monkeypatch.delenv("VLLM_ALLOW_RUNTIME_LORA_UPDATING", raising=False)
+    assert "--api-server-count" not in command("--data-parallel-size", "2")  # one router each, all equal
+    monkeypatch.setenv("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "True")
+    assert "--api-server-count" not in command()
+    cmd = command("--data-parallel-size", "2")  # vLLM would start one API server per rank
+    assert cmd[cmd.index("--api-server-count") + 1] == "1"
+    assert command("-dp", "2", "--api-server-count", "1").count("--api-server-count") == 1
+    for flags in (("--api-server-count", "2"), ("-asc=3",), ("-dp", "2", "--api-server-count", "x")):
+        with pytest.raises(ServeError, match="runtime updates need one API server"):
+            command(*flags)
+
+
 def test_serve_puts_the_mix_key_in_vllms_environment(monkeypatch, router_dir):
     import os
 

@@ -219,6 +219,28 @@ def cpu_defaults(rest: list[str], memory: tuple[int, int] | None = None) -> list
     return [item for flag, value in chosen.items() if not _has(rest, flag) for item in (flag, value)]
 
 
+def _api_server_flags(rest: list[str]) -> list[str]:
+    """``--api-server-count 1`` when runtime adapter updates are on and vLLM would start several API
+    servers (``--data-parallel-size`` above 1 defaults to one per rank); ServeError when ``rest`` asks
+    for several. Each API server process routes with its own router, and a load or unload through one
+    changes that one's only: the others would route to an adapter that left, or never to a new one."""
+    if os.environ.get("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "0").strip().lower() not in ("1", "true"):
+        return []  # vLLM's own reading of the variable
+    count = _value(rest, "--api-server-count") or _value(rest, "-asc")
+    if count is not None:
+        if not (count.isascii() and count.isdigit()) or int(count) > 1:
+            raise ServeError(
+                f"--api-server-count {count} with VLLM_ALLOW_RUNTIME_LORA_UPDATING: each API server "
+                "process routes with its own router, and an adapter loaded or unloaded through one "
+                "would change that one's only; runtime updates need one API server (leave the flag out)"
+            )
+        return []
+    ranks = _value(rest, "--data-parallel-size") or _value(rest, "-dp")
+    if ranks is not None and ranks.isascii() and ranks.isdigit() and int(ranks) > 1:
+        return ["--api-server-count", "1"]
+    return []
+
+
 def vllm_command(
     args: argparse.Namespace, rest: list[str], adapters: dict, cpu_flags: Sequence[str] = ()
 ) -> list[str]:
@@ -237,7 +259,7 @@ def vllm_command(
         raise ServeError(
             f"--max-loras {max_loras} is below --top-k {args.top_k}: a routed mix needs a slot per adapter"
         )
-    cmd = [sys.executable, "-m", server_module(), *rest]
+    cmd = [sys.executable, "-m", server_module(), *rest, *_api_server_flags(rest)]
     if max_loras is None:  # vLLM's default, 1, would refuse every routed mix
         cmd += ["--max-loras", str(args.top_k)]
     if not _has(rest, "--enable-lora"):
