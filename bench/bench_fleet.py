@@ -4,7 +4,7 @@ The fleet is bench/make_fleet.py's 128 random SmolLM2-135M adapters (ranks 4-64,
 all-linear targets, some with a rank_pattern), written once to ``--fleet`` (default /tmp). Every
 server: ``--max-loras 8 --max-cpu-loras 32 --max-lora-rank 64``, fp32, eager, so with more than 32
 adapters in use they are loaded from disk and evicted all along. Parts (each runs alone; ``all`` runs
-the three, each with its own server, one server at a time):
+the first three, each with its own server, one server at a time):
 
 - ``scaling``: our server (plugin + mix middleware, adapters loaded by name from
   ``$DLPLORA_VLLM_ADAPTER_DIR`` on first use) under the package's client (bench/fleet_traffic.py): 16
@@ -21,11 +21,13 @@ the three, each with its own server, one server at a time):
 - ``memory``: our server, the mixed Zipf traffic (alpha 1) at N = 128; the resident memory summed over
   the server's process group (``/proc/<pid>/smaps_rollup``) after 200 requests and after every 200 more,
   and the adapter counters on ``/metrics`` at the end.
+- ``bytes-bound`` (no server, seconds): the most the ratios of ``scaling`` can be for a step that reads
+  the base model's weights and each distinct adapter of its 16 rows once (``part_bytes_bound``).
 
 Results go to bench/results/cpu/fleet.json, rewritten after every run (a run cut off keeps what it
 measured; parts not rerun are kept). Every answer is checked: no error, ``max_tokens`` tokens.
 
-    PYTHONPATH=. .venv-engine/bin/python bench/bench_fleet.py {scaling,vs-vllm,memory,all}
+    PYTHONPATH=. .venv-engine/bin/python bench/bench_fleet.py {scaling,vs-vllm,memory,bytes-bound,all}
         [--requests 64] [--rounds 2] [--fleet /tmp/dlplora-fleet-128] [--max-cpu-loras 32]
     .venv/bin/python bench/bench_fleet.py plot      # fleet.png from fleet.json (matplotlib)
 
@@ -606,9 +608,7 @@ def main(argv=None) -> int:
             "vs-vllm": part_vs_vllm,
             "memory": part_memory,
             "bytes-bound": part_bytes_bound,
-        }[part](
-            args, fleet, logs, results
-        )
+        }[part](args, fleet, logs, results)
     return 0
 
 
