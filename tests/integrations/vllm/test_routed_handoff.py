@@ -17,6 +17,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from asgi_call import asgi_request
 
 from dlplora_triton.integrations.vllm import mixes, server
 
@@ -77,34 +78,15 @@ def app(monkeypatch, tmp_path):
     torch.set_num_threads(threads)
 
 
+JSON_HEADERS = [(b"content-type", b"application/json")]
+
+
 def post(app, body: dict):
     """``(status, answer, headers)`` of one POST to /v1/completions through the ASGI app."""
-    sent = []
-
-    async def receive():
-        return {"type": "http.request", "body": json.dumps(body).encode(), "more_body": False}
-
-    async def send(message):
-        sent.append(message)
-
-    scope = {
-        "type": "http",
-        "method": "POST",
-        "path": "/v1/completions",
-        "raw_path": b"/v1/completions",
-        "root_path": "",
-        "query_string": b"",
-        "headers": [(b"content-type", b"application/json")],
-        "scheme": "http",
-        "server": ("127.0.0.1", 8000),
-        "client": ("127.0.0.1", 1234),
-        "http_version": "1.1",
-    }
-    asyncio.run(app(scope, receive, send))
-    start = next(m for m in sent if m["type"] == "http.response.start")
-    answer = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
-    headers = {k.decode(): v.decode() for k, v in start["headers"]}
-    return start["status"], json.loads(answer), headers
+    status, answer, headers, _ = asyncio.run(
+        asgi_request(app, "POST", "/v1/completions", json.dumps(body).encode(), JSON_HEADERS)
+    )
+    return status, json.loads(answer), headers
 
 
 @pytest.fixture

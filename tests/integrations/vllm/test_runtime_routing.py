@@ -19,6 +19,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from asgi_call import asgi_request
 
 from dlplora_triton.integrations.vllm import mixes
 from dlplora_triton.routing import Router, read_labelled_jsonl
@@ -165,44 +166,16 @@ def served(monkeypatch, router_dir, tmp_path):
 
 
 async def _request(app, method, path, body=None, key=None):
-    sent, read = [], []
-
-    async def receive():
-        read.append(True)
-        return {
-            "type": "http.request",
-            "body": json.dumps(body).encode() if body is not None else b"",
-            "more_body": False,
-        }
-
-    async def send(message):
-        sent.append(message)
-
     headers = [(b"content-type", b"application/json")]
     if key is not None:
         headers.append((b"authorization", b"Bearer " + key.encode()))
-    scope = {
-        "type": "http",
-        "method": method,
-        "path": path,
-        "raw_path": path.encode(),
-        "root_path": "",
-        "query_string": b"",
-        "headers": headers,
-        "scheme": "http",
-        "server": ("127.0.0.1", 8000),
-        "client": ("127.0.0.1", 1234),
-        "http_version": "1.1",
-    }
-    await app(scope, receive, send)
-    start = next(m for m in sent if m["type"] == "http.response.start")
-    payload = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
-    headers = {k.decode(): v.decode() for k, v in start["headers"]}
+    raw = json.dumps(body).encode() if body is not None else b""
+    status, payload, answer_headers, read = await asgi_request(app, method, path, raw, headers)
     try:
         answer = json.loads(payload)
     except ValueError:
         answer = payload.decode()
-    return start["status"], answer, headers, bool(read)
+    return status, answer, answer_headers, read
 
 
 def call(app, method, path, body=None, key=None):

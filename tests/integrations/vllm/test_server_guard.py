@@ -9,6 +9,7 @@ import asyncio
 import json
 
 import pytest
+from asgi_call import asgi_request
 
 from dlplora_triton.integrations.vllm.server import MixMiddleware, install_guard
 
@@ -43,33 +44,9 @@ def _app(*middlewares):
 
 def _post(app, path, body: bytes, key=True):
     """``(status, body, whether the body was read)`` of one POST through the ASGI app."""
-    read, sent = [], []
-
-    async def receive():
-        read.append(True)
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    async def send(message):
-        sent.append(message)
-
     headers = [(b"content-type", b"application/json")] + ([(b"authorization", b"Bearer k")] if key else [])
-    scope = {
-        "type": "http",
-        "method": "POST",
-        "path": path,
-        "raw_path": path.encode(),
-        "root_path": "",
-        "query_string": b"",
-        "headers": headers,
-        "scheme": "http",
-        "server": ("127.0.0.1", 8000),
-        "client": ("127.0.0.1", 1234),
-        "http_version": "1.1",
-    }
-    asyncio.run(app(scope, receive, send))
-    status = next(m["status"] for m in sent if m["type"] == "http.response.start")
-    payload = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
-    return status, json.loads(payload), bool(read)
+    status, payload, _, read = asyncio.run(asgi_request(app, "POST", path, body, headers))
+    return status, json.loads(payload), read
 
 
 def test_without_the_key_the_guard_never_runs():

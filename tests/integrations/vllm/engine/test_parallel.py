@@ -246,17 +246,7 @@ def test_teacher_forced_logprobs_equal_one_worker(server, tiny, tokenizer):
         else:
             requests.append(mix_request(components, params))
     os.environ["VLLM_CPU_OMP_THREADS_BIND"] = bind_threads(1)
-    llm = LLM(
-        model=str(model_dir),
-        enable_lora=True,
-        max_loras=SLOTS,
-        max_lora_rank=TINY_RANK,
-        dtype="float32",
-        max_model_len=256,
-        enforce_eager=True,
-        gpu_memory_utilization=0.05,
-        kv_cache_memory_bytes=2**27,
-    )
+    llm = LLM(**_offline_args(model_dir))
     try:
         outputs = llm.generate(
             [TokensPrompt(prompt_token_ids=ids) for ids, _, _ in rows],
@@ -272,6 +262,21 @@ def test_teacher_forced_logprobs_equal_one_worker(server, tiny, tokenizer):
         assert worst < 1e-4, f"{mix}: TP=2 vs TP=1 differ by {worst:.2e}"
 
 
+def _offline_args(model_dir) -> dict:
+    """The offline engine's arguments for the tiny model (one worker; the caller adds parallelism)."""
+    return {
+        "model": str(model_dir),
+        "enable_lora": True,
+        "max_loras": SLOTS,
+        "max_lora_rank": TINY_RANK,
+        "dtype": "float32",
+        "max_model_len": 256,
+        "enforce_eager": True,
+        "gpu_memory_utilization": 0.05,
+        "kv_cache_memory_bytes": 2**27,
+    }
+
+
 @pytest.mark.slow  # another engine start; make test checks the same refusal in test_worker_check.py
 def test_a_worker_without_the_plugin_stops_the_engine(tiny, capfd):
     # Rank 1 runs vLLM's own punica wrapper (worker_classes.py): the engine must not start.
@@ -281,15 +286,7 @@ def test_a_worker_without_the_plugin_stops_the_engine(tiny, capfd):
     os.environ["VLLM_CPU_OMP_THREADS_BIND"] = bind_threads(2)
     with pytest.raises(RuntimeError, match="Engine core initialization failed"):
         LLM(
-            model=str(model_dir),
-            enable_lora=True,
-            max_loras=SLOTS,
-            max_lora_rank=TINY_RANK,
-            dtype="float32",
-            max_model_len=256,
-            enforce_eager=True,
-            gpu_memory_utilization=0.05,
-            kv_cache_memory_bytes=2**27,
+            **_offline_args(model_dir),
             tensor_parallel_size=2,
             distributed_executor_backend="mp",
             worker_cls="worker_classes.RankOneWithoutPlugin",
