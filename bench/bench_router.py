@@ -39,13 +39,9 @@ import common
 from dlplora_triton.routing import Router, format_report, read_labelled_jsonl
 
 HERE = Path(__file__).resolve().parent
-DATA = HERE.parent / "dlplora_triton" / "data" / "router_texts.jsonl"
-GENERAL_SETS = {
-    "dev": HERE / "data" / "general_prompts_dev.jsonl",
-    "test": HERE / "data" / "general_prompts_test.jsonl",
-}
+DATA, GENERAL_SETS = common.ROUTER_DATA, common.GENERAL_SETS
 RESULTS = common.RESULTS / "cpu"
-ADAPTERS = ["code", "de", "fr", "ja", "ru", "zh"]  # dlplora_triton/data/adapters/smollm2/
+ADAPTERS = common.ADAPTER_TASKS
 THRESHOLDS = (0.3, 0.5, 0.7)
 ISSUE_PROMPTS = ["hello", "hello, how are you?", "What is the capital of France?"]
 

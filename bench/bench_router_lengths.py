@@ -1,12 +1,14 @@
 """The sentence router by prompt length: a few words, one line of code, a sentence, a paragraph.
 
     python bench/bench_router_lengths.py [--variants baseline,shape] [--train 10000] [--seeds 0,1]
-                                         [--out bench/results/cpu/router_lengths.json]
+        [--tasks code,de,fr,ja,ru,zh,es,license,shell | all] [--out bench/results/cpu/router_lengths.json]
 
-Each variant (and seed) trains a router on the first ``--train`` lines of dlplora_triton/data/router_texts.jsonl
-(plus the package's general prompts, as bench_router.py does) with its training options (VARIANTS), gives
-it the 6 adapters of dlplora_triton/data/adapters/smollm2/ (the other tasks become background, as for the
-documented router), and routes prompts cut from the lines after ``--train`` (never trained on), by length:
+Each variant (and seed) trains a router on the first ``--train`` lines of
+dlplora_triton/data/router_texts.jsonl of the tasks ``--tasks`` (default the documented router's nine,
+as the README's ``dlplora train-router --tasks``), plus the package's general prompts as bench_router.py
+does, with its training options (VARIANTS); gives it the 6 adapters of
+dlplora_triton/data/adapters/smollm2/ (the other tasks become background, as for the documented
+router), and routes prompts cut from those tasks' lines after ``--train`` (never trained on), by length:
 
 - ``words``: a window of 1 to 3 words of each unseen line (of 2 to 6 characters where most of the line
   is Chinese or Japanese, which do not separate words);
@@ -40,12 +42,8 @@ from dlplora_triton.routing import Router, read_labelled_jsonl
 from dlplora_triton.routing.augment import crop_units
 
 HERE = Path(__file__).resolve().parent
-DATA = HERE.parent / "dlplora_triton" / "data" / "router_texts.jsonl"
-GENERAL_SETS = {
-    "dev": HERE / "data" / "general_prompts_dev.jsonl",
-    "test": HERE / "data" / "general_prompts_test.jsonl",
-}
-ADAPTERS = ["code", "de", "fr", "ja", "ru", "zh"]  # dlplora_triton/data/adapters/smollm2/
+DATA, GENERAL_SETS = common.ROUTER_DATA, common.GENERAL_SETS
+ADAPTERS = common.ADAPTER_TASKS
 PARAGRAPH_LINES = 4
 NUMPY_LINES = 200
 DOC_PROMPTS = [
@@ -260,6 +258,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--train", type=int, default=10_000)
+    parser.add_argument("--tasks", default=common.DOCUMENTED_TASKS, help="tasks, comma-separated, or 'all'")
     parser.add_argument("--seeds", default="0,1", help="training seeds, comma-separated (default 0,1)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"of {list(VARIANTS)}")
     parser.add_argument("--out", type=Path, default=common.RESULTS / "cpu" / "router_lengths.json")
@@ -270,6 +269,9 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"unknown variants {unknown}; known: {list(VARIANTS)}")
 
     texts, tasks = read_labelled_jsonl(args.data)
+    if args.tasks != "all":
+        chosen = set(args.tasks.split(","))
+        texts, tasks = map(list, zip(*[(x, t) for x, t in zip(texts, tasks) if t in chosen]))
     train_x, train_y = texts[: args.train], tasks[: args.train]
     unseen_x, unseen_y = texts[args.train :], tasks[args.train :]
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -283,6 +285,7 @@ def main(argv: list[str] | None = None) -> dict:
                 args.data.relative_to(HERE.parent) if args.data.is_relative_to(HERE.parent) else args.data
             ),
             "sha256": hashlib.sha256(args.data.read_bytes()).hexdigest(),
+            "tasks": sorted(set(tasks)),
             "train_lines": len(train_x),
             "unseen_lines": len(unseen_x),
             "seeds": seeds,

@@ -39,13 +39,8 @@ import common
 from dlplora_triton.routing import Router, read_labelled_jsonl
 
 HERE = Path(__file__).resolve().parent
-DATA = HERE.parent / "dlplora_triton" / "data" / "router_texts.jsonl"
-GENERAL_SETS = {
-    "dev": HERE / "data" / "general_prompts_dev.jsonl",
-    "test": HERE / "data" / "general_prompts_test.jsonl",
-}
-ADAPTERS = ["code", "de", "fr", "ja", "ru", "zh"]  # dlplora_triton/data/adapters/smollm2/
-DOCUMENTED_TASKS = "code,de,fr,ja,ru,zh,es,license,shell"  # the README's dlplora train-router --tasks
+DATA, GENERAL_SETS = common.ROUTER_DATA, common.GENERAL_SETS
+ADAPTERS = common.ADAPTER_TASKS
 NUM_FOLDS = 4
 THRESHOLDS = (0.3, 0.5, 0.6, 0.7)
 FIRST_KINDS = ("man", "stdlib", "license")  # the first version's sources (the adapters' training data)
@@ -117,7 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=common.RESULTS / "cpu" / "router_sources.json")
     parser.add_argument(
-        "--train-tasks", default=DOCUMENTED_TASKS, help="tasks trained on, comma-separated, or 'all'"
+        "--train-tasks", default=common.DOCUMENTED_TASKS, help="tasks trained on, comma-separated, or 'all'"
     )
     args = parser.parse_args(argv)
 

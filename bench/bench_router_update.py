@@ -1,11 +1,11 @@
 """Adding a task to a trained router (``Router.add_task``) against retraining it from scratch.
 
     python bench/bench_router_update.py [--train 10000] [--added 300] [--seed 0]
-        [--out bench/results/cpu/router_update.json]
+        [--text-tasks code,de,fr,ja,ru,zh,es,license,shell | all] [--out bench/results/cpu/router_update.json]
 
 For each task T of ``--tasks`` (default es, zh, shell: each has a near neighbour among the others, fr,
 ja, code), a router is trained on the first ``--train`` lines of dlplora_triton/data/router_texts.jsonl
-less every text of T (8 tasks, each its own adapter, plus the package's general prompts as
+of the ``--text-tasks`` (default the documented router's nine) less every text of T (8 tasks, each its own adapter, plus the package's general prompts as
 background), then T is added from its first ``--added`` texts by ``add_task`` with each method
 (``full``: the whole net, on a copy of the feature table; ``head``: the MLP, the table frozen; ``row``:
 T's output row alone). The reference retrains from
@@ -29,9 +29,7 @@ import torch
 
 from dlplora_triton.routing import Router, read_labelled_jsonl
 
-HERE = Path(__file__).resolve().parent
-DATA = HERE.parent / "dlplora_triton" / "data" / "router_texts.jsonl"
-GENERAL_DEV = HERE / "data" / "general_prompts_dev.jsonl"
+DATA, GENERAL_DEV = common.ROUTER_DATA, common.GENERAL_SETS["dev"]
 METHODS = ("full", "head", "row")
 
 
@@ -64,10 +62,18 @@ def main() -> int:
     parser.add_argument("--added", type=int, default=300)
     parser.add_argument("--tasks", default="es,zh,shell")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--text-tasks",
+        default=common.DOCUMENTED_TASKS,
+        help="the text set's tasks used, comma-separated, or 'all'",
+    )
     parser.add_argument("--out", type=Path, default=common.RESULTS / "cpu" / "router_update.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
     texts, tasks = read_labelled_jsonl(DATA, int_labels=False, owner="the text set")
+    if args.text_tasks != "all":
+        chosen = set(args.text_tasks.split(","))
+        texts, tasks = map(list, zip(*[(x, t) for x, t in zip(texts, tasks) if t in chosen]))
     general, _ = read_labelled_jsonl(GENERAL_DEV, label_key="lang", owner="general prompts (dev)")
     train_x, train_y = texts[: args.train], tasks[: args.train]
     unseen_x = texts[args.train :] + general
@@ -109,6 +115,7 @@ def main() -> int:
         "environment": common.environment("cpu"),
         "load_1min_start": load_start,
         "load_1min_end": os.getloadavg()[0],
+        "text_tasks": sorted(set(tasks)),
         "train_lines": args.train,
         "added_texts": args.added,
         "seed": args.seed,

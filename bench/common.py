@@ -19,6 +19,18 @@ import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
+# The sentence router's benchmarks (bench_router*.py): the text set, the general chat prompts never
+# trained on, the tasks of the six SmolLM2 adapters (dlplora_triton/data/adapters/smollm2/), and the
+# tasks the README's `dlplora train-router --tasks` trains on.
+ROOT = Path(__file__).resolve().parents[1]
+ROUTER_DATA = ROOT / "dlplora_triton" / "data" / "router_texts.jsonl"
+GENERAL_SETS = {
+    "dev": ROOT / "bench" / "data" / "general_prompts_dev.jsonl",
+    "test": ROOT / "bench" / "data" / "general_prompts_test.jsonl",
+}
+ADAPTER_TASKS = ["code", "de", "fr", "ja", "ru", "zh"]
+DOCUMENTED_TASKS = "code,de,fr,ja,ru,zh,es,license,shell"
+
 
 def _cpu_name() -> str:
     try:
