@@ -66,8 +66,6 @@ class _ShapeTable(dict):
 
 
 _SHAPE_TABLE_SIZE = 1 << 16
-
-
 _SHAPE_TABLE = _ShapeTable()
 _SAME_ALNUM_RUN = re.compile(r"([^\W_])\1+")
 

@@ -110,6 +110,8 @@ class RouterNet(nn.Module):
                 x = F.linear(x, layer.weight, layer.bias)
             elif isinstance(layer, nn.GELU):
                 x = F.gelu(x, approximate=layer.approximate)
+            elif not isinstance(layer, nn.Dropout):
+                x = layer(x)
         return x
 
 

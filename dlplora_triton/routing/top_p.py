@@ -79,7 +79,7 @@ def top_p_select(
 
 # Below this many probabilities (on CPU, "renorm"), the selection runs as Python loops: a route of one
 # prompt costs 15 small tensor ops otherwise, a sixth of its time. Both ways add the same float64 values
-# in the same order, so they give the same bits (tests/routing/test_top_p.py compares them).
+# in the same order, so they give the same bits (tests/routing/test_router.py compares them).
 _LOOP_MAX_ENTRIES = 1024
 
 
