@@ -268,7 +268,7 @@ def train_router(
         )
         held_loss, held_acc, predicted = _evaluate(router.net, take(held_rows), labels[held_rows])
         served = _served(router, take(held_rows), labels[held_rows])
-        router.replay = replay_sample(take, labels, train_rows, seed)  # for add_task
+        router.replay = replay_sample(take, labels, train_rows, seed, index_of.get(GENERAL))  # for add_task
 
     router.report = _report(
         names,

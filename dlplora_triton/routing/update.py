@@ -34,6 +34,7 @@ __all__ = [
     "MAX_ADDED_TEXTS",
     "MIN_ADDED_TEXTS",
     "REPLAY_FILE",
+    "REPLAY_GENERAL",
     "REPLAY_PER_CLASS",
     "add_task",
     "read_examples",
@@ -45,6 +46,9 @@ __all__ = [
 
 REPLAY_FILE = "router_replay.safetensors"
 REPLAY_PER_CLASS = 256  # texts kept per class (their bucket ids: about 1 MB for 10 classes of sentences)
+# The general prompts are kept whole (835 of them ship; short, so ~0.2 MB): an added task pulls chat
+# towards it, and every chat prompt the fit sees holds it back (docs/routing.md, "Adding a task").
+REPLAY_GENERAL = 1024
 METHODS = ("full", "head", "row")
 # Per method: (epochs, learning rate), from bench/bench_router_update.py (docs/routing.md, "Adding a task")
 DEFAULTS = {"full": (5, 3e-3), "head": (20, 5e-3), "row": (1000, 0.05)}
@@ -111,14 +115,18 @@ def _as_replay(inputs: tuple, labels: torch.Tensor) -> dict:
     return {"vectors": inputs[0].float().contiguous(), "labels": labels}
 
 
-def replay_sample(take, labels: torch.Tensor, rows: torch.Tensor, seed: int) -> dict:
-    """Up to :data:`REPLAY_PER_CLASS` of the texts ``rows`` per class (drawn with ``seed``), as the net's
+def replay_sample(
+    take, labels: torch.Tensor, rows: torch.Tensor, seed: int, general: int | None = None
+) -> dict:
+    """Up to :data:`REPLAY_PER_CLASS` of the texts ``rows`` per class (drawn with ``seed``), and up to
+    :data:`REPLAY_GENERAL` of class ``general`` (the general prompts' index, if any), as the net's
     inputs (``take(rows)``): ``{"indices", "offsets", "labels"}`` or ``{"vectors", "labels"}``."""
     gen = torch.Generator().manual_seed(seed)
     kept = []
     for c in torch.unique(labels[rows]).tolist():
         members = rows[labels[rows] == c]
-        kept.append(members[torch.randperm(len(members), generator=gen)[:REPLAY_PER_CLASS]])
+        limit = REPLAY_GENERAL if c == general else REPLAY_PER_CLASS
+        kept.append(members[torch.randperm(len(members), generator=gen)[:limit]])
     chosen = torch.sort(torch.cat(kept)).values if kept else rows[:0]
     return _as_replay(take(chosen), labels[chosen].clone())
 

@@ -14,7 +14,7 @@ import torch
 
 from dlplora_triton.cli import main
 from dlplora_triton.routing import GENERAL, Router, read_labelled_jsonl
-from dlplora_triton.routing.update import REPLAY_FILE, REPLAY_PER_CLASS
+from dlplora_triton.routing.update import REPLAY_FILE, REPLAY_GENERAL, REPLAY_PER_CLASS
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "dlplora_triton" / "data" / "router_texts.jsonl"
@@ -58,8 +58,11 @@ def test_training_keeps_a_replay_sample_of_each_class(router, data):
     first = data[router.classes[int(labels[0])]] if router.classes[int(labels[0])] in data else None
     bag = replay["indices"][: int(replay["offsets"][1])]  # the first text's bucket ids
     assert first is None or any(torch.equal(bag, featurize([t], router.features)[0]) for t in first[:200])
-    counts = torch.bincount(labels, minlength=len(router.classes)).tolist()
-    assert all(0 < n <= REPLAY_PER_CLASS for n in counts), counts
+    counts = dict(zip(router.classes, torch.bincount(labels, minlength=len(router.classes)).tolist()))
+    general = counts.pop(GENERAL)
+    assert all(0 < n <= REPLAY_PER_CLASS for n in counts.values()), counts
+    # the general prompts whole (those of the training split): every chat prompt holds an addition back
+    assert REPLAY_PER_CLASS < general <= REPLAY_GENERAL
 
 
 def test_an_added_task_is_routed_and_the_old_ones_still_are(router, grown, data):
