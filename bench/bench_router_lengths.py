@@ -269,9 +269,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"unknown variants {unknown}; known: {list(VARIANTS)}")
 
     texts, tasks = read_labelled_jsonl(args.data)
-    if args.tasks != "all":
-        chosen = set(args.tasks.split(","))
-        texts, tasks = map(list, zip(*[(x, t) for x, t in zip(texts, tasks) if t in chosen]))
+    texts, tasks = common.only_tasks(texts, tasks, args.tasks)
     train_x, train_y = texts[: args.train], tasks[: args.train]
     unseen_x, unseen_y = texts[args.train :], tasks[args.train :]
     seeds = [int(s) for s in args.seeds.split(",")]

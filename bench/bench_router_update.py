@@ -71,9 +71,7 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(1)
     texts, tasks = read_labelled_jsonl(DATA, int_labels=False, owner="the text set")
-    if args.text_tasks != "all":
-        chosen = set(args.text_tasks.split(","))
-        texts, tasks = map(list, zip(*[(x, t) for x, t in zip(texts, tasks) if t in chosen]))
+    texts, tasks = common.only_tasks(texts, tasks, args.text_tasks)
     general, _ = read_labelled_jsonl(GENERAL_DEV, label_key="lang", owner="general prompts (dev)")
     train_x, train_y = texts[: args.train], tasks[: args.train]
     unseen_x = texts[args.train :] + general

@@ -32,6 +32,15 @@ ADAPTER_TASKS = ["code", "de", "fr", "ja", "ru", "zh"]
 DOCUMENTED_TASKS = "code,de,fr,ja,ru,zh,es,license,shell"
 
 
+def only_tasks(texts: list[str], tasks: list[str], spec: str) -> tuple[list[str], list[str]]:
+    """The texts (and their tasks) of the tasks named in ``spec``, comma-separated, or all for "all"."""
+    if spec == "all":
+        return list(texts), list(tasks)
+    chosen = set(spec.split(","))
+    kept = [(x, t) for x, t in zip(texts, tasks) if t in chosen]
+    return [x for x, _ in kept], [t for _, t in kept]
+
+
 def _cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

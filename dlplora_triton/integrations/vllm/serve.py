@@ -225,7 +225,7 @@ def _api_server_flags(rest: list[str]) -> list[str]:
     for several. Each API server process routes with its own router, and a load or unload through one
     changes that one's only: the others would route to an adapter that left, or never to a new one."""
     if os.environ.get("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "0").strip().lower() not in ("1", "true"):
-        return []  # vLLM's own reading of the variable
+        return []  # vLLM's own reading of the variable (vllm.envs would import vLLM: seconds)
     count = _value(rest, "--api-server-count") or _value(rest, "-asc")
     if count is not None:
         if not (count.isascii() and count.isdigit()) or int(count) > 1:
